@@ -1,0 +1,45 @@
+# The two entry points a newcomer needs: `make demo` and `make test`.
+# Everything else (the virtual environment, the control-plane binaries) is built on
+# first use and cached, so both work on a fresh machine.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint unit property integration controlplane bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+controlplane: $(STAMP)
+	$(PY) -m apps.controlplane.build
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+property: $(STAMP)
+	$(PY) -m pytest tests/property
+
+integration: controlplane
+	$(PY) -m pytest tests/integration
+
+test: lint controlplane
+	$(PY) -m pytest tests
+
+demo: controlplane
+	$(VENV)/bin/chscale demo
+
+bench: controlplane
+	$(PY) -m bench.kernel
+	$(PY) -m bench.controlplane
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,42 @@
+"""Every number the resize contract names, named once.
+
+RESIZE.md sections 2 and 6 fix these; anything that needs one imports it from here.
+Values an operator may want to change (the overhead, the tolerance, the backoff) are the
+defaults of :class:`core.config.KernelConfig`, which is what the kernel actually reads.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+MILLICORES_PER_VCPU = 1000
+
+# Memory the VMM process needs on top of guest RAM (RESIZE.md §2, from the seed).
+POD_MEMORY_OVERHEAD = 256 * MiB
+
+# Kubernetes may round what it reports as a pod's actual memory; Cloud Hypervisor does not.
+POD_MEMORY_TOLERANCE = Fraction(5, 100)
+
+# virtio-mem plugs guest memory in 2 MiB blocks; the hotplug region is sized in 128 MiB units.
+GUEST_MEMORY_ALIGNMENT = 2 * MiB
+HOTPLUG_REGION_ALIGNMENT = 128 * MiB
+
+# Hotplug ceilings when the spec does not name them (RESIZE.md §1).
+DEFAULT_MAX_VCPUS_FACTOR = 2
+DEFAULT_MAX_MEMORY_FACTOR = 5
+
+# The container in the VM pod that runs the VMM; the pod step resizes this one.
+VM_CONTAINER = "vm-manager"
+
+API_GROUP = "cloudhypervisor.quill.today"
+API_VERSION = "v1beta1"
+KIND = "VirtualMachine"
+PLURAL = "virtualmachines"
+FINALIZER = f"{API_GROUP}/vm-protection"
+# Labels that tie a VM pod to its VM; the webhook selects pods by the first.
+VM_NAME_LABEL = f"{API_GROUP}/vm"
+VM_UID_LABEL = f"{API_GROUP}/vm-uid"

@@ -1,0 +1,343 @@
+"""The kernel's view of the world: small immutable values, integers only.
+
+Three observations feed :func:`core.kernel.decide`: the VirtualMachine (:class:`Vm`), the
+VM's pod (:class:`PodView`, or ``None`` when there is none) and the VMM (:class:`VmmView`).
+Adapters build them from API objects (see :mod:`core.wire`) and from ``vm.info``. CPU is
+counted in vCPUs for the guest and millicores for the pod; memory is always bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+from attrs import frozen
+
+from core.constants import (
+    DEFAULT_MAX_MEMORY_FACTOR,
+    DEFAULT_MAX_VCPUS_FACTOR,
+    HOTPLUG_REGION_ALIGNMENT,
+)
+
+
+class Phase(enum.StrEnum):
+    """``status.phase`` values, spelled as ch-vmm spells them (RESIZE.md §1)."""
+
+    PENDING = "Pending"
+    SCHEDULING = "Scheduling"
+    SCHEDULED = "Scheduled"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    POD_RESIZE_IN_PROGRESS = "PodResizeInProgress"
+    RESIZE_IN_PROGRESS = "ResizeInProgress"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    UNKNOWN = "Unknown"
+
+
+RESIZE_PHASES = frozenset({Phase.POD_RESIZE_IN_PROGRESS, Phase.RESIZE_IN_PROGRESS})
+STEADY_PHASES = frozenset({Phase.RUNNING, Phase.PAUSED})
+# Phases in which a VMM process exists for the VM and its ceilings are fixed.
+VMM_PHASES = STEADY_PHASES | RESIZE_PHASES
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class Step(enum.StrEnum):
+    """Where a resize stands; recorded in ``status.resize.step``."""
+
+    POD_GROW = "PodGrow"  # pod grows so the guest may grow
+    VMM = "Vmm"  # the guest changes; the pod already covers both old and new
+    POD_SHRINK = "PodShrink"  # the guest has shrunk; the pod follows
+    INFEASIBLE = "Infeasible"  # the node can never hold it; kept to avoid a retry loop
+
+
+@frozen
+class Allocation:
+    """What the guest has (or should have): vCPUs and guest memory in bytes."""
+
+    vcpus: int
+    memory: int
+
+    def __str__(self) -> str:
+        from core.quantity import format_bytes
+
+        return f"{self.vcpus} vCPUs, {format_bytes(self.memory)} memory"
+
+
+@frozen
+class Resources:
+    """Pod-side resources of the VM container: millicores and bytes (requests = limits)."""
+
+    cpu_millis: int
+    memory: int
+
+    def __str__(self) -> str:
+        from core.quantity import format_bytes, format_millicores
+
+        return f"cpu {format_millicores(self.cpu_millis)}, memory {format_bytes(self.memory)}"
+
+
+@frozen
+class BootSource:
+    kernel: str | None = None
+    initramfs: str | None = None
+    cmdline: str | None = None
+
+
+@frozen
+class VmSpec:
+    sockets: int
+    cores_per_socket: int
+    memory: int
+    max_vcpus: int | None = None
+    max_memory: int | None = None
+    boot: BootSource = BootSource()
+
+    @property
+    def vcpus(self) -> int:
+        return self.sockets * self.cores_per_socket
+
+    @property
+    def desired(self) -> Allocation:
+        return Allocation(self.vcpus, self.memory)
+
+    @property
+    def vcpu_ceiling(self) -> int:
+        return (
+            self.max_vcpus if self.max_vcpus is not None else DEFAULT_MAX_VCPUS_FACTOR * self.vcpus
+        )
+
+    @property
+    def memory_ceiling(self) -> int:
+        """The largest guest memory the VMM will reach: boot size plus an aligned region."""
+        wanted = (
+            self.max_memory
+            if self.max_memory is not None
+            else DEFAULT_MAX_MEMORY_FACTOR * self.memory
+        )
+        region = max(wanted - self.memory, 0)
+        region = -(-region // HOTPLUG_REGION_ALIGNMENT) * HOTPLUG_REGION_ALIGNMENT
+        return self.memory + region
+
+
+@frozen
+class Capacity:
+    """What the running VMM can reach; fixed when it boots."""
+
+    max_vcpus: int
+    max_memory: int
+    boot_memory: int
+
+
+class ConditionStatus(enum.StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+@frozen
+class Condition:
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    observed_generation: int | None = None
+
+    def same_as(self, other: Condition | None) -> bool:
+        """Equal in everything a reader acts on (timestamps are the adapter's business)."""
+        return other is not None and (
+            self.type,
+            self.status,
+            self.reason,
+            self.message,
+            self.observed_generation,
+        ) == (other.type, other.status, other.reason, other.message, other.observed_generation)
+
+
+@frozen
+class ResizeRecord:
+    """``status.resize``: the target being applied and how far it got.
+
+    Everything a restarted controller or daemon needs beyond what it can observe lives
+    here: which spec generation is being applied, the pod generation our ``pods/resize``
+    patch produced (so an older pod view is recognised as stale), the attempt count that
+    drives backoff, and the phase to return to.
+    """
+
+    vcpus: int
+    memory: int
+    generation: int
+    step: Step
+    return_phase: Phase = Phase.RUNNING
+    pod_generation: int | None = None
+    attempts: int = 0
+    started_at: str | None = None  # stamped by the adapter; the kernel never reads clocks
+
+    @property
+    def target(self) -> Allocation:
+        return Allocation(self.vcpus, self.memory)
+
+
+@frozen
+class VmStatus:
+    phase: Phase | None = None
+    node_name: str | None = None
+    observed_generation: int | None = None
+    desired: Allocation | None = None
+    capacity: Capacity | None = None
+    allocated: Allocation | None = None
+    resize: ResizeRecord | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    def condition(self, type_: str) -> Condition | None:
+        for cond in self.conditions:
+            if cond.type == type_:
+                return cond
+        return None
+
+
+@frozen
+class FieldError:
+    """One problem with an object, at a JSON field path such as ``spec.instance.cpu.sockets``."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@frozen
+class Vm:
+    namespace: str
+    name: str
+    uid: str = ""
+    generation: int = 1
+    spec: VmSpec | None = None
+    # Why ``spec`` is None: an object that slipped past admission is a condition, not a crash.
+    spec_errors: tuple[FieldError, ...] = ()
+    status: VmStatus = VmStatus()
+    deleting: bool = False
+    has_finalizer: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def evolve(self, **changes: object) -> Vm:
+        return attrs.evolve(self, **changes)
+
+
+class PodPhase(enum.StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    UNKNOWN = "Unknown"
+
+
+@frozen
+class PodResizeCondition:
+    """A ``PodResizePending`` or ``PodResizeInProgress`` condition of the pod."""
+
+    reason: str | None
+    message: str = ""
+    observed_generation: int | None = None
+
+
+@frozen
+class PodView:
+    """The VM pod as far as resize is concerned; ``desired`` is the container spec,
+    ``actual`` is ``status.containerStatuses[vm-manager].resources``."""
+
+    name: str
+    generation: int = 1
+    observed_generation: int | None = None
+    phase: PodPhase = PodPhase.PENDING
+    node_name: str | None = None
+    deleting: bool = False
+    desired: Resources | None = None
+    actual: Resources | None = None
+    resize_pending: PodResizeCondition | None = None
+    resize_in_progress: PodResizeCondition | None = None
+    legacy_resize_status: str | None = None  # ``status.resize`` of kubelets before 1.33
+    # A ``pods/resize`` patch refused synchronously (1.36 PodResizeValidator, 403
+    # NodeCapacity). Adapters set it for the re-decision right after the refusal.
+    resize_refused: str | None = None
+
+
+class VmmState(enum.StrEnum):
+    NOT_CREATED = "NotCreated"
+    CREATED = "Created"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SHUTDOWN = "Shutdown"
+    UNREACHABLE = "Unreachable"
+    # The caller does not look at the VMM (the controller never does).
+    UNOBSERVED = "Unobserved"
+
+
+class VmmCallErrorKind(enum.StrEnum):
+    BUSY = "Busy"  # 429: a vCPU removal is still pending in the guest
+    FAILED = "Failed"  # any other refusal
+
+
+@frozen
+class VmmCallError:
+    kind: VmmCallErrorKind
+    message: str
+
+
+@frozen
+class VmmView:
+    """What ``vm.info`` says, reduced to what resize needs.
+
+    ``vcpus`` and ``requested_memory`` are the configuration (Cloud Hypervisor updates it
+    as soon as it accepts a resize); ``plugged_memory`` is what the guest has actually
+    onlined, from ``memory_actual_size`` when the VMM reports it.
+    """
+
+    state: VmmState
+    vcpus: int | None = None
+    max_vcpus: int | None = None
+    boot_memory: int | None = None
+    hotplug_size: int | None = None
+    requested_memory: int | None = None
+    actual_memory: int | None = None
+    detail: str = ""  # why the VMM is unreachable, for the condition message
+    # The error of a vm.resize call just made; adapters set it for the re-decision.
+    call_error: VmmCallError | None = None
+
+    @property
+    def observed(self) -> bool:
+        return self.state not in (VmmState.UNOBSERVED, VmmState.UNREACHABLE)
+
+    @property
+    def plugged_memory(self) -> int | None:
+        return self.actual_memory if self.actual_memory is not None else self.requested_memory
+
+    @property
+    def requested(self) -> Allocation | None:
+        if self.vcpus is None or self.requested_memory is None:
+            return None
+        return Allocation(self.vcpus, self.requested_memory)
+
+    @property
+    def settled(self) -> Allocation | None:
+        """The allocation once nothing is in flight; ``None`` while the guest still plugs."""
+        if self.vcpus is None or self.requested_memory is None:
+            return None
+        if self.plugged_memory != self.requested_memory:
+            return None
+        return Allocation(self.vcpus, self.requested_memory)
+
+    @property
+    def capacity(self) -> Capacity | None:
+        if self.max_vcpus is None or self.boot_memory is None:
+            return None
+        return Capacity(
+            self.max_vcpus, self.boot_memory + (self.hotplug_size or 0), self.boot_memory
+        )
+
+
+UNOBSERVED_VMM = VmmView(VmmState.UNOBSERVED)

@@ -1,0 +1,157 @@
+"""Pure helpers the adapters share: the pod's resources, the VMM's boot configuration,
+and the admission rules of RESIZE.md section 5."""
+
+from __future__ import annotations
+
+from core.actions import BootVmm
+from core.config import DEFAULT_CONFIG, KernelConfig
+from core.constants import GUEST_MEMORY_ALIGNMENT, MILLICORES_PER_VCPU
+from core.model import (
+    VMM_PHASES,
+    Allocation,
+    Capacity,
+    FieldError,
+    Resources,
+    Vm,
+    VmSpec,
+)
+from core.quantity import format_bytes
+
+CPU_PATH = "spec.instance.cpu"
+MEMORY_PATH = "spec.instance.memory"
+
+
+def pod_resources_for(allocation: Allocation, config: KernelConfig = DEFAULT_CONFIG) -> Resources:
+    """What the VM container must be granted for a guest of this size (the seed's formula)."""
+    return Resources(
+        cpu_millis=allocation.vcpus * MILLICORES_PER_VCPU,
+        memory=allocation.memory + config.pod_memory_overhead,
+    )
+
+
+def pod_resources(spec: VmSpec, config: KernelConfig = DEFAULT_CONFIG) -> Resources:
+    return pod_resources_for(spec.desired, config)
+
+
+def vmm_config(spec: VmSpec) -> BootVmm:
+    """The Cloud Hypervisor configuration that makes this VM resizable up to its ceilings."""
+    return BootVmm(
+        boot_vcpus=spec.vcpus,
+        max_vcpus=max(spec.vcpu_ceiling, spec.vcpus),
+        memory=spec.memory,
+        hotplug_size=spec.memory_ceiling - spec.memory,
+    )
+
+
+def capacity_for(spec: VmSpec) -> Capacity:
+    boot = vmm_config(spec)
+    return Capacity(boot.max_vcpus, boot.memory + boot.hotplug_size, boot.memory)
+
+
+def spec_errors(spec: VmSpec) -> tuple[FieldError, ...]:
+    """Rules that hold for any VM spec, running or not."""
+    errors: list[FieldError] = []
+    if spec.sockets < 1:
+        errors.append(FieldError(f"{CPU_PATH}.sockets", f"must be at least 1, got {spec.sockets}"))
+    if spec.cores_per_socket < 1:
+        errors.append(
+            FieldError(
+                f"{CPU_PATH}.coresPerSocket", f"must be at least 1, got {spec.cores_per_socket}"
+            )
+        )
+    if spec.max_vcpus is not None and spec.max_vcpus < 1:
+        errors.append(
+            FieldError(f"{CPU_PATH}.maxVcpus", f"must be at least 1, got {spec.max_vcpus}")
+        )
+    elif (
+        spec.max_vcpus is not None
+        and spec.sockets >= 1
+        and spec.cores_per_socket >= 1
+        and spec.vcpus > spec.max_vcpus
+    ):
+        errors.append(
+            FieldError(
+                CPU_PATH,
+                f"sockets x coresPerSocket = {spec.vcpus} vCPUs exceeds maxVcpus {spec.max_vcpus}",
+            )
+        )
+    errors.extend(_memory_errors(f"{MEMORY_PATH}.size", spec.memory))
+    if spec.max_memory is not None:
+        max_errors = _memory_errors(f"{MEMORY_PATH}.maxSize", spec.max_memory)
+        errors.extend(max_errors)
+        if not max_errors and spec.memory > 0 and spec.max_memory < spec.memory:
+            errors.append(
+                FieldError(
+                    f"{MEMORY_PATH}.maxSize",
+                    f"{format_bytes(spec.max_memory)} is below memory.size "
+                    f"{format_bytes(spec.memory)}",
+                )
+            )
+    return tuple(errors)
+
+
+def _memory_errors(path: str, value: int) -> list[FieldError]:
+    if value <= 0:
+        return [FieldError(path, f"must be a positive quantity, got {value} bytes")]
+    if value % GUEST_MEMORY_ALIGNMENT:
+        return [
+            FieldError(
+                path,
+                f"{value} bytes is not a multiple of 2Mi (virtio-mem plugs 2Mi blocks); "
+                f"try {format_bytes(-(-value // GUEST_MEMORY_ALIGNMENT) * GUEST_MEMORY_ALIGNMENT)}",
+            )
+        ]
+    return []
+
+
+def vmm_running(vm: Vm) -> bool:
+    return vm.status.capacity is not None and vm.status.phase in VMM_PHASES
+
+
+def capacity_errors(spec: VmSpec, capacity: Capacity) -> tuple[FieldError, ...]:
+    """Targets the running VMM cannot reach (its ceilings were fixed at boot)."""
+    errors: list[FieldError] = []
+    if spec.vcpus > capacity.max_vcpus:
+        errors.append(
+            FieldError(
+                CPU_PATH,
+                f"{spec.vcpus} vCPUs exceeds this VM's ceiling of {capacity.max_vcpus} "
+                "(fixed when the VMM started; restart the VM with a larger maxVcpus)",
+            )
+        )
+    if spec.memory < capacity.boot_memory:
+        errors.append(
+            FieldError(
+                f"{MEMORY_PATH}.size",
+                f"{format_bytes(spec.memory)} is below the boot size "
+                f"{format_bytes(capacity.boot_memory)} (virtio-mem cannot unplug boot memory)",
+            )
+        )
+    elif spec.memory > capacity.max_memory:
+        errors.append(
+            FieldError(
+                f"{MEMORY_PATH}.size",
+                f"{format_bytes(spec.memory)} exceeds this VM's ceiling of "
+                f"{format_bytes(capacity.max_memory)} (fixed when the VMM started; restart "
+                "the VM with a larger maxSize)",
+            )
+        )
+    return tuple(errors)
+
+
+def validate_vm(new: Vm, old: Vm | None = None) -> tuple[FieldError, ...]:
+    """Admission rules (RESIZE.md §5) for a create (``old`` None) or an update."""
+    if new.spec is None:
+        return new.spec_errors or (FieldError("spec", "is required"),)
+    errors = list(spec_errors(new.spec))
+    if errors or old is None or not vmm_running(old):
+        return tuple(errors)
+    capacity = old.status.capacity
+    assert capacity is not None  # vmm_running() checked it
+    errors.extend(capacity_errors(new.spec, capacity))
+    if old.spec is not None:
+        if new.spec.max_vcpus != old.spec.max_vcpus:
+            errors.append(FieldError(f"{CPU_PATH}.maxVcpus", "cannot change while the VMM runs"))
+        if new.spec.max_memory != old.spec.max_memory:
+            errors.append(FieldError(f"{MEMORY_PATH}.maxSize", "cannot change while the VMM runs"))
+    return tuple(errors)
