@@ -1,0 +1,145 @@
+"""VM operations the CLI and the demo share: apply, resize, follow a VM's phases."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from adapters.k8s.client import Kube, NotFound
+from core import Phase, parse_vm
+from core.constants import API_GROUP, API_VERSION, KIND, PLURAL
+from core.kernel import RESIZED
+from core.quantity import format_bytes, parse_bytes
+
+VM_COLLECTION = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{{ns}}/{PLURAL}"
+
+
+def vm_url(namespace: str, name: str = "") -> str:
+    base = VM_COLLECTION.format(ns=namespace)
+    return f"{base}/{name}" if name else base
+
+
+def apply_vm(kube: Kube, obj: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+    obj = {**obj, "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND}
+    obj["metadata"] = {**obj.get("metadata", {}), "namespace": namespace}
+    return kube.create(vm_url(namespace), obj)
+
+
+def split_vcpus(vcpus: int, sockets: int) -> tuple[int, int]:
+    """Keep the socket count when it divides the new total; else one socket."""
+    if sockets >= 1 and vcpus % sockets == 0:
+        return sockets, vcpus // sockets
+    return 1, vcpus
+
+
+def resize_vm(
+    kube: Kube, namespace: str, name: str, vcpus: int | None, memory: str | None
+) -> dict[str, Any]:
+    current = kube.get(vm_url(namespace, name))
+    cpu = ((current.get("spec") or {}).get("instance") or {}).get("cpu") or {}
+    patch: dict[str, Any] = {}
+    if vcpus is not None:
+        sockets, cores = split_vcpus(vcpus, int(cpu.get("sockets") or 1))
+        patch["cpu"] = {"sockets": sockets, "coresPerSocket": cores}
+    if memory is not None:
+        patch["memory"] = {"size": memory}
+    body = {
+        "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+        "spec": {"instance": patch},
+    }
+    return kube.patch(vm_url(namespace, name), body)
+
+
+def summary(obj: dict[str, Any]) -> str:
+    status = obj.get("status") or {}
+    allocated = status.get("allocated") or {}
+    vm = parse_vm(obj)
+    spec = f"{vm.spec.vcpus} vCPUs/{format_bytes(vm.spec.memory)}" if vm.spec else "invalid spec"
+    mem = allocated.get("memory")
+    alloc = f"{allocated.get('vcpus', '?')} vCPUs/{mem}" if allocated else "-"
+    return f"phase={status.get('phase') or '-'} spec={spec} allocated={alloc}"
+
+
+def converged(obj: dict[str, Any]) -> bool:
+    """Running or Paused, with the guest holding exactly what the spec asks for."""
+    vm = parse_vm(obj)
+    status = vm.status
+    return (
+        vm.spec is not None
+        and status.phase in (Phase.RUNNING, Phase.PAUSED)
+        and status.allocated == vm.spec.desired
+        and status.observed_generation == vm.generation
+    )
+
+
+def resize_refused(obj: dict[str, Any]) -> str | None:
+    """The Resized condition's message when the resize for this generation was refused."""
+    vm = parse_vm(obj)
+    cond = vm.status.condition(RESIZED)
+    if (
+        cond is not None
+        and cond.status == "False"
+        and cond.reason in ("PodResizeInfeasible", "ExceedsCapacity", "Unsupported")
+        and cond.observed_generation == vm.generation
+        and vm.status.phase in (Phase.RUNNING, Phase.PAUSED)
+    ):
+        return f"{cond.reason}: {cond.message}"
+    return None
+
+
+class Follower:
+    """Polls a VM and records every phase change with its time (the demo's timeline)."""
+
+    def __init__(self, kube: Kube, namespace: str, name: str) -> None:
+        self.kube, self.namespace, self.name = kube, namespace, name
+        self.timeline: list[tuple[float, str, str]] = []  # (time, phase, summary)
+        self._last_phase: str | None = None
+
+    def poll(self) -> dict[str, Any] | None:
+        try:
+            obj = self.kube.get(vm_url(self.namespace, self.name))
+        except NotFound:
+            return None
+        phase = (obj.get("status") or {}).get("phase") or "-"
+        if phase != self._last_phase:
+            self.timeline.append((time.time(), phase, summary(obj)))
+            self._last_phase = phase
+        return obj
+
+    def wait(
+        self,
+        done: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+        interval: float = 0.02,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.poll()
+            if obj is not None:
+                if on_poll is not None:
+                    on_poll(obj)
+                if done(obj):
+                    return obj
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.namespace}/{self.name} did not get there within {timeout:.0f}s"
+                    + (f" ({summary(obj)})" if obj else "")
+                )
+            time.sleep(interval)
+
+
+def events_for(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    listing = kube.get(
+        f"/api/v1/namespaces/{namespace}/events",
+        fieldSelector=f"involvedObject.name={name},involvedObject.kind={KIND}",
+    )
+    items = listing.get("items") or []
+    # resourceVersions grow with every write: creation order, finer than timestamps.
+    return sorted(items, key=lambda e: int(e["metadata"].get("resourceVersion") or 0))
+
+
+def memory_arg(value: str) -> str:
+    parse_bytes(value)  # validate early with a clear message
+    return value

@@ -1,0 +1,174 @@
+"""The controller: turns watch events into reconciles, reconciles into kernel decisions,
+and carries out the decisions it owns (pods, finalizers, status, events).
+
+Level-triggered, as in controller-runtime: every event only enqueues the VM's key; a
+reconcile reads the newest cached VM and pod and asks :func:`core.decide` what to do.
+A key is never reconciled by two workers at once (the work queue guarantees it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from attrs import evolve
+
+from adapters.k8s.vms import build_pod, finalizer_patch, owned_pod, pod_name
+from apps.common.executor import SharedExecutor
+from apps.common.logs import kv
+from apps.common.worker import Cache, Metrics, Queue, run_worker
+from core import (
+    UNOBSERVED_VMM,
+    AddFinalizer,
+    CreatePod,
+    DeletePod,
+    KernelConfig,
+    Owner,
+    RemoveFinalizer,
+    ResizePod,
+    decide,
+    owned_by,
+    parse_pod,
+    parse_vm,
+)
+from core.constants import VM_NAME_LABEL
+
+log = logging.getLogger(__name__)
+
+# Even with nothing observed to change, look at every VM this often (a missed event, a
+# clock-driven condition): the controller-runtime default is hours; VMs deserve better.
+RESYNC_S = 300.0
+
+
+class ControllerApi(Protocol):
+    def write_status(self, vm_obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]: ...
+
+    def record_event(
+        self, vm_obj: dict[str, Any], type_: str, reason: str, message: str
+    ) -> None: ...
+
+    def patch_vm(self, vm_obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]: ...
+
+    def create_pod(self, pod: dict[str, Any]) -> dict[str, Any]: ...
+
+    def delete_pod(self, namespace: str, name: str) -> None: ...
+
+    def resize_pod(
+        self, namespace: str, name: str, cpu_millis: int, memory: int
+    ) -> dict[str, Any]: ...
+
+
+class Controller:
+    def __init__(
+        self,
+        api: ControllerApi,
+        vms: Cache,
+        pods: Cache,
+        queue: Queue,
+        metrics: Metrics,
+        *,
+        image: str,
+        config: KernelConfig,
+        is_conflict: Callable[[BaseException], bool],
+        refusal: Callable[[BaseException], str | None],
+    ) -> None:
+        self.api, self.vms, self.pods, self.queue, self.metrics = api, vms, pods, queue, metrics
+        self.image = image
+        self.config = config
+        self.is_conflict = is_conflict
+        self.refusal = refusal
+        self.shared = SharedExecutor(api, vms.observe_write, metrics.resize_done)
+        self._stop = threading.Event()
+
+    # --- events -> keys ---------------------------------------------------------------
+
+    def on_vm(self, _event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        self.queue.add(f"{meta.get('namespace')}/{meta.get('name')}")
+
+    def on_pod(self, _event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        vm_name = (meta.get("labels") or {}).get(VM_NAME_LABEL)
+        if vm_name:
+            self.queue.add(f"{meta.get('namespace')}/{vm_name}")
+
+    # --- workers ----------------------------------------------------------------------
+
+    def run_worker(self) -> None:
+        run_worker(self.queue, self.reconcile, self.metrics, self.is_conflict, RESYNC_S, self._stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- one reconcile ----------------------------------------------------------------
+
+    def reconcile(self, key: str) -> float | None:
+        namespace, _, name = key.partition("/")
+        vm_obj = self.vms.get(namespace, name)
+        if vm_obj is None:
+            return None  # deleted; its pod goes with it through the owner reference
+        try:
+            vm = parse_vm(vm_obj)
+        except ValueError:
+            log.warning("ignoring an object without a name", extra=kv(vm=key))
+            return None
+        pod_obj = owned_pod(vm_obj, self.pods.get(namespace, pod_name(name)))
+        pod = parse_pod(pod_obj) if pod_obj is not None else None
+        actions = owned_by(decide(vm, pod, UNOBSERVED_VMM, self.config), Owner.CONTROLLER)
+        if not actions:
+            return None
+        vm_obj = self.shared.write_status(vm_obj, vm, actions)
+        self.shared.record_events(vm_obj, vm, actions)
+        for action in actions:
+            if isinstance(action, AddFinalizer | RemoveFinalizer):
+                patched = self.api.patch_vm(
+                    vm_obj, finalizer_patch(vm_obj, isinstance(action, AddFinalizer))
+                )
+                self.vms.observe_write(patched)
+                vm_obj = patched
+            elif isinstance(action, CreatePod):
+                created = self.api.create_pod(build_pod(vm_obj, action.resources, self.image))
+                self.pods.observe_write(created)
+                log.info("pod created", extra=kv(vm=key, pod=pod_name(name)))
+            elif isinstance(action, DeletePod):
+                self.api.delete_pod(namespace, pod_name(name))
+                log.info("pod deleted", extra=kv(vm=key, pod=pod_name(name)))
+            elif isinstance(action, ResizePod) and pod is not None:
+                try:
+                    resized = self.api.resize_pod(
+                        namespace, pod.name, action.resources.cpu_millis, action.resources.memory
+                    )
+                except Exception as exc:
+                    message = self.refusal(exc)
+                    if message is None:
+                        raise
+                    return self._refused(key, message)
+                self.pods.observe_write(resized)
+                log.info(
+                    "pod resize requested",
+                    extra=kv(vm=key, pod=pod.name, target=str(action.resources)),
+                )
+        return self.shared.requeue_after(actions)
+
+    def _refused(self, key: str, message: str) -> float | None:
+        """Feed a synchronous refusal back into the kernel at once."""
+        namespace, _, name = key.partition("/")
+        vm_obj = self.vms.get(namespace, name)
+        pod_obj = self.pods.get(namespace, pod_name(name))
+        if vm_obj is None or pod_obj is None:
+            return None
+        vm = parse_vm(vm_obj)
+        pod = parse_pod(pod_obj)
+        refused = evolve(pod, resize_refused=message)
+        actions = owned_by(decide(vm, refused, UNOBSERVED_VMM, self.config), Owner.CONTROLLER)
+        vm_obj = self.shared.write_status(vm_obj, vm, actions)
+        self.shared.record_events(vm_obj, vm, actions)
+        for action in actions:
+            if isinstance(action, ResizePod):
+                restored = self.api.resize_pod(
+                    namespace, pod.name, action.resources.cpu_millis, action.resources.memory
+                )
+                self.pods.observe_write(restored)
+        return self.shared.requeue_after(actions)

@@ -1,0 +1,185 @@
+"""The node daemon: boots each VM's VMM and carries out the VMM step of a resize.
+
+It watches the VirtualMachines and the VM pods on its node, reads ``vm.info`` over the
+pod's VMM socket on every reconcile (the VMM is not watchable), asks :func:`core.decide`
+and carries out the daemon-owned actions. A failed ``vm.resize`` is fed straight back
+into the kernel as ``vmm.call_error`` so that the retry, the backoff and the event are the
+kernel's decision, not ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from attrs import evolve
+
+from adapters.k8s.vms import owned_pod, pod_name
+from apps.common.executor import SharedExecutor
+from apps.common.logs import kv
+from apps.common.worker import Cache, Metrics, Queue, run_worker
+from core import (
+    BootVmm,
+    KernelConfig,
+    Owner,
+    ResizeVmm,
+    VmmCallError,
+    VmmCallErrorKind,
+    VmmState,
+    VmmView,
+    decide,
+    owned_by,
+    parse_pod,
+    parse_vm,
+)
+from core.constants import VM_NAME_LABEL
+
+log = logging.getLogger(__name__)
+
+RESYNC_S = 30.0
+
+
+class VmmClient(Protocol):
+    """What the daemon needs from a Cloud Hypervisor API client."""
+
+    def view(self) -> VmmView: ...
+
+    def boot(self, action: BootVmm) -> None: ...
+
+    def resize(self, vcpus: int | None, memory: int | None) -> None: ...
+
+
+class VmmCallFailed(Exception):
+    def __init__(self, error: VmmCallError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class StatusApi(Protocol):
+    def write_status(self, vm_obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]: ...
+
+    def record_event(
+        self, vm_obj: dict[str, Any], type_: str, reason: str, message: str
+    ) -> None: ...
+
+
+class Daemon:
+    def __init__(
+        self,
+        api: StatusApi,
+        vms: Cache,
+        pods: Cache,
+        queue: Queue,
+        metrics: Metrics,
+        *,
+        node_name: str,
+        vmm_for_pod: Callable[[dict[str, Any], dict[str, Any]], VmmClient],
+        config: KernelConfig,
+        is_conflict: Callable[[BaseException], bool],
+    ) -> None:
+        self.api, self.vms, self.pods, self.queue, self.metrics = api, vms, pods, queue, metrics
+        self.node_name = node_name
+        self.vmm_for_pod = vmm_for_pod
+        self.config = config
+        self.is_conflict = is_conflict
+        self.shared = SharedExecutor(api, vms.observe_write, metrics.resize_done)
+        self._stop = threading.Event()
+        self._hold: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def on_vm(self, _event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        namespace, name = meta.get("namespace"), meta.get("name")
+        # The pod cache holds only this node's pods: a VM whose pod is not there is not ours.
+        if self.pods.get(str(namespace), pod_name(str(name))) is not None:
+            self.queue.add(f"{namespace}/{name}")
+
+    def on_pod(self, _event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        vm_name = (meta.get("labels") or {}).get(VM_NAME_LABEL)
+        if vm_name:
+            self.queue.add(f"{meta.get('namespace')}/{vm_name}")
+
+    def run_worker(self) -> None:
+        run_worker(self.queue, self.reconcile, self.metrics, self.is_conflict, RESYNC_S, self._stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reconcile(self, key: str) -> float | None:
+        namespace, _, name = key.partition("/")
+        vm_obj = self.vms.get(namespace, name)
+        if vm_obj is None:
+            return None
+        pod_obj = owned_pod(vm_obj, self.pods.get(namespace, pod_name(name)))
+        if pod_obj is None or (pod_obj.get("spec") or {}).get("nodeName") != self.node_name:
+            return None
+        try:
+            vm = parse_vm(vm_obj)
+        except ValueError:
+            return None
+        pod = parse_pod(pod_obj)
+        client = self.vmm_for_pod(pod_obj, vm_obj)
+        vmm = client.view()
+        actions = owned_by(decide(vm, pod, vmm, self.config), Owner.DAEMON)
+        if not actions:
+            return None
+        held = self._held(key)
+        if held and any(isinstance(a, ResizeVmm) for a in actions):
+            # A refused call is retried on the kernel's backoff, not on the next watch
+            # event (our own status write would otherwise trigger an instant retry).
+            return held
+        vm_obj = self.shared.write_status(vm_obj, vm, actions)
+        self.shared.record_events(vm_obj, vm, actions)
+        for action in actions:
+            try:
+                if isinstance(action, BootVmm):
+                    client.boot(action)
+                    log.info("VMM booted", extra=kv(vm=key, pod=pod.name))
+                elif isinstance(action, ResizeVmm):
+                    client.resize(action.vcpus, action.memory)
+                    log.info(
+                        "VMM resize requested",
+                        extra=kv(vm=key, vcpus=action.vcpus, memory=action.memory),
+                    )
+            except VmmCallFailed as failed:
+                return self._call_failed(key, vmm, failed.error)
+        return self.shared.requeue_after(actions)
+
+    def _call_failed(self, key: str, vmm: VmmView, error: VmmCallError) -> float | None:
+        """Let the kernel decide what a VMM refusal means (retry, backoff, event)."""
+        namespace, _, name = key.partition("/")
+        vm_obj = self.vms.get(namespace, name)
+        pod_obj = self.pods.get(namespace, pod_name(name))
+        if vm_obj is None or pod_obj is None:
+            return None
+        level = logging.INFO if error.kind is VmmCallErrorKind.BUSY else logging.WARNING
+        log.log(level, "VMM call refused", extra=kv(vm=key, kind=error.kind, error=error.message))
+        vm = parse_vm(vm_obj)
+        if vmm.state is VmmState.UNOBSERVED:
+            return None
+        actions = owned_by(
+            decide(vm, parse_pod(pod_obj), evolve(vmm, call_error=error), self.config),
+            Owner.DAEMON,
+        )
+        vm_obj = self.shared.write_status(vm_obj, vm, actions)
+        self.shared.record_events(vm_obj, vm, actions)
+        after = self.shared.requeue_after(actions)
+        if after is not None:
+            with self._lock:
+                self._hold[key] = time.monotonic() + after
+        return after
+
+    def _held(self, key: str) -> float | None:
+        with self._lock:
+            until = self._hold.get(key)
+            if until is None:
+                return None
+            left = until - time.monotonic()
+            if left <= 0:
+                del self._hold[key]
+                return None
+            return left

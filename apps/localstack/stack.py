@@ -1,0 +1,257 @@
+"""The local stack: a real control plane and chscale's own processes, on one machine.
+
+etcd and kube-apiserver (built from the Go module proxy), the admission webhook, the
+controller, and per simulated node a kubelet (which starts each VM pod's VMM: the Cloud
+Hypervisor simulator, or a real ``cloud-hypervisor``) and a node daemon. Used by
+``chscale up``/``demo``, the end-to-end tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apps.controlplane.launcher import ControlPlane
+from apps.localstack.procs import Child, python_module
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class Stack:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        nodes: int = 1,
+        node_cpu: str = "16",
+        node_memory: str = "32Gi",
+        resize_delay: float = 0.0,
+        vmm_command: str | None = None,
+        kernel: str | None = None,
+        controller_replicas: int = 1,
+        webhook: bool = True,
+        progress: Progress | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.nodes = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
+        self.node_cpu, self.node_memory = node_cpu, node_memory
+        self.resize_delay = resize_delay
+        self.vmm_command = vmm_command
+        self.kernel = kernel
+        self.controller_replicas = controller_replicas
+        self.with_webhook = webhook
+        self.progress = progress or (lambda _msg: None)
+        self.control_plane: ControlPlane | None = None
+        self.children: dict[str, Child] = {}
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    # --- start --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        self.progress("starting etcd and kube-apiserver")
+        cp = ControlPlane(self.state_dir / "controlplane")
+        self.control_plane = cp
+        cp.start()
+        kubeconfig = str(cp.kubeconfig_path)
+        self.kubeconfig.write_text(Path(kubeconfig).read_text())
+        if self.with_webhook:
+            self.progress("starting the admission webhook")
+            self._start_webhook()
+        self.progress(f"starting {len(self.nodes)} simulated node(s)")
+        for node in self.nodes:
+            self._start_node(node)
+        self.progress("starting the controller")
+        for i in range(self.controller_replicas):
+            self.start_controller(i)
+        self._wait_nodes_ready()
+        self._write_state()
+
+    def start_controller(self, index: int = 0) -> Child:
+        name = f"controller-{index}"
+        args = ["--kubeconfig", str(self.kubeconfig), "--metrics-port", "0"]
+        if self.controller_replicas > 1:
+            args += [
+                "--leader-elect",
+                "--lease-namespace",
+                "default",
+                "--identity",
+                name,
+                "--lease-duration",
+                "3",
+            ]
+        child = Child(name, python_module("apps.controller.main", *args), self.logs / f"{name}.log")
+        self.children[name] = child
+        return child
+
+    def start_daemon(self, node: str) -> Child:
+        name = f"daemon-{node}"
+        args = [
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--node-name",
+            node,
+            "--vmm-socket-root",
+            str(self.socket_root(node)),
+            "--metrics-port",
+            "0",
+        ]
+        if self.kernel:
+            args += ["--kernel", self.kernel]
+        child = Child(name, python_module("apps.daemon.main", *args), self.logs / f"{name}.log")
+        self.children[name] = child
+        return child
+
+    def socket_root(self, node: str) -> Path:
+        return self.state_dir / "nodes" / node / "pods"
+
+    def _start_node(self, node: str) -> None:
+        args = [
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--node-name",
+            node,
+            "--cpu",
+            self.node_cpu,
+            "--memory",
+            self.node_memory,
+            "--resize-delay",
+            str(self.resize_delay),
+            "--vmm-socket-root",
+            str(self.socket_root(node)),
+        ]
+        if self.vmm_command:
+            args += ["--vmm-command", self.vmm_command]
+        name = f"kubelet-{node}"
+        self.children[name] = Child(
+            name, python_module("apps.kubelet.main", *args), self.logs / f"{name}.log"
+        )
+        self.start_daemon(node)
+
+    def _start_webhook(self) -> None:
+        from adapters.webhook.certs import write_serving_cert
+
+        from apps.webhook.main import register_webhooks
+
+        certs = self.state_dir / "webhook"
+        bundle = write_serving_cert(certs, dns_names=["localhost"], ips=["127.0.0.1"])
+        port = free_port()
+        self.children["webhook"] = Child(
+            "webhook",
+            python_module(
+                "apps.webhook.main",
+                "serve",
+                "--cert",
+                str(certs / "tls.crt"),
+                "--key",
+                str(certs / "tls.key"),
+                "--port",
+                str(port),
+                "--kubeconfig",
+                str(self.kubeconfig),
+            ),
+            self.logs / "webhook.log",
+        )
+        self._wait_port(port, "webhook")
+        assert self.control_plane is not None
+        register_webhooks(self.control_plane.api_client(), f"https://127.0.0.1:{port}", bundle)
+
+    def _wait_port(self, port: int, name: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            child = self.children.get(name)
+            if child is not None and not child.alive():
+                raise StackError(f"{name} exited:\n{child.log_tail()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise StackError(f"{name} did not listen on port {port} within {timeout}s")
+
+    def _wait_nodes_ready(self, timeout: float = 60.0) -> None:
+        from adapters.k8s.client import Kube, NotFound
+
+        assert self.control_plane is not None
+        kube = Kube(self.control_plane.api_client())
+        deadline = time.monotonic() + timeout
+        pending = set(self.nodes)
+        while pending and time.monotonic() < deadline:
+            for child in self.children.values():
+                if not child.alive():
+                    raise StackError(f"{child.name} exited:\n{child.log_tail()}")
+            for node in list(pending):
+                try:
+                    obj = kube.get(f"/api/v1/nodes/{node}")
+                except NotFound:
+                    continue
+                conditions = (obj.get("status") or {}).get("conditions") or []
+                if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+                    pending.discard(node)
+            time.sleep(0.1)
+        if pending:
+            raise StackError(f"nodes not ready after {timeout}s: {sorted(pending)}")
+
+    def _write_state(self) -> None:
+        state: dict[str, Any] = {
+            "kubeconfig": str(self.kubeconfig),
+            "nodes": self.nodes,
+            "processes": {name: child.pid for name, child in self.children.items()},
+            "supervisor": os.getpid(),
+        }
+        if self.control_plane is not None:
+            state["controlplane"] = {"server": self.control_plane.server_url}
+        (self.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    # --- stop ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        # Order: our processes first (controller before kubelets, so it does not react
+        # to pods vanishing), then the control plane.
+        for name in sorted(self.children, key=lambda n: (not n.startswith("controller"), n)):
+            self.children[name].stop()
+        self.children.clear()
+        if self.control_plane is not None:
+            self.control_plane.stop()
+            self.control_plane = None
+        state = self.state_dir / "stack.json"
+        if state.exists():
+            state.unlink()
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1237 @@
+"""A pure model of a kubelet's pod lifecycle and in-place resize (Kubernetes 1.33-1.35).
+
+Theory of operation
+-------------------
+:class:`Kubelet` is a sans-I/O state machine in the style of h11. The caller owns every
+clock, socket and process; the model owns every decision. The caller hands it the pods
+bound to its node (plain JSON dicts, as the API server returns them), the memory each
+pod's guest holds, and the current time; it answers with effects to carry out in order
+(:class:`WritePodStatus`, :class:`StartVmm`, :class:`StopVmm`, :class:`DeletePod`,
+:class:`RecordEvent`) and the time at which it wants to be called again.
+
+Per pod the model keeps the three resource states of KEP-1287:
+
+- *desired*: ``spec.containers[].resources``, read from the input on every call;
+- *allocated*: what the kubelet admitted (its checkpoint), reported as
+  ``containerStatuses[].allocatedResources`` (requests only, as the kubelet does);
+- *actuated*: what the runtime applied, reported as ``containerStatuses[].resources``.
+
+A change flows desired -> allocated -> actuated:
+
+1. Desired != allocated (a ``pods/resize`` patch): the resize is judged as one atomic
+   request across all containers, requests and limits together. The pod's new total
+   requests above node allocatable -> ``PodResizePending`` reason ``Infeasible`` (not
+   retried until the spec changes). Fits allocatable, but not beside the other pods'
+   allocations -> ``PodResizePending`` reason ``Deferred``, retried when another pod is
+   added, removed or resized, and every ``deferred_retry_s``. Otherwise accepted:
+   allocated := desired, ``PodResizeInProgress`` (no reason) for this generation.
+2. Allocated != actuated: after ``resize_delay_s`` the resize is actuated, unless a
+   memory limit decreases below what the guest holds: then ``PodResizeInProgress``
+   keeps its generation and gets reason ``Error`` with the kubelet's message, and the
+   actuation is retried on every later call (and every ``error_retry_s``).
+3. Actuated == allocated: ``PodResizeInProgress`` is removed, ``resources`` show the
+   new values.
+
+``status.observedGeneration`` and the kubelet-owned conditions carry the generation of
+the pod the status was computed from; a resize condition carries the generation of the
+resize it describes. In legacy mode the model writes ``status.resize`` (``InProgress``,
+``Deferred``, ``Infeasible``) instead of the two conditions, as kubelets before 1.33 did.
+
+The model does not schedule. :func:`selects_node` and :func:`fits_node` are the first-fit
+rule the adapter (and the simulations) use to bind pending pods, kept here because they
+are pure and must agree with the kubelet's own admission check.
+
+Known simplifications (each stated where it lives): no init containers, no restarts, no
+probes, the VMM container gets all of the pod's memory usage, a deleted pod's VMM is
+taken to exit cleanly.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+from attrs import define, field, frozen
+
+from core.constants import VM_CONTAINER
+from core.quantity import (
+    QuantityError,
+    format_bytes,
+    format_millicores,
+    parse_bytes,
+    parse_millicores,
+)
+
+__all__ = [
+    "DEFAULT_DEFERRED_RETRY_S",
+    "DEFAULT_ERROR_RETRY_S",
+    "HOSTNAME_LABEL",
+    "DeletePod",
+    "Effect",
+    "Kubelet",
+    "KubeletConfig",
+    "KubeletInputError",
+    "Output",
+    "RecordEvent",
+    "ResizeStatus",
+    "Resources",
+    "StartVmm",
+    "StopVmm",
+    "WritePodStatus",
+    "fits_node",
+    "mark_proposed",
+    "node_labels",
+    "pod_requests",
+    "rfc3339",
+    "selects_node",
+    "vmm_socket_path",
+]
+
+# --- constants --------------------------------------------------------------------------
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+DEFAULT_SCHEDULER = "default-scheduler"
+
+# The real kubelet retries pending resizes 30 s after start and then every 3 min; the
+# simulated one defaults to a shorter period so demos and tests see it happen.
+DEFAULT_DEFERRED_RETRY_S = 60.0
+# A failed actuation is retried on the next pod sync; the pod worker backs off ~10 s.
+DEFAULT_ERROR_RETRY_S = 10.0
+# How often a DeletePod is repeated while the pod is still observed (a lost delete).
+DELETE_RETRY_S = 10.0
+
+PENDING = "PodResizePending"
+IN_PROGRESS = "PodResizeInProgress"
+REASON_DEFERRED = "Deferred"
+REASON_INFEASIBLE = "Infeasible"
+REASON_ERROR = "Error"
+
+# Conditions the kubelet computes itself; any other condition on the pod is preserved.
+_READY_TO_START = "PodReadyToStartContainers"
+_INITIALIZED = "Initialized"
+_READY = "Ready"
+_CONTAINERS_READY = "ContainersReady"
+_SCHEDULED = "PodScheduled"
+_KUBELET_CONDITIONS = (_READY_TO_START, _INITIALIZED, _READY, _CONTAINERS_READY, _SCHEDULED)
+_OWNED_CONDITIONS = frozenset((*_KUBELET_CONDITIONS, PENDING, IN_PROGRESS))
+
+# Event reasons of pkg/kubelet/events.
+EV_RESIZE_STARTED = "ResizeStarted"
+EV_RESIZE_COMPLETED = "ResizeCompleted"
+EV_RESIZE_DEFERRED = "ResizeDeferred"
+EV_RESIZE_INFEASIBLE = "ResizeInfeasible"
+EV_RESIZE_ERROR = "ResizeError"
+EV_OUT_OF = "OutOf"  # + resource name, the reason of an admission rejection
+
+# The layout of a kubelet's pods directory: an emptyDir volume named "vmm" per pod.
+_VMM_SOCKET_SUFFIX = "volumes/kubernetes.io~empty-dir/vmm/ch.sock"
+
+
+class ResizeStatus(enum.StrEnum):
+    """``status.resize`` of kubelets before 1.33 (``Proposed`` came from the API server)."""
+
+    PROPOSED = "Proposed"
+    IN_PROGRESS = "InProgress"
+    DEFERRED = "Deferred"
+    INFEASIBLE = "Infeasible"
+
+
+class KubeletInputError(ValueError):
+    """The caller handed the model something a real API server would never send."""
+
+
+# --- the one place that knows where a pod's VMM socket lives ------------------------------
+
+
+def vmm_socket_path(pods_root: str, pod_uid: str) -> str:
+    """Where the VMM of pod ``pod_uid`` listens: ``<pods_root>/<uid>/volumes/
+    kubernetes.io~empty-dir/vmm/ch.sock``, the path an emptyDir named ``vmm`` has under a
+    kubelet's pods directory (``<state-dir>/kubelet/pods`` by default). The simulated
+    kubelet starts the VMM there and the node daemon connects there."""
+    if not pod_uid or "/" in pod_uid or pod_uid in (".", ".."):
+        raise KubeletInputError(f"pod uid {pod_uid!r} cannot name a directory")
+    if not pods_root:
+        raise KubeletInputError("the pods root directory is empty")
+    return f"{pods_root.rstrip('/')}/{pod_uid}/{_VMM_SOCKET_SUFFIX}"
+
+
+# --- time -------------------------------------------------------------------------------
+
+
+def rfc3339(t: float) -> str:
+    """``t`` seconds since the epoch as the second-precision UTC string of ``metav1.Time``.
+
+    Pure arithmetic (days-to-civil), because this package may not import ``datetime``.
+    """
+    seconds = int(t // 1)
+    days, rest = divmod(seconds, 86400)
+    hour, rest = divmod(rest, 3600)
+    minute, second = divmod(rest, 60)
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}Z"
+
+
+# --- values -----------------------------------------------------------------------------
+
+
+@frozen
+class Resources:
+    """One container's CPU (millicores) and memory (bytes) requests and limits."""
+
+    cpu_request: int | None = None
+    memory_request: int | None = None
+    cpu_limit: int | None = None
+    memory_limit: int | None = None
+
+    @classmethod
+    def from_json(cls, obj: object, where: str) -> Resources:
+        """Parse a ``ResourceRequirements``; requests default to limits (as the API server
+        defaults them), other resources are ignored."""
+        if obj is None:
+            return cls()
+        if not isinstance(obj, Mapping):
+            raise KubeletInputError(f"{where}: expected an object, got {type(obj).__name__}")
+        requests = _resource_list(obj.get("requests"), f"{where}.requests")
+        limits = _resource_list(obj.get("limits"), f"{where}.limits")
+        cpu_limit = _cpu(limits.get("cpu"), f"{where}.limits.cpu")
+        memory_limit = _memory(limits.get("memory"), f"{where}.limits.memory")
+        cpu_request = _cpu(requests.get("cpu"), f"{where}.requests.cpu")
+        memory_request = _memory(requests.get("memory"), f"{where}.requests.memory")
+        return cls(
+            cpu_request=cpu_limit if cpu_request is None else cpu_request,
+            memory_request=memory_limit if memory_request is None else memory_request,
+            cpu_limit=cpu_limit,
+            memory_limit=memory_limit,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        requests = self.requests_json()
+        if requests:
+            out["requests"] = requests
+        limits = _list_json(self.cpu_limit, self.memory_limit)
+        if limits:
+            out["limits"] = limits
+        return out
+
+    def requests_json(self) -> dict[str, str]:
+        return _list_json(self.cpu_request, self.memory_request)
+
+
+@frozen
+class _Totals:
+    cpu: int = 0  # millicores
+    memory: int = 0  # bytes
+
+    def __add__(self, other: _Totals) -> _Totals:
+        return _Totals(self.cpu + other.cpu, self.memory + other.memory)
+
+    def max(self, other: _Totals) -> _Totals:
+        return _Totals(max(self.cpu, other.cpu), max(self.memory, other.memory))
+
+
+def _resource_list(obj: object, where: str) -> Mapping[str, Any]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, Mapping):
+        raise KubeletInputError(f"{where}: expected an object, got {type(obj).__name__}")
+    return obj
+
+
+def _cpu(value: object, where: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_millicores(value)
+    except QuantityError as exc:
+        raise KubeletInputError(f"{where}: {exc}") from exc
+
+
+def _memory(value: object, where: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except QuantityError as exc:
+        raise KubeletInputError(f"{where}: {exc}") from exc
+
+
+def _list_json(cpu: int | None, memory: int | None) -> dict[str, str]:
+    out = {}
+    if cpu is not None:
+        out["cpu"] = format_millicores(cpu)
+    if memory is not None:
+        out["memory"] = format_bytes(memory)
+    return out
+
+
+def _requests(resources: Mapping[str, Resources]) -> _Totals:
+    total = _Totals()
+    for r in resources.values():
+        total = total + _Totals(r.cpu_request or 0, r.memory_request or 0)
+    return total
+
+
+def _pod_memory_limit(resources: Mapping[str, Resources]) -> int | None:
+    """The pod cgroup's memory limit: the sum of the containers' limits, or none at all
+    when any container is unlimited."""
+    limits = [r.memory_limit for r in resources.values()]
+    if not limits or any(limit is None for limit in limits):
+        return None
+    return sum(limit for limit in limits if limit is not None)
+
+
+# --- configuration and effects ----------------------------------------------------------
+
+
+@frozen
+class KubeletConfig:
+    """One node. ``cpu`` is allocatable millicores, ``memory`` allocatable bytes."""
+
+    node_name: str
+    cpu: int
+    memory: int
+    labels: Mapping[str, str] = field(factory=dict, converter=dict, hash=False)
+    resize_delay_s: float = 0.0
+    deferred_retry_s: float = DEFAULT_DEFERRED_RETRY_S
+    error_retry_s: float = DEFAULT_ERROR_RETRY_S
+    # Write ``status.resize`` instead of the PodResizePending/InProgress conditions.
+    legacy_resize_status: bool = False
+    # Kubelets before 1.33 reported no ``observedGeneration`` at all.
+    report_observed_generation: bool = True
+    # The container that runs the VMM; it is charged with the pod's memory usage.
+    vmm_container: str = VM_CONTAINER
+    host_ip: str = "127.0.0.1"
+
+    def __attrs_post_init__(self) -> None:
+        if not self.node_name:
+            raise KubeletInputError("node_name is empty")
+        if self.cpu <= 0 or self.memory <= 0:
+            raise KubeletInputError(
+                f"node {self.node_name}: allocatable cpu and memory must be positive, "
+                f"got cpu={self.cpu}m memory={self.memory}"
+            )
+        for name in ("resize_delay_s", "deferred_retry_s", "error_retry_s"):
+            value = getattr(self, name)
+            if value < 0 or (name != "resize_delay_s" and value == 0):
+                raise KubeletInputError(f"node {self.node_name}: {name} must be positive")
+
+
+@frozen
+class WritePodStatus:
+    """Merge-patch ``status`` into the pod's status subresource (None clears a field;
+    lists replace the pod's lists whole)."""
+
+    namespace: str
+    name: str
+    uid: str
+    status: dict[str, Any] = field(eq=True, hash=False)
+
+
+@frozen
+class StartVmm:
+    """Make sure the pod's VMM process runs (idempotent: the pod may be adopted)."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+@frozen
+class StopVmm:
+    namespace: str
+    name: str
+    uid: str
+
+
+@frozen
+class DeletePod:
+    """Confirm termination: delete with grace period 0 and a UID precondition."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+@frozen
+class RecordEvent:
+    namespace: str
+    name: str
+    uid: str
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+Effect = WritePodStatus | StartVmm | StopVmm | DeletePod | RecordEvent
+
+
+@frozen
+class Output:
+    """What to do now, in order, and when to call :meth:`Kubelet.step` again at the
+    latest (None: only when something changes)."""
+
+    effects: tuple[Effect, ...] = ()
+    wake_at: float | None = None
+
+
+# --- scheduling helpers (pure; the adapter binds, the model does not schedule) ------------
+
+
+def node_labels(config: KubeletConfig) -> dict[str, str]:
+    return {
+        HOSTNAME_LABEL: config.node_name,
+        "kubernetes.io/os": "linux",
+        **config.labels,
+    }
+
+
+def selects_node(config: KubeletConfig, pod: Mapping[str, Any]) -> bool:
+    """Whether an unscheduled pod is one this node would bind: default scheduler, and a
+    ``nodeSelector`` (if any) that the node's labels satisfy."""
+    spec = pod.get("spec") or {}
+    if spec.get("nodeName") or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return False
+    if (spec.get("schedulerName") or DEFAULT_SCHEDULER) != DEFAULT_SCHEDULER:
+        return False
+    labels = node_labels(config)
+    selector = spec.get("nodeSelector") or {}
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def pod_requests(pod: Mapping[str, Any]) -> tuple[int, int]:
+    """A pod's (cpu millicores, memory bytes) as the scheduler counts them: per container
+    the largest of desired (unless the resize is Infeasible), allocated and actual
+    requests, summed, plus the pod overhead."""
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    where = _pod_ref(pod)
+    infeasible = _condition_reason(status, PENDING) == REASON_INFEASIBLE or (
+        status.get("resize") == ResizeStatus.INFEASIBLE
+    )
+    statuses = {cs.get("name"): cs for cs in status.get("containerStatuses") or ()}
+    total = _Totals()
+    for index, container in enumerate(spec.get("containers") or ()):
+        name = container.get("name")
+        at = f"{where}: spec.containers[{index}]"
+        desired = _Totals()
+        if not infeasible or name not in statuses:
+            r = Resources.from_json(container.get("resources"), f"{at}.resources")
+            desired = _Totals(r.cpu_request or 0, r.memory_request or 0)
+        cs = statuses.get(name) or {}
+        allocated = Resources.from_json(
+            {"requests": cs.get("allocatedResources") or {}}, f"{at} allocatedResources"
+        )
+        actual = Resources.from_json(cs.get("resources"), f"{at} status resources")
+        total = total + desired.max(
+            _Totals(allocated.cpu_request or 0, allocated.memory_request or 0)
+        ).max(_Totals(actual.cpu_request or 0, actual.memory_request or 0))
+    overhead = _overhead(spec, where)
+    return total.cpu + overhead.cpu, total.memory + overhead.memory
+
+
+def fits_node(
+    config: KubeletConfig, bound_pods: Iterable[Mapping[str, Any]], pod: Mapping[str, Any]
+) -> bool:
+    """First fit: the requests of the live pods bound to this node plus this pod's stay
+    within allocatable."""
+    cpu, memory = pod_requests(pod)
+    for other in bound_pods:
+        if (other.get("spec") or {}).get("nodeName") != config.node_name:
+            continue
+        if (other.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        if _uid(other) == _uid(pod):
+            continue
+        other_cpu, other_memory = pod_requests(other)
+        cpu += other_cpu
+        memory += other_memory
+    return cpu <= config.cpu and memory <= config.memory
+
+
+def mark_proposed(pod: dict[str, Any]) -> dict[str, Any]:
+    """What an API server before 1.33 did to a pod whose resources a patch changed: set
+    ``status.resize = Proposed`` (for simulations that play such an API server)."""
+    status = dict(pod.get("status") or {})
+    status["resize"] = str(ResizeStatus.PROPOSED)
+    return {**pod, "status": status}
+
+
+# --- internal per-pod state -------------------------------------------------------------
+
+
+@frozen
+class _Cond:
+    """A resize condition as the kubelet's status manager keeps it."""
+
+    type: str
+    reason: str
+    message: str
+    generation: int
+    transition: str
+    probe: str
+
+    def to_json(self, with_generation: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "status": "True"}
+        if with_generation:
+            out["observedGeneration"] = self.generation
+        out["lastProbeTime"] = self.probe
+        out["lastTransitionTime"] = self.transition
+        if self.reason:
+            out["reason"] = self.reason
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+def _set_cond(
+    old: _Cond | None, type_: str, reason: str, message: str, generation: int, ts: str
+) -> _Cond:
+    """The status manager's rule: the transition time moves only when the reason does."""
+    transition = old.transition if old is not None and old.reason == reason else ts
+    return _Cond(type_, reason, message, generation, transition, ts)
+
+
+class _Stage(enum.Enum):
+    RUNNING = "running"
+    REJECTED = "rejected"
+    TERMINATED = "terminated"
+
+
+@define
+class _Pod:
+    uid: str
+    namespace: str
+    name: str
+    stage: _Stage
+    containers: tuple[str, ...] = ()
+    images: dict[str, str] = field(factory=dict)
+    started_at: str = ""
+    scheduled_at: str = ""
+    allocated: dict[str, Resources] = field(factory=dict)
+    actuated: dict[str, Resources] = field(factory=dict)
+    overhead: _Totals = _Totals()
+    generation: int = 1
+    priority: int = 0
+    guaranteed: bool = False
+    evaluated: tuple[int, dict[str, Resources]] | None = None
+    pending: _Cond | None = None
+    in_progress: _Cond | None = None
+    actuate_at: float | None = None  # allocated != actuated: when to try actuating
+    error_retry_at: float | None = None
+    rejection: tuple[str, str] | None = None  # (reason, message)
+    vmm_started: bool = False
+    terminated_at: str = ""
+    delete_sent_at: float | None = None
+    last_written: dict[str, Any] | None = None
+    foreign_conditions: list[dict[str, Any]] = field(factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def holds(self) -> _Totals:
+        """What the pod occupies on the node while a resize is under way: the larger of
+        allocated and actuated, per resource (the kubelet's fit check does the same)."""
+        if self.stage is not _Stage.RUNNING:
+            return _Totals()
+        return _requests(self.allocated).max(_requests(self.actuated)) + self.overhead
+
+
+@frozen
+class _Observed:
+    """The parts of an input pod the model reads."""
+
+    uid: str
+    namespace: str
+    name: str
+    generation: int
+    deleting: bool
+    created: str
+    priority: int
+    containers: tuple[str, ...]
+    images: dict[str, str] = field(eq=False, hash=False)
+    desired: dict[str, Resources] = field(eq=False, hash=False)
+    overhead: _Totals
+    status: Mapping[str, Any] = field(eq=False, hash=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def _uid(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("uid") or "")
+
+
+def _pod_ref(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata") or {}
+    return f"pod {meta.get('namespace') or ''}/{meta.get('name') or ''}"
+
+
+def _condition_reason(status: Mapping[str, Any], type_: str) -> str | None:
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == type_:
+            return str(cond.get("reason") or "")
+    return None
+
+
+def _overhead(spec: Mapping[str, Any], where: str) -> _Totals:
+    overhead = spec.get("overhead") or {}
+    return _Totals(
+        _cpu(overhead.get("cpu"), f"{where}: spec.overhead.cpu") or 0,
+        _memory(overhead.get("memory"), f"{where}: spec.overhead.memory") or 0,
+    )
+
+
+def _observe(pod: Mapping[str, Any]) -> _Observed:
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    uid = _uid(pod)
+    where = _pod_ref(pod)
+    if not uid:
+        raise KubeletInputError(f"{where}: metadata.uid is missing")
+    if not meta.get("name"):
+        raise KubeletInputError(f"pod with uid {uid}: metadata.name is missing")
+    containers = spec.get("containers") or ()
+    if not containers:
+        raise KubeletInputError(f"{where}: spec.containers is empty")
+    names: list[str] = []
+    images: dict[str, str] = {}
+    desired: dict[str, Resources] = {}
+    for index, container in enumerate(containers):
+        name = container.get("name")
+        if not name or name in desired:
+            raise KubeletInputError(
+                f"{where}: spec.containers[{index}].name is missing or repeated"
+            )
+        names.append(name)
+        images[name] = str(container.get("image") or "")
+        desired[name] = Resources.from_json(
+            container.get("resources"), f"{where}: spec.containers[{index}].resources"
+        )
+    generation = meta.get("generation")
+    priority = spec.get("priority")
+    return _Observed(
+        uid=uid,
+        namespace=str(meta.get("namespace") or ""),
+        name=str(meta["name"]),
+        generation=generation if isinstance(generation, int) else 1,
+        deleting=bool(meta.get("deletionTimestamp")),
+        created=str(meta.get("creationTimestamp") or ""),
+        priority=priority if isinstance(priority, int) else 0,
+        containers=tuple(names),
+        images=images,
+        desired=desired,
+        overhead=_overhead(spec, where),
+        status=pod.get("status") or {},
+    )
+
+
+def _guaranteed(resources: Mapping[str, Resources]) -> bool:
+    return all(
+        r.cpu_limit is not None
+        and r.memory_limit is not None
+        and r.cpu_request == r.cpu_limit
+        and r.memory_request == r.memory_limit
+        for r in resources.values()
+    )
+
+
+def _go_error_list(errors: list[str]) -> str:
+    """How Go's ``utilerrors.NewAggregate(errs).Error()`` prints: one error bare, several
+    bracketed and comma-separated."""
+    return errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+
+
+# --- the model --------------------------------------------------------------------------
+
+
+class Kubelet:
+    """The kubelet of one node. Drive it with :meth:`step`; report failed status writes
+    with :meth:`status_write_failed`. :meth:`usage_wanted` names the pods whose guest
+    memory the next step needs (pending memory-limit decreases)."""
+
+    def __init__(self, config: KubeletConfig) -> None:
+        self.config = config
+        self._pods: dict[str, _Pod] = {}
+        self._retry_at: float | None = None  # next periodic retry of pending resizes
+
+    # -- queries ---------------------------------------------------------------------
+
+    def usage_wanted(self) -> frozenset[str]:
+        """UIDs of pods with an allocated memory-limit decrease not yet actuated."""
+        wanted = set()
+        for p in self._pods.values():
+            if p.stage is not _Stage.RUNNING or p.actuate_at is None:
+                continue
+            if any(
+                _decreases(p.actuated[c].memory_limit, p.allocated[c].memory_limit)
+                for c in p.containers
+            ):
+                wanted.add(p.uid)
+        return frozenset(wanted)
+
+    def known(self) -> frozenset[str]:
+        return frozenset(self._pods)
+
+    def allocated(self, uid: str) -> dict[str, Resources] | None:
+        p = self._pods.get(uid)
+        return dict(p.allocated) if p is not None and p.stage is _Stage.RUNNING else None
+
+    def actuated(self, uid: str) -> dict[str, Resources] | None:
+        p = self._pods.get(uid)
+        return dict(p.actuated) if p is not None and p.stage is _Stage.RUNNING else None
+
+    def free(self) -> tuple[int, int]:
+        """Allocatable minus what admitted pods hold: (millicores, bytes)."""
+        used = _Totals()
+        for p in self._pods.values():
+            used = used + p.holds()
+        return self.config.cpu - used.cpu, self.config.memory - used.memory
+
+    # -- feedback --------------------------------------------------------------------
+
+    def status_write_failed(self, uid: str) -> None:
+        """The last WritePodStatus for ``uid`` did not land: write it again next step."""
+        p = self._pods.get(uid)
+        if p is not None:
+            p.last_written = None
+
+    # -- the step --------------------------------------------------------------------
+
+    def step(
+        self,
+        now: float,
+        pods: Iterable[Mapping[str, Any]],
+        usage: Mapping[str, int] | None = None,
+    ) -> Output:
+        """Observe the pods bound to this node (others are ignored), with the memory each
+        pod's guest holds (by UID; a missing entry means unknown, which never blocks),
+        and return what a kubelet would do at time ``now``."""
+        run = _Run(self, now, usage or {})
+        observed: dict[str, _Observed] = {}
+        for pod in pods:
+            if (pod.get("spec") or {}).get("nodeName") != self.config.node_name:
+                continue
+            obs = _observe(pod)
+            observed[obs.uid] = obs
+        run.forget_vanished(observed)
+        run.terminate_deleting(observed)
+        run.admit_new(observed)
+        run.handle_updates(observed)
+        run.actuate_due()
+        # A retry can accept a shrink whose actuation frees room for the next deferred
+        # resize; each round either actuates something or ends the loop.
+        for _ in range(len(self._pods) + 1):
+            run.retry_pending()
+            run.actuate_due()
+            if not run.retry_trigger:
+                break
+        run.write_statuses(observed)
+        return Output(tuple(run.effects), self._wake_at(now))
+
+    def _wake_at(self, now: float) -> float | None:
+        times: list[float] = []
+        for p in self._pods.values():
+            if p.stage is _Stage.RUNNING:
+                if p.error_retry_at is not None:
+                    times.append(p.error_retry_at)
+                elif p.actuate_at is not None:
+                    times.append(p.actuate_at)
+            if p.delete_sent_at is not None:
+                times.append(p.delete_sent_at + DELETE_RETRY_S)
+        if self._retry_at is not None and self._deferred():
+            times.append(self._retry_at)
+        future = [t for t in times if t > now]
+        return min(future) if future else None
+
+    def _deferred(self) -> list[_Pod]:
+        return [
+            p
+            for p in self._pods.values()
+            if p.stage is _Stage.RUNNING
+            and p.pending is not None
+            and p.pending.reason == REASON_DEFERRED
+        ]
+
+
+def _decreases(old: int | None, new: int | None) -> bool:
+    return new is not None and (old is None or new < old)
+
+
+class _Run:
+    """One call of :meth:`Kubelet.step`: the time, the usage, and the effects so far."""
+
+    def __init__(self, kubelet: Kubelet, now: float, usage: Mapping[str, int]) -> None:
+        self.k = kubelet
+        self.cfg = kubelet.config
+        self.pods = kubelet._pods
+        self.now = now
+        self.ts = rfc3339(now)
+        self.usage = usage
+        self.effects: list[Effect] = []
+        self.retry_trigger = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def forget_vanished(self, observed: Mapping[str, _Observed]) -> None:
+        for uid in [uid for uid in self.pods if uid not in observed]:
+            p = self.pods.pop(uid)
+            if p.vmm_started:
+                self.effects.append(StopVmm(p.namespace, p.name, p.uid))
+            if p.stage is _Stage.RUNNING:
+                self.retry_trigger = True  # pods_removed
+
+    def terminate_deleting(self, observed: Mapping[str, _Observed]) -> None:
+        for obs in observed.values():
+            if not obs.deleting:
+                continue
+            p = self.pods.get(obs.uid)
+            if p is None:
+                # Deleted before we ever admitted it: nothing runs, confirm at once.
+                p = _Pod(obs.uid, obs.namespace, obs.name, _Stage.TERMINATED)
+                p.containers = obs.containers
+                p.images = dict(obs.images)
+                self.pods[obs.uid] = p
+            p.generation = obs.generation
+            if p.stage is _Stage.RUNNING:
+                if p.vmm_started:
+                    self.effects.append(StopVmm(p.namespace, p.name, p.uid))
+                    p.vmm_started = False
+                p.stage = _Stage.TERMINATED
+                p.terminated_at = self.ts
+                p.actuate_at = p.error_retry_at = None
+                self.retry_trigger = True  # pod_terminated
+            elif p.stage is _Stage.REJECTED:
+                p.stage = _Stage.TERMINATED
+        # The status write for the terminal state goes out in write_statuses; the delete
+        # must follow it, so it is queued there too.
+
+    def admit_new(self, observed: Mapping[str, _Observed]) -> None:
+        # Admission in creation order, as the kubelet sorts pod additions.
+        new = sorted(
+            (o for o in observed.values() if o.uid not in self.pods and not o.deleting),
+            key=lambda o: (o.created, o.namespace, o.name),
+        )
+        for obs in new:
+            adopted = _adopt(obs)
+            if adopted is not None:
+                allocated, actuated = adopted
+            else:
+                allocated = dict(obs.desired)
+                actuated = dict(obs.desired)
+            p = _Pod(obs.uid, obs.namespace, obs.name, _Stage.RUNNING)
+            p.containers = obs.containers
+            p.images = dict(obs.images)
+            p.overhead = obs.overhead
+            p.priority = obs.priority
+            p.generation = obs.generation
+            p.foreign_conditions = _foreign_conditions(obs.status)
+            p.scheduled_at = _condition_time(obs.status, _SCHEDULED) or self.ts
+            want = _requests(allocated).max(_requests(actuated)) + obs.overhead
+            failure = self._fit_failure(want, exclude=obs.uid) if adopted is None else None
+            if failure is not None:
+                resource, message = failure
+                p.stage = _Stage.REJECTED
+                p.rejection = (EV_OUT_OF + resource, f"Pod was rejected: {message}")
+                self.pods[obs.uid] = p
+                self._event(p, "Warning", EV_OUT_OF + resource, message)
+                continue
+            p.allocated = allocated
+            p.actuated = actuated
+            p.guaranteed = _guaranteed(obs.desired)
+            p.started_at = str(obs.status.get("startTime") or self.ts) if adopted else self.ts
+            p.evaluated = None
+            if allocated != actuated:
+                p.actuate_at = self.now + self.cfg.resize_delay_s
+                old = _observed_generation(obs.status, IN_PROGRESS)
+                generation = old if old is not None else obs.generation
+                p.in_progress = _Cond(IN_PROGRESS, "", "", generation, self.ts, self.ts)
+            p.vmm_started = True
+            self.pods[obs.uid] = p
+            self.effects.append(StartVmm(p.namespace, p.name, p.uid))
+            self.retry_trigger = True  # pods_added
+
+    def handle_updates(self, observed: Mapping[str, _Observed]) -> None:
+        changed = sorted(
+            (
+                o
+                for o in observed.values()
+                if not o.deleting
+                and o.uid in self.pods
+                and self.pods[o.uid].stage is _Stage.RUNNING
+                and self.pods[o.uid].evaluated != (o.generation, o.desired)
+            ),
+            key=lambda o: (o.created, o.namespace, o.name),
+        )
+        for obs in observed.values():
+            p = self.pods.get(obs.uid)
+            if p is not None and not obs.deleting:
+                p.generation = obs.generation
+                p.priority = obs.priority
+                p.foreign_conditions = _foreign_conditions(obs.status)
+        for obs in changed:
+            p = self.pods[obs.uid]
+            if self._resize(p, obs.desired, obs.generation):
+                self.retry_trigger = True  # pod_resized
+
+    # -- resize ----------------------------------------------------------------------
+
+    def _resize(self, p: _Pod, desired: dict[str, Resources], generation: int) -> bool:
+        """The allocation manager's handlePodResourcesResize; True when it allocated."""
+        p.evaluated = (generation, dict(desired))
+        if desired == p.allocated:
+            p.pending = None
+            return False
+        own = _requests(desired) + p.overhead
+        infeasible = self._infeasible(own)
+        if infeasible is not None:
+            self._pending(p, REASON_INFEASIBLE, infeasible, generation, desired)
+            return False
+        failure = self._fit_failure(own, exclude=p.uid)
+        if failure is not None:
+            self._pending(p, REASON_DEFERRED, failure[1], generation, desired)
+            if self.k._retry_at is None or self.k._retry_at <= self.now:
+                self.k._retry_at = self.now + self.cfg.deferred_retry_s
+            return False
+        p.allocated = dict(desired)
+        p.pending = None
+        # Clear-then-set: a newly accepted resize always gets a fresh condition.
+        p.in_progress = _Cond(IN_PROGRESS, "", "", generation, self.ts, self.ts)
+        p.actuate_at = self.now + self.cfg.resize_delay_s
+        p.error_retry_at = None
+        self._event(p, "Normal", EV_RESIZE_STARTED, _resize_message("started", desired, generation))
+        return True
+
+    def _pending(
+        self, p: _Pod, reason: str, message: str, generation: int, desired: dict[str, Resources]
+    ) -> None:
+        old = p.pending
+        p.pending = _set_cond(old, PENDING, reason, message, generation, self.ts)
+        if old is None or (old.reason, old.message, old.generation) != (
+            reason,
+            message,
+            generation,
+        ):
+            event = EV_RESIZE_INFEASIBLE if reason == REASON_INFEASIBLE else EV_RESIZE_DEFERRED
+            text = _resize_message(reason, desired, generation, message)
+            self._event(p, "Warning", event, text)
+
+    def _infeasible(self, own: _Totals) -> str | None:
+        # The kubelet checks memory before cpu here, and reports cpu in millicores.
+        if own.memory > self.cfg.memory:
+            return (
+                f"Node didn't have enough capacity: memory, requested: {own.memory}, "
+                f"capacity: {self.cfg.memory}"
+            )
+        if own.cpu > self.cfg.cpu:
+            return (
+                f"Node didn't have enough capacity: cpu, requested: {own.cpu}, "
+                f"capacity: {self.cfg.cpu}"
+            )
+        return None
+
+    def _fit_failure(self, own: _Totals, exclude: str) -> tuple[str, str] | None:
+        """The admission predicate (cpu checked before memory, like the scheduler's fit),
+        against what every other admitted pod holds."""
+        used = _Totals()
+        for uid, other in self.pods.items():
+            if uid != exclude:
+                used = used + other.holds()
+        for resource, requested, in_use, capacity in (
+            ("cpu", own.cpu, used.cpu, self.cfg.cpu),
+            ("memory", own.memory, used.memory, self.cfg.memory),
+        ):
+            if requested + in_use > capacity:
+                return resource, (
+                    f"Node didn't have enough resource: {resource}, requested: {requested}, "
+                    f"used: {in_use}, capacity: {capacity}"
+                )
+        return None
+
+    def retry_pending(self) -> None:
+        """RetryPendingResizes: on a trigger from another pod, or when the period is up."""
+        triggered, self.retry_trigger = self.retry_trigger, False
+        deferred = self.k._deferred()
+        if not deferred:
+            self.k._retry_at = None
+            return
+        periodic = self.k._retry_at is not None and self.now >= self.k._retry_at
+        if not (triggered or periodic):
+            return
+        # Every retry, triggered or periodic, restarts the period (the kubelet resets
+        # its ticker the same way).
+        self.k._retry_at = self.now + self.cfg.deferred_retry_s
+        for p in sorted(deferred, key=self._retry_order):
+            if p.evaluated is None:
+                continue
+            generation, desired = p.evaluated
+            self._resize(p, desired, generation)
+
+    def _retry_order(self, p: _Pod) -> tuple[Any, ...]:
+        # The allocation manager's order: resizes that do not grow requests first, then
+        # higher priority, then Guaranteed, then the longest pending.
+        desired = p.evaluated[1] if p.evaluated is not None else p.allocated
+        growing = _requests(desired).max(_requests(p.allocated)) != _requests(p.allocated)
+        since = p.pending.transition if p.pending is not None else ""
+        return (growing, -p.priority, not p.guaranteed, since, p.namespace, p.name)
+
+    # -- actuation -------------------------------------------------------------------
+
+    def actuate_due(self) -> None:
+        for p in self.pods.values():
+            if p.stage is not _Stage.RUNNING or p.actuate_at is None:
+                continue
+            if self.now < p.actuate_at:
+                continue
+            refusal = self._memory_refusal(p)
+            if refusal is not None:
+                old = p.in_progress
+                # An existing condition keeps the generation it was set with.
+                generation = old.generation if old is not None else p.generation
+                p.in_progress = _set_cond(
+                    old, IN_PROGRESS, REASON_ERROR, refusal, generation, self.ts
+                )
+                p.error_retry_at = self.now + self.cfg.error_retry_s
+                if old is None or (old.reason, old.message) != (REASON_ERROR, refusal):
+                    self._event(
+                        p,
+                        "Warning",
+                        EV_RESIZE_ERROR,
+                        _resize_message("error", p.allocated, generation, refusal),
+                    )
+                continue
+            frees = _requests(p.allocated).max(_requests(p.actuated)) != _requests(p.allocated)
+            p.actuated = dict(p.allocated)
+            p.actuate_at = p.error_retry_at = None
+            done = p.in_progress
+            p.in_progress = None
+            generation = done.generation if done is not None else p.generation
+            self._event(
+                p,
+                "Normal",
+                EV_RESIZE_COMPLETED,
+                _resize_message("completed", p.allocated, generation),
+            )
+            if frees:
+                self.retry_trigger = True  # what this pod held beyond its allocation is free
+
+    def _memory_refusal(self, p: _Pod) -> str | None:
+        """The kubelet's best-effort guard before lowering memory limits (1.34+: pod and
+        container level). The whole of the pod's usage is charged to the VMM container."""
+        usage = self.usage.get(p.uid)
+        if usage is None:
+            return None
+        errors: list[str] = []
+        old_pod, new_pod = _pod_memory_limit(p.actuated), _pod_memory_limit(p.allocated)
+        if new_pod is not None and _decreases(old_pod, new_pod) and new_pod < usage:
+            errors.append(
+                f"attempting to set pod memory limit ({new_pod}) below current usage ({usage})"
+            )
+        name = self._vmm_container(p)
+        old_c, new_c = p.actuated[name].memory_limit, p.allocated[name].memory_limit
+        if new_c is not None and _decreases(old_c, new_c) and new_c < usage:
+            errors.append(
+                f'attempting to set container "{name}" memory limit ({new_c}) '
+                f"below current usage ({usage})"
+            )
+        if not errors:
+            return None
+        return "cannot decrease memory limits: " + _go_error_list(errors)
+
+    def _vmm_container(self, p: _Pod) -> str:
+        if self.cfg.vmm_container in p.containers:
+            return self.cfg.vmm_container
+        return p.containers[0]
+
+    # -- status ----------------------------------------------------------------------
+
+    def write_statuses(self, observed: Mapping[str, _Observed]) -> None:
+        for uid, p in list(self.pods.items()):
+            status = self._render(p)
+            never_ran = p.stage is _Stage.TERMINATED and not p.started_at
+            if status != p.last_written and not never_ran:
+                p.last_written = status
+                self.effects.append(WritePodStatus(p.namespace, p.name, p.uid, status))
+            if p.stage is _Stage.TERMINATED and uid in observed:
+                due = p.delete_sent_at is None or self.now >= p.delete_sent_at + DELETE_RETRY_S
+                if due:
+                    p.delete_sent_at = self.now
+                    self.effects.append(DeletePod(p.namespace, p.name, p.uid))
+
+    def _render(self, p: _Pod) -> dict[str, Any]:
+        gen = self.cfg.report_observed_generation
+        status: dict[str, Any] = {
+            "observedGeneration": p.generation if gen else None,
+            "hostIP": self.cfg.host_ip,
+            "hostIPs": [{"ip": self.cfg.host_ip}],
+        }
+        if p.stage is _Stage.REJECTED:
+            assert p.rejection is not None
+            status.update(
+                phase="Failed",
+                reason=p.rejection[0],
+                message=p.rejection[1],
+                conditions=p.foreign_conditions,
+                containerStatuses=None,
+                resize=None,
+            )
+            return status
+        running = p.stage is _Stage.RUNNING
+        # A deleted pod's VMM is taken to exit cleanly: the kubelet then reports Succeeded.
+        phase = "Running" if running else ("Succeeded" if p.started_at else "Failed")
+        conditions = list(p.foreign_conditions)
+        for type_ in _KUBELET_CONDITIONS:
+            ok = type_ in (_SCHEDULED, _INITIALIZED) or running
+            cond: dict[str, Any] = {"type": type_, "status": "True" if ok else "False"}
+            if gen:
+                cond["observedGeneration"] = p.generation
+            cond["lastProbeTime"] = None
+            since = p.scheduled_at if type_ == _SCHEDULED else p.started_at or self.ts
+            cond["lastTransitionTime"] = p.terminated_at if not ok else since
+            if not ok:
+                cond["reason"] = "PodCompleted"
+            conditions.append(cond)
+        resize: str | None = None
+        if running and self.cfg.legacy_resize_status:
+            resize = _legacy_resize(p)
+        elif running:
+            for c in (p.pending, p.in_progress):
+                if c is not None:
+                    conditions.append(c.to_json(gen))
+        status.update(
+            phase=phase,
+            reason=None,
+            message=None,
+            startTime=p.started_at or None,
+            conditions=conditions,
+            containerStatuses=[self._container_status(p, name, running) for name in p.containers],
+            resize=resize,
+        )
+        return status
+
+    def _container_status(self, p: _Pod, name: str, running: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": name,
+            "image": p.images.get(name, ""),
+            "imageID": p.images.get(name, ""),
+            "containerID": f"sim://{p.uid}/{name}",
+            "ready": running,
+            "started": running,
+            "restartCount": 0,
+            "lastState": {},
+        }
+        if running:
+            out["state"] = {"running": {"startedAt": p.started_at}}
+        else:
+            out["state"] = {
+                "terminated": {
+                    "exitCode": 0,
+                    "reason": "Completed",
+                    "startedAt": p.started_at or None,
+                    "finishedAt": p.terminated_at,
+                    "containerID": f"sim://{p.uid}/{name}",
+                }
+            }
+        if name in p.allocated:
+            out["allocatedResources"] = p.allocated[name].requests_json()
+        if name in p.actuated:
+            out["resources"] = p.actuated[name].to_json()
+        return out
+
+    def _event(self, p: _Pod, type_: str, reason: str, message: str) -> None:
+        self.effects.append(RecordEvent(p.namespace, p.name, p.uid, type_, reason, message))
+
+
+def _legacy_resize(p: _Pod) -> str | None:
+    # Deferred and Infeasible take precedence over InProgress (KEP-1287, Resize Status).
+    if p.pending is not None:
+        return str(ResizeStatus(p.pending.reason))
+    if p.in_progress is not None or p.actuate_at is not None:
+        return str(ResizeStatus.IN_PROGRESS)
+    return None
+
+
+def _resize_message(
+    what: str, resources: Mapping[str, Resources], generation: int, error: str | None = None
+) -> str:
+    body: dict[str, Any] = {
+        "containers": [{"name": n, "resources": r.to_json()} for n, r in resources.items()],
+        "generation": generation,
+    }
+    if error is not None:
+        body["error"] = error
+    return f"Pod resize {what}: " + json.dumps(body, separators=(",", ":"))
+
+
+def _foreign_conditions(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        dict(c)
+        for c in status.get("conditions") or ()
+        if isinstance(c, Mapping) and c.get("type") not in _OWNED_CONDITIONS
+    ]
+
+
+def _condition_time(status: Mapping[str, Any], type_: str) -> str | None:
+    for c in status.get("conditions") or ():
+        if c.get("type") == type_ and c.get("lastTransitionTime"):
+            return str(c["lastTransitionTime"])
+    return None
+
+
+def _observed_generation(status: Mapping[str, Any], type_: str) -> int | None:
+    for c in status.get("conditions") or ():
+        if c.get("type") == type_:
+            gen = c.get("observedGeneration")
+            return gen if isinstance(gen, int) else None
+    return None
+
+
+def _adopt(obs: _Observed) -> tuple[dict[str, Resources], dict[str, Resources]] | None:
+    """A pod some earlier kubelet process already started (its status names every
+    container with resources): take its allocation and actual resources from the status,
+    the way a restarted kubelet reads its checkpoint, instead of admitting it afresh."""
+    if obs.status.get("phase") != "Running":
+        return None
+    statuses = {cs.get("name"): cs for cs in obs.status.get("containerStatuses") or ()}
+    if set(statuses) != set(obs.containers):
+        return None
+    allocated: dict[str, Resources] = {}
+    actuated: dict[str, Resources] = {}
+    for name in obs.containers:
+        cs = statuses[name]
+        if cs.get("resources") is None or cs.get("allocatedResources") is None:
+            return None
+        where = f"pod {obs.ref}: status.containerStatuses[{name}]"
+        actual = Resources.from_json(cs.get("resources"), f"{where}.resources")
+        requests = Resources.from_json(
+            {"requests": cs.get("allocatedResources")}, f"{where}.allocatedResources"
+        )
+        # The checkpoint also held the allocated limits; the status does not show them.
+        # The spec's limits are right when the spec's requests are what was allocated,
+        # otherwise the actual limits are the best evidence left.
+        spec = obs.desired[name]
+        same = (spec.cpu_request, spec.memory_request) == (
+            requests.cpu_request,
+            requests.memory_request,
+        )
+        limits = spec if same else actual
+        allocated[name] = attrs.evolve(
+            limits, cpu_request=requests.cpu_request, memory_request=requests.memory_request
+        )
+        actuated[name] = actual
+    return allocated, actuated
