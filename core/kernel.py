@@ -519,6 +519,16 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
 
     if stale:
         return
+    if (
+        record.step in (Step.POD_GROW, Step.POD_SHRINK)
+        and record.pod_generation is None
+        and pod.desired is not None
+        and pod.desired == _pod_target(record.step, current, desired, config)
+    ):
+        # Our patch is visible: remember its generation (older views now count as stale)
+        # and announce it, before anything moves on, however fast the kubelet was.
+        _patch_accepted(out, record, pod)
+        return
     step, target = plan(current, pod, desired, config)
     kubelet_busy = pod.resize_pending is not None or pod.resize_in_progress is not None
     if step is None and kubelet_busy:
@@ -544,16 +554,28 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
             out.record(Owner.CONTROLLER, evolve(record, pod_generation=None))
         return
     if record.pod_generation is None or record.pod_generation < pod.generation:
-        # Our patch is visible: remember its generation so older views count as stale.
-        out.record(Owner.CONTROLLER, evolve(record, pod_generation=pod.generation))
-        out.event(
-            Owner.CONTROLLER,
-            EventType.NORMAL,
-            Reasons.EV_POD_INITIATED,
-            f"pod {pod.name} resize to {target} accepted (generation {pod.generation})",
-        )
+        _patch_accepted(out, record, pod)
         return
     _pod_waiting(out, vm, pod, record)
+
+
+def _pod_target(
+    step: Step, current: Allocation, desired: Allocation, config: KernelConfig
+) -> Resources:
+    if step is Step.POD_SHRINK:
+        return pod_resources_for(desired, config)
+    envelope = Allocation(max(current.vcpus, desired.vcpus), max(current.memory, desired.memory))
+    return pod_resources_for(envelope, config)
+
+
+def _patch_accepted(out: _Out, record: ResizeRecord, pod: PodView) -> None:
+    out.record(Owner.CONTROLLER, evolve(record, pod_generation=pod.generation))
+    out.event(
+        Owner.CONTROLLER,
+        EventType.NORMAL,
+        Reasons.EV_POD_INITIATED,
+        f"pod {pod.name} resize to {pod.desired} accepted (generation {pod.generation})",
+    )
 
 
 def _pod_waiting(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord) -> None:
