@@ -120,13 +120,68 @@ class Reasons:
 # ---------------------------------------------------------------------------------------
 
 
-def covers(granted: Resources, needed: Resources, config: KernelConfig) -> bool:
-    """Does a pod granted ``granted`` hold ``needed``? Memory allows Kubernetes' rounding."""
-    slack = needed.memory * config.pod_memory_tolerance
-    return granted.cpu_millis >= needed.cpu_millis and granted.memory >= needed.memory - slack
+def kubelet_done(pod: PodView) -> bool:
+    """Has the kubelet finished with the pod's current spec (observed it, nothing pending)?
+
+    Only kubelets that report ``status.observedGeneration`` (1.34+) can say so; for older
+    ones this is False and the kernel relies on the reported resources alone.
+    """
+    return (
+        pod.observed_generation is not None
+        and pod.observed_generation >= pod.generation
+        and pod.resize_pending is None
+        and pod.resize_in_progress is None
+        and pod.legacy_resize_status is None
+    )
 
 
-def matches(granted: Resources, wanted: Resources, config: KernelConfig) -> bool:
+def pod_stale(pod: PodView, pod_generation: int | None) -> bool:
+    """Is this pod view older than the ``pods/resize`` patch that produced ``pod_generation``
+    (or has its kubelet not yet looked at that patch)? Kubelets before 1.34 do not report
+    ``observedGeneration``; for them only the generation itself can tell."""
+    if pod_generation is None:
+        return False
+    if pod.generation < pod_generation:
+        return True
+    return pod.observed_generation is not None and pod.observed_generation < pod_generation
+
+
+def granted(pod: PodView, config: KernelConfig = DEFAULT_CONFIG) -> Resources | None:
+    """What the pod is sure to hold now *and* after the kubelet acts on its spec.
+
+    That is the smaller of the spec (a pending patch may be about to shrink the pod) and
+    what the kubelet reports (it may not have grown the pod yet). Kubernetes may round what
+    it reports, so once the kubelet is done with the spec, a report within the tolerance
+    below the spec counts as the spec. ``None``: the pod reports no resources.
+    """
+    actual = pod.actual
+    if actual is None:
+        return None
+    spec = pod.desired
+    if spec is None:
+        return actual
+    memory = actual.memory
+    if (
+        memory < spec.memory
+        and memory >= spec.memory - spec.memory * config.pod_memory_tolerance
+        and kubelet_done(pod)
+    ):
+        memory = spec.memory
+    return Resources(min(actual.cpu_millis, spec.cpu_millis), min(memory, spec.memory))
+
+
+def covers(granted: Resources, needed: Resources, config: KernelConfig = DEFAULT_CONFIG) -> bool:
+    """Does a pod that is sure to hold ``granted`` (see :func:`granted`) hold ``needed``?
+
+    Exact: the guest's memory plus the VMM overhead must fit under the cgroup limit. The
+    5% tolerance for Kubernetes' rounding is applied where the report is read
+    (:func:`granted`), not here: 5% of a pod's memory is more than the whole overhead.
+    """
+    return granted.cpu_millis >= needed.cpu_millis and granted.memory >= needed.memory
+
+
+def matches(granted: Resources, wanted: Resources, config: KernelConfig = DEFAULT_CONFIG) -> bool:
+    """Does a pod report ``granted`` that is ``wanted`` up to Kubernetes' rounding?"""
     slack = wanted.memory * config.pod_memory_tolerance
     return granted.cpu_millis == wanted.cpu_millis and abs(granted.memory - wanted.memory) <= slack
 
@@ -140,11 +195,13 @@ def plan(
     """The next step toward ``desired`` and its target; ``(None, None)`` when done."""
     envelope = Allocation(max(current.vcpus, desired.vcpus), max(current.memory, desired.memory))
     needed = pod_resources_for(envelope, config)
-    if pod.actual is None or not covers(pod.actual, needed, config):
+    held = granted(pod, config)
+    if held is None or not covers(held, needed, config):
         return Step.POD_GROW, needed
     if current != desired:
         return Step.VMM, desired
     final = pod_resources_for(desired, config)
+    assert pod.actual is not None  # granted() is None without it
     if not matches(pod.actual, final, config) or pod.desired != final:
         return Step.POD_SHRINK, final
     return None, None
@@ -397,13 +454,20 @@ def _effective_desired(vm: Vm, out: _Out, owner: Owner) -> Allocation | None:
     return vm.spec.desired
 
 
-def _new_record(vm: Vm, step: Step, desired: Allocation, return_phase: Phase) -> ResizeRecord:
+def _new_record(
+    vm: Vm,
+    step: Step,
+    desired: Allocation,
+    return_phase: Phase,
+    pod_generation: int | None = None,
+) -> ResizeRecord:
     return ResizeRecord(
         vcpus=desired.vcpus,
         memory=desired.memory,
         generation=vm.generation,
         step=step,
         return_phase=return_phase,
+        pod_generation=pod_generation,
     )
 
 
@@ -437,7 +501,9 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
         out.record(Owner.CONTROLLER, None)
         _settled(out, Owner.CONTROLLER, desired)
         return
-    record = _new_record(vm, step, desired, vm.status.phase)
+    # Going straight to the guest: remember which pod view showed it covered (see _pod_step).
+    pod_generation = pod.generation if step is Step.VMM else None
+    record = _new_record(vm, step, desired, vm.status.phase, pod_generation)
     out.record(Owner.CONTROLLER, record)
     out.transition(_CAUSE_OF_STEP[step], f"resizing from {current} to {desired}")
     out.condition(
@@ -498,10 +564,7 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         out.record(Owner.CONTROLLER, record)
         vm = vm.evolve(status=evolve(vm.status, resize=record))
 
-    pod_generation = record.pod_generation
-    stale = pod_generation is not None and (
-        pod.generation < pod_generation or (pod.observed_generation or 0) < pod_generation
-    )
+    stale = pod_stale(pod, record.pod_generation)
     if pod.resize_refused is not None:
         _infeasible(out, vm, pod, record, pod.resize_refused)
         return
@@ -540,7 +603,12 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         out.transition(Cause.RESIZED, f"resized to {desired}")
         return
     if step is Step.VMM:
-        out.record(Owner.CONTROLLER, evolve(record, step=Step.VMM, pod_generation=None, attempts=0))
+        # The daemon compares its own pod view with this generation: a view older than the
+        # one that showed the pod covering the guest must not let the guest grow.
+        out.record(
+            Owner.CONTROLLER,
+            evolve(record, step=Step.VMM, pod_generation=pod.generation, attempts=0),
+        )
         out.transition(Cause.NEEDS_VMM, f"pod holds {pod.actual}; resizing the guest to {desired}")
         return
 
@@ -641,14 +709,16 @@ def _infeasible(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: 
 
 def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: KernelConfig) -> None:
     record = vm.status.resize
-    if not vmm.observed or record is None or pod is None:
+    if not vmm.observed or pod is None:
+        return
+    if record is None:
+        _vmm_step_unrecorded(out, vm, vmm)
         return
     if vmm.call_error is not None:
         _vmm_call_failed(out, vm, record, vmm, config)
         return
     desired = _effective_desired(vm, out, Owner.DAEMON) or record.target
-    pod_generation = record.pod_generation or 0
-    if pod.generation < pod_generation or (pod.observed_generation or 0) < pod_generation:
+    if pod_stale(pod, record.pod_generation):
         out.requeue(Owner.DAEMON, config.vmm_poll_s)  # our pod view lags the controller's
         return
     current = _vmm_current(vmm)
@@ -710,6 +780,20 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             ),
         )
         out.transition(Cause.NEEDS_POD_SHRINK, f"guest now has {desired}; shrinking the pod")
+
+
+def _vmm_step_unrecorded(out: _Out, vm: Vm, vmm: VmmView) -> None:
+    """``status.resize`` was lost (it did not parse, or someone cleared it): nothing says
+    which pod view showed the guest covered, so hand back to the controller, which checks
+    the pod again before the guest moves. The guest's extent goes to ``allocated`` so the
+    controller plans from what the guest may really hold."""
+    current = _vmm_current(vmm)
+    if current is None:
+        return
+    desired = _effective_desired(vm, out, Owner.DAEMON) or current
+    out.status.append(SetAllocated(current, owner=Owner.DAEMON))
+    out.record(Owner.DAEMON, _new_record(vm, Step.POD_GROW, desired, Phase.RUNNING))
+    out.transition(Cause.NEEDS_POD_GROW, "status.resize was lost; checking the pod again")
 
 
 def _vmm_call_failed(

@@ -53,12 +53,21 @@ class Metrics:
         self.registry.add(
             m.Gauge("chscale_vms", "VirtualMachines per phase.", lambda: _phases(vms))
         )
+        self._pod_resizes = self.registry.add(
+            m.Counter(
+                f"chscale_{component}_pod_resize_requests_total",
+                "PATCH pods/resize calls made, by outcome.",
+            )
+        )
 
     def reconciled(self, result: str) -> None:
         self._reconciles.inc(result=result)
 
     def resize_done(self, outcome: str, seconds: float) -> None:
         self._resizes.observe(seconds, outcome=outcome)
+
+    def pod_resize_requested(self, outcome: str) -> None:
+        self._pod_resizes.inc(outcome=outcome)
 
 
 def _phases(vms: Informer) -> dict[tuple[tuple[str, str], ...], float]:

@@ -60,6 +60,10 @@ class ControllerApi(Protocol):
     ) -> dict[str, Any]: ...
 
 
+class ControllerMetrics(Metrics, Protocol):
+    def pod_resize_requested(self, outcome: str) -> None: ...
+
+
 class Controller:
     def __init__(
         self,
@@ -67,7 +71,7 @@ class Controller:
         vms: Cache,
         pods: Cache,
         queue: Queue,
-        metrics: Metrics,
+        metrics: ControllerMetrics,
         *,
         image: str,
         config: KernelConfig,
@@ -142,9 +146,11 @@ class Controller:
                     )
                 except Exception as exc:
                     message = self.refusal(exc)
+                    self.metrics.pod_resize_requested("refused" if message else "error")
                     if message is None:
                         raise
                     return self._refused(key, message)
+                self.metrics.pod_resize_requested("accepted")
                 self.pods.observe_write(resized)
                 log.info(
                     "pod resize requested",
@@ -170,5 +176,6 @@ class Controller:
                 restored = self.api.resize_pod(
                     namespace, pod.name, action.resources.cpu_millis, action.resources.memory
                 )
+                self.metrics.pod_resize_requested("accepted")
                 self.pods.observe_write(restored)
         return self.shared.requeue_after(actions)

@@ -12,7 +12,6 @@ from adapters.cloudhypervisor.errors import (
     VmmUnreachable,
     VmNotCreated,
 )
-
 from apps.daemon.daemon import VmmCallFailed
 from core import BootVmm, VmmCallError, VmmCallErrorKind, VmmState, VmmView
 

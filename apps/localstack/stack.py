@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +38,22 @@ class StackError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    cpu: str = "16"
+    memory: str = "32Gi"
+
+
 class Stack:
     def __init__(
         self,
         state_dir: Path,
         *,
-        nodes: int = 1,
+        nodes: int | list[NodeSpec] = 1,
         node_cpu: str = "16",
         node_memory: str = "32Gi",
+        control_plane: ControlPlane | None = None,
         resize_delay: float = 0.0,
         vmm_command: str | None = None,
         kernel: str | None = None,
@@ -51,16 +62,25 @@ class Stack:
         progress: Progress | None = None,
     ) -> None:
         self.state_dir = state_dir
-        self.nodes = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
-        self.node_cpu, self.node_memory = node_cpu, node_memory
+        if isinstance(nodes, int):
+            nodes = [
+                NodeSpec(f"node-{chr(ord('a') + i)}", node_cpu, node_memory) for i in range(nodes)
+            ]
+        self.node_specs = nodes
+        self.nodes = [n.name for n in nodes]
         self.resize_delay = resize_delay
         self.vmm_command = vmm_command
         self.kernel = kernel
         self.controller_replicas = controller_replicas
         self.with_webhook = webhook
         self.progress = progress or (lambda _msg: None)
-        self.control_plane: ControlPlane | None = None
+        # A control plane passed in is shared (the test session's); one we start, we stop.
+        self.control_plane: ControlPlane | None = control_plane
+        self._own_control_plane = control_plane is None
         self.children: dict[str, Child] = {}
+        self.metrics_ports: dict[str, int] = {}
+        self._webhook_registered = False
+        self._socket_root: Path | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -81,17 +101,18 @@ class Stack:
             raise
 
     def _start(self) -> None:
-        self.progress("starting etcd and kube-apiserver")
-        cp = ControlPlane(self.state_dir / "controlplane")
-        self.control_plane = cp
-        cp.start()
+        if self.control_plane is None:
+            self.progress("starting etcd and kube-apiserver")
+            self.control_plane = ControlPlane(self.state_dir / "controlplane")
+            self.control_plane.start()
+        cp = self.control_plane
         kubeconfig = str(cp.kubeconfig_path)
         self.kubeconfig.write_text(Path(kubeconfig).read_text())
         if self.with_webhook:
             self.progress("starting the admission webhook")
             self._start_webhook()
         self.progress(f"starting {len(self.nodes)} simulated node(s)")
-        for node in self.nodes:
+        for node in self.node_specs:
             self._start_node(node)
         self.progress("starting the controller")
         for i in range(self.controller_replicas):
@@ -101,7 +122,8 @@ class Stack:
 
     def start_controller(self, index: int = 0) -> Child:
         name = f"controller-{index}"
-        args = ["--kubeconfig", str(self.kubeconfig), "--metrics-port", "0"]
+        port = self.metrics_ports.setdefault(name, free_port())
+        args = ["--kubeconfig", str(self.kubeconfig), "--metrics-port", str(port)]
         if self.controller_replicas > 1:
             args += [
                 "--leader-elect",
@@ -135,18 +157,26 @@ class Stack:
         return child
 
     def socket_root(self, node: str) -> Path:
-        return self.state_dir / "nodes" / node / "pods"
+        # Unix socket paths are limited to 108 bytes and the kubelet layout adds ~80
+        # (<root>/<pod uid>/volumes/kubernetes.io~empty-dir/vmm/ch.sock): keep the root
+        # short. Pod UIDs are unique, so the nodes can share it.
+        if self._socket_root is None:
+            self._socket_root = Path(tempfile.mkdtemp(prefix="chs-"))
+        return self._socket_root
 
-    def _start_node(self, node: str) -> None:
+    def _start_node(self, spec: NodeSpec) -> None:
+        node = spec.name
         args = [
             "--kubeconfig",
             str(self.kubeconfig),
             "--node-name",
             node,
             "--cpu",
-            self.node_cpu,
+            spec.cpu,
             "--memory",
-            self.node_memory,
+            spec.memory,
+            "--state-dir",
+            str(self.state_dir / "nodes" / node),
             "--resize-delay",
             str(self.resize_delay),
             "--vmm-socket-root",
@@ -162,7 +192,6 @@ class Stack:
 
     def _start_webhook(self) -> None:
         from adapters.webhook.certs import write_serving_cert
-
         from apps.webhook.main import register_webhooks
 
         certs = self.state_dir / "webhook"
@@ -187,6 +216,7 @@ class Stack:
         self._wait_port(port, "webhook")
         assert self.control_plane is not None
         register_webhooks(self.control_plane.api_client(), f"https://127.0.0.1:{port}", bundle)
+        self._webhook_registered = True
 
     def _wait_port(self, port: int, name: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -239,15 +269,24 @@ class Stack:
     def stop(self) -> None:
         # Order: our processes first (controller before kubelets, so it does not react
         # to pods vanishing), then the control plane.
+        if self._webhook_registered and self.control_plane is not None:
+            from apps.webhook.main import unregister_webhooks
+
+            # failurePolicy is Fail: a registration left behind would block every VM write.
+            unregister_webhooks(self.control_plane.api_client())
+            self._webhook_registered = False
         for name in sorted(self.children, key=lambda n: (not n.startswith("controller"), n)):
             self.children[name].stop()
         self.children.clear()
-        if self.control_plane is not None:
+        if self.control_plane is not None and self._own_control_plane:
             self.control_plane.stop()
             self.control_plane = None
         state = self.state_dir / "stack.json"
         if state.exists():
             state.unlink()
+        if self._socket_root is not None:
+            shutil.rmtree(self._socket_root, ignore_errors=True)
+            self._socket_root = None
 
     def __enter__(self) -> Stack:
         self.start()

@@ -1,0 +1,1 @@
+"""The Cloud Hypervisor simulator process (``chscale-ch-sim``)."""

@@ -1,0 +1,228 @@
+"""``chscale-ch-sim``: a Cloud Hypervisor stand-in that takes ``cloud-hypervisor``'s flags.
+
+``chscale-ch-sim --api-socket path=/run/vm.sock --cpus boot=2,max=4
+--memory size=1G,hotplug_method=virtio-mem,hotplug_size=4G`` creates and boots the VM at
+start, as the real binary does when given a VM on its command line; with only
+``--api-socket`` it waits for ``vm.create`` and ``vm.boot``. ``--sim-*`` flags tune the
+simulated guest and inject faults; SIGUSR1 toggles a hang (no request is answered until
+the next SIGUSR1). SIGTERM/SIGINT (and ``vmm.shutdown``) stop it; the
+socket is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from apps.chsim.server import ChSimServer, FaultPlan
+from apps.common import logs
+from apps.common.logs import kv
+from sim.cloudhypervisor import LATEST_API_VERSION, Knobs, VmmModel
+
+log = logging.getLogger("chscale.chsim")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+_ON_OFF = {"on": True, "off": False, "true": True, "false": False}
+_CPUS_KEYS = {"boot", "max"}
+_MEMORY_KEYS = {"size", "hotplug_method", "hotplug_size", "shared", "mergeable", "hugepages"}
+DEFAULT_EJECT_DELAY_S = 0.5
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Cloud Hypervisor's byte sizes: a number with an optional K/M/G/T (binary) suffix."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"{flag}: {text!r} is not a size (e.g. 512M, 4G, 1073741824)")
+    return int(match.group(1)) << _SIZE_SHIFT[match.group(2).upper()]
+
+
+def parse_options(text: str, flag: str, allowed: set[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise UsageError(f"{flag}: expected key=value, got {item!r}")
+        if key not in allowed:
+            raise UsageError(f"{flag}: unknown option {key!r}; known: {sorted(allowed)}")
+        options[key] = value
+    return options
+
+
+def socket_path(text: str) -> str:
+    if "=" not in text:
+        return text
+    options = parse_options(text, "--api-socket", {"path", "fd"})
+    if "path" not in options:
+        raise UsageError("--api-socket: only path=<socket> is supported by the simulator")
+    return options["path"]
+
+
+def vm_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The VmConfig the command line describes, or None when it describes no VM."""
+    if not (args.cpus or args.memory or args.kernel):
+        return None
+    cpus = parse_options(args.cpus or "", "--cpus", _CPUS_KEYS)
+    try:
+        boot = int(cpus.get("boot", "1"))
+        top = int(cpus.get("max", str(boot)))
+    except ValueError as exc:
+        raise UsageError(f"--cpus: {exc}") from None
+    options = parse_options(args.memory or "", "--memory", _MEMORY_KEYS)
+    memory: dict[str, Any] = {"size": parse_size(options.get("size", "512M"), "--memory size")}
+    if "hotplug_method" in options:
+        method = options["hotplug_method"].lower()
+        if method not in ("acpi", "virtio-mem"):
+            raise UsageError(f"--memory hotplug_method: {method!r} is not acpi or virtio-mem")
+        memory["hotplug_method"] = "VirtioMem" if method == "virtio-mem" else "Acpi"
+    if "hotplug_size" in options:
+        memory["hotplug_size"] = parse_size(options["hotplug_size"], "--memory hotplug_size")
+    for flag in ("shared", "mergeable", "hugepages"):
+        if flag in options:
+            if options[flag].lower() not in _ON_OFF:
+                raise UsageError(f"--memory {flag}: expected on or off, got {options[flag]!r}")
+            memory[flag] = _ON_OFF[options[flag].lower()]
+    payload = {
+        key: value
+        for key, value in (
+            ("kernel", args.kernel),
+            ("initramfs", args.initramfs),
+            ("cmdline", args.cmdline),
+        )
+        if value
+    }
+    config: dict[str, Any] = {"cpus": {"boot_vcpus": boot, "max_vcpus": top}, "memory": memory}
+    if payload:
+        config["payload"] = payload
+    return config
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="chscale-ch-sim",
+        description="Cloud Hypervisor API simulator (HTTP over a Unix socket).",
+    )
+    p.add_argument("--api-socket", required=True, help="path=<socket> or a bare path")
+    p.add_argument("--cpus", help="boot=N,max=M")
+    p.add_argument("--memory", help="size=S,hotplug_method=virtio-mem,hotplug_size=H")
+    p.add_argument("--kernel")
+    p.add_argument("--initramfs")
+    p.add_argument("--cmdline")
+    # Accepted so the real binary's command lines run unchanged; they change nothing here.
+    for ignored in ("--serial", "--console", "--rng", "--seccomp", "--log-file"):
+        p.add_argument(ignored, help=argparse.SUPPRESS)
+    for repeated in ("--disk", "--net", "--fs"):
+        p.add_argument(repeated, nargs="*", action="append", help=argparse.SUPPRESS)
+    p.add_argument("-v", dest="verbose", action="count", default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sim-eject-delay",
+        type=float,
+        default=DEFAULT_EJECT_DELAY_S,
+        help="seconds the guest takes to eject vCPUs marked for removal",
+    )
+    p.add_argument(
+        "--sim-plug-rate",
+        default="0",
+        help="virtio-mem (un)plug speed in bytes/s, with K/M/G suffixes; 0 = instant",
+    )
+    p.add_argument("--sim-latency", type=float, default=0.0, help="seconds added to each answer")
+    p.add_argument(
+        "--sim-error-rate",
+        type=float,
+        default=0.0,
+        help="probability of a 500 on each request to --sim-error-endpoints",
+    )
+    p.add_argument("--sim-error-seed", type=int, default=0)
+    p.add_argument("--sim-error-endpoints", default="vm.resize", help="comma-separated")
+    p.add_argument("--sim-api-version", type=int, default=LATEST_API_VERSION)
+    p.add_argument(
+        "--sim-progress-while-paused",
+        action="store_true",
+        help="let the guest plug memory and eject vCPUs while paused",
+    )
+    p.add_argument("--sim-name", default="", help="the VM name used in logs")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> tuple[ChSimServer, dict[str, Any] | None]:
+    plug_rate = parse_size(args.sim_plug_rate, "--sim-plug-rate")
+    knobs = Knobs(
+        api_version=args.sim_api_version,
+        eject_delay_s=args.sim_eject_delay,
+        plug_rate=float(plug_rate) if plug_rate else None,
+        latency_s=args.sim_latency,
+        progress_while_paused=args.sim_progress_while_paused,
+        build_version=f"v{args.sim_api_version}.0-chscale-sim",
+    )
+    faults = FaultPlan(
+        rate=args.sim_error_rate,
+        seed=args.sim_error_seed,
+        endpoints=[e.strip() for e in args.sim_error_endpoints.split(",") if e.strip()],
+    )
+    config = vm_config(args)
+    path = socket_path(args.api_socket)
+    server = ChSimServer(path, VmmModel(knobs, pid=os.getpid()), faults, vm_name=args.sim_name)
+    return server, config
+
+
+def boot_from_command_line(server: ChSimServer, config: dict[str, Any]) -> None:
+    for endpoint, body in (("vm.create", json.dumps(config).encode()), ("vm.boot", None)):
+        response = server.call("PUT", endpoint, body)
+        if response.status >= 300:
+            raise UsageError(f"{endpoint} failed: {response.status} {response.body.decode()}")
+
+
+def toggle_hang(server: ChSimServer) -> None:
+    """SIGUSR1: stop answering (requests hang until the client times out), or resume."""
+    server.model.hang = not server.model.hang
+    log.warning("hang toggled", extra=kv(vm=server.vm_name, hang=server.model.hang))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        server, config = build(args)
+    except (UsageError, ValueError) as exc:
+        log.error("bad arguments", extra=kv(error=str(exc)))
+        return 2
+    try:
+        if config is not None:
+            boot_from_command_line(server, config)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: server.stop_soon())
+        signal.signal(signal.SIGUSR1, lambda *_: toggle_hang(server))
+        log.info(
+            "serving",
+            extra=kv(
+                vm=server.vm_name,
+                socket=server.socket_path,
+                pid=os.getpid(),
+                api_version=args.sim_api_version,
+                booted=config is not None,
+            ),
+        )
+        server.serve_forever(poll_interval=0.1)
+    except UsageError as exc:
+        log.error("cannot boot the VM from the command line", extra=kv(error=str(exc)))
+        return 1
+    finally:
+        server.server_close()
+    log.info("stopped", extra=kv(vm=server.vm_name, socket=server.socket_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

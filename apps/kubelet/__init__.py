@@ -1,0 +1,1 @@
+"""chscale-kubelet: a simulated kubelet (node agent) with faithful in-place resize."""

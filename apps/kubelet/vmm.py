@@ -1,0 +1,173 @@
+"""The simulated kubelet's container runtime: one VMM process per pod.
+
+Each pod's VMM is started with ``--api-socket path=<socket>`` at the path
+:func:`sim.kubelet.vmm_socket_path` gives, which is where the node daemon connects. Its
+output goes to ``vmm.log`` next to the socket. The guest memory the model's Error rule
+needs is read from ``vm.info`` (RESIZE.md section 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import requests
+import requests_unixsocket
+
+from apps.common.logs import kv
+from sim.kubelet import vmm_socket_path
+
+log = logging.getLogger(__name__)
+
+# The default VMM: the Cloud Hypervisor simulator, which takes cloud-hypervisor's flags.
+DEFAULT_VMM_COMMAND = (sys.executable, "-m", "apps.chsim.main")
+# sun_path holds 108 bytes including the terminating NUL (Linux).
+MAX_SOCKET_PATH = 107
+_UID_LENGTH = 36  # a Kubernetes UID is a UUID
+STOP_GRACE_S = 5.0
+INFO_TIMEOUT_S = 2.0
+
+
+class SocketPathTooLong(ValueError):
+    pass
+
+
+def check_socket_root(pods_root: str) -> None:
+    """Refuse a root under which a pod's socket path cannot be bound (Unix socket paths
+    are limited to 107 bytes); better at startup than at the first pod."""
+    sample = vmm_socket_path(pods_root, "0" * _UID_LENGTH)
+    if len(os.fsencode(sample)) > MAX_SOCKET_PATH:
+        raise SocketPathTooLong(
+            f"--vmm-socket-root {pods_root!r} is too long: a pod's VMM socket would be "
+            f"{len(os.fsencode(sample))} bytes ({sample}), Unix sockets allow "
+            f"{MAX_SOCKET_PATH}; choose a shorter directory"
+        )
+
+
+def guest_memory(info: dict[str, Any]) -> int | None:
+    """What the guest holds, from a ``vm.info`` answer: ``memory_actual_size`` when the
+    VMM reports it (Cloud Hypervisor >= v52), else boot size plus hotplugged size."""
+    actual = info.get("memory_actual_size")
+    if isinstance(actual, int) and not isinstance(actual, bool):
+        return actual
+    memory = (info.get("config") or {}).get("memory") or {}
+    size = memory.get("size")
+    if not isinstance(size, int):
+        return None
+    hotplugged = memory.get("hotplugged_size") or 0
+    return size + hotplugged if isinstance(hotplugged, int) else size
+
+
+class _Process:
+    def __init__(self, ref: str, popen: subprocess.Popen[bytes], socket: str) -> None:
+        self.ref = ref
+        self.popen = popen
+        self.socket = socket
+        self.reported_exit = False
+
+
+class VmmRuntime:
+    """Starts, watches and stops the VMM processes of one node's pods."""
+
+    def __init__(self, pods_root: str, command: Sequence[str] = DEFAULT_VMM_COMMAND) -> None:
+        check_socket_root(pods_root)
+        self.pods_root = pods_root
+        self.command = tuple(command)
+        self._procs: dict[str, _Process] = {}
+        self._lock = threading.Lock()
+        self._session = requests_unixsocket.Session()
+
+    def socket_path(self, uid: str) -> str:
+        return vmm_socket_path(self.pods_root, uid)
+
+    def ensure(self, uid: str, ref: str) -> None:
+        """Start the pod's VMM unless it already runs (a StartVmm may repeat on adoption)."""
+        with self._lock:
+            proc = self._procs.get(uid)
+            if proc is not None and proc.popen.poll() is None:
+                return
+            socket = self.socket_path(uid)
+            directory = Path(socket).parent
+            directory.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                Path(socket).unlink()  # a stale socket from a VMM that died
+            argv = [*self.command, "--api-socket", f"path={socket}"]
+            with open(directory / "vmm.log", "ab") as out:
+                popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # our signals (Ctrl-C) are not the VMM's
+                )
+            self._procs[uid] = _Process(ref, popen, socket)
+        log.info("vmm started", extra=kv(pod=ref, uid=uid, pid=popen.pid, socket=socket))
+
+    def stop(self, uid: str) -> None:
+        with self._lock:
+            proc = self._procs.pop(uid, None)
+        if proc is not None:
+            self._terminate(proc)
+        # The pod is gone: its directory (socket, log) goes too, as the kubelet's would.
+        shutil.rmtree(Path(self.pods_root) / uid, ignore_errors=True)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            procs = list(self._procs.values())
+            self._procs.clear()
+        for proc in procs:
+            self._terminate(proc)
+
+    def running(self) -> dict[str, int]:
+        with self._lock:
+            return {uid: p.popen.pid for uid, p in self._procs.items() if p.popen.poll() is None}
+
+    def reap(self) -> None:
+        """Log VMMs that exited on their own (once each); the pod keeps its status."""
+        with self._lock:
+            procs = list(self._procs.items())
+        for uid, proc in procs:
+            code = proc.popen.poll()
+            if code is not None and not proc.reported_exit:
+                proc.reported_exit = True
+                log.warning("vmm exited", extra=kv(pod=proc.ref, uid=uid, exit_code=code))
+
+    def memory_usage(self, uid: str) -> int | None:
+        """The guest memory of the pod's VM, or None when the VMM cannot tell (not
+        running, no VM created yet, unreachable): the model then does not block."""
+        url = f"http+unix://{quote(self.socket_path(uid), safe='')}/api/v1/vm.info"
+        try:
+            resp = self._session.get(url, timeout=INFO_TIMEOUT_S)
+        except requests.RequestException:
+            return None
+        if resp.status_code != 200:
+            return None
+        try:
+            return guest_memory(resp.json())
+        except ValueError:
+            return None
+
+    def _terminate(self, proc: _Process) -> None:
+        popen = proc.popen
+        if popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while popen.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    popen.kill()
+                popen.wait(timeout=STOP_GRACE_S)
+        log.info("vmm stopped", extra=kv(pod=proc.ref, pid=popen.pid, exit_code=popen.returncode))
