@@ -327,7 +327,16 @@ class VmmView:
         """The allocation once nothing is in flight; ``None`` while the guest still plugs."""
         if self.vcpus is None or self.requested_memory is None:
             return None
-        if self.plugged_memory != self.requested_memory:
+        plugged = self.plugged_memory
+        # A paused guest plugs nothing until it resumes: a growth Cloud Hypervisor has
+        # accepted counts as done (the guest sees it on resume, RESIZE.md §4). A shrink
+        # does not: the guest still holds the memory, so the pod must keep covering it.
+        paused_growth = (
+            self.state is VmmState.PAUSED
+            and plugged is not None
+            and plugged <= self.requested_memory
+        )
+        if plugged != self.requested_memory and not paused_growth:
             return None
         return Allocation(self.vcpus, self.requested_memory)
 
