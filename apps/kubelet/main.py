@@ -11,7 +11,6 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from adapters.k8s.client import Kube, load_api_client
 from apps.common import logs
@@ -26,10 +25,9 @@ from sim.kubelet import (
     KubeletInputError,
 )
 
-
-def _default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
-    return os.path.join(base, "chscale")
+# Short on purpose: the socket path under it (<state-dir>/kubelet/pods/<uid>/volumes/
+# kubernetes.io~empty-dir/vmm/ch.sock) must fit the 107 bytes of a Unix socket path.
+DEFAULT_STATE_DIR = "/tmp/chscale"
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -81,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the VMM to start per pod; '--api-socket path=<socket>' is appended "
         "(default: the Cloud Hypervisor simulator)",
     )
-    p.add_argument("--state-dir", default=_default_state_dir())
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     p.add_argument(
         "--vmm-socket-root",
         help="the pods directory holding each pod's VMM socket (default: <state-dir>/kubelet/pods)",

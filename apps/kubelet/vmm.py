@@ -3,7 +3,8 @@
 Each pod's VMM is started with ``--api-socket path=<socket>`` at the path
 :func:`sim.kubelet.vmm_socket_path` gives, which is where the node daemon connects. Its
 output goes to ``vmm.log`` next to the socket. The guest memory the model's Error rule
-needs is read from ``vm.info`` (RESIZE.md section 6).
+needs is read from ``vm.info`` (RESIZE.md section 6) with the project's Cloud Hypervisor
+client.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
-import requests
-import requests_unixsocket
-
+from adapters.cloudhypervisor.client import CloudHypervisorClient
+from adapters.cloudhypervisor.errors import CloudHypervisorError
 from apps.common.logs import kv
 from sim.kubelet import vmm_socket_path
 
@@ -55,20 +53,6 @@ def check_socket_root(pods_root: str) -> None:
         )
 
 
-def guest_memory(info: dict[str, Any]) -> int | None:
-    """What the guest holds, from a ``vm.info`` answer: ``memory_actual_size`` when the
-    VMM reports it (Cloud Hypervisor >= v52), else boot size plus hotplugged size."""
-    actual = info.get("memory_actual_size")
-    if isinstance(actual, int) and not isinstance(actual, bool):
-        return actual
-    memory = (info.get("config") or {}).get("memory") or {}
-    size = memory.get("size")
-    if not isinstance(size, int):
-        return None
-    hotplugged = memory.get("hotplugged_size") or 0
-    return size + hotplugged if isinstance(hotplugged, int) else size
-
-
 class _Process:
     def __init__(self, ref: str, popen: subprocess.Popen[bytes], socket: str) -> None:
         self.ref = ref
@@ -86,7 +70,6 @@ class VmmRuntime:
         self.command = tuple(command)
         self._procs: dict[str, _Process] = {}
         self._lock = threading.Lock()
-        self._session = requests_unixsocket.Session()
 
     def socket_path(self, uid: str) -> str:
         return vmm_socket_path(self.pods_root, uid)
@@ -146,17 +129,11 @@ class VmmRuntime:
     def memory_usage(self, uid: str) -> int | None:
         """The guest memory of the pod's VM, or None when the VMM cannot tell (not
         running, no VM created yet, unreachable): the model then does not block."""
-        url = f"http+unix://{quote(self.socket_path(uid), safe='')}/api/v1/vm.info"
-        try:
-            resp = self._session.get(url, timeout=INFO_TIMEOUT_S)
-        except requests.RequestException:
-            return None
-        if resp.status_code != 200:
-            return None
-        try:
-            return guest_memory(resp.json())
-        except ValueError:
-            return None
+        with CloudHypervisorClient(self.socket_path(uid), timeout=INFO_TIMEOUT_S) as client:
+            try:
+                return client.info().guest_memory
+            except CloudHypervisorError:
+                return None
 
     def _terminate(self, proc: _Process) -> None:
         popen = proc.popen
