@@ -62,9 +62,17 @@ __all__ = [
 
 _converter = cattrs.Converter(forbid_extra_keys=False)
 _converter.register_structure_hook(int, lambda v, _: _strict_int(v))
+# bool subclasses int, so the int hook would claim bools too; give them their own.
+_converter.register_structure_hook(bool, lambda v, _: _strict_bool(v))
 _converter.register_unstructure_hook(Phase, str)
 _converter.register_unstructure_hook(Step, str)
 _converter.register_unstructure_hook(ConditionStatus, str)
+
+
+def _strict_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
 
 
 def _strict_int(value: object) -> int:
@@ -88,6 +96,7 @@ _camel(
     return_phase="returnPhase",
     pod_generation="podGeneration",
     started_at="startedAt",
+    vmm_requested="vmmRequested",
 )
 _camel(Condition, observed_generation="observedGeneration")
 
