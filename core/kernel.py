@@ -607,7 +607,13 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         # one that showed the pod covering the guest must not let the guest grow.
         out.record(
             Owner.CONTROLLER,
-            evolve(record, step=Step.VMM, pod_generation=pod.generation, attempts=0),
+            evolve(
+                record,
+                step=Step.VMM,
+                pod_generation=pod.generation,
+                attempts=0,
+                vmm_requested=False,
+            ),
         )
         out.transition(Cause.NEEDS_VMM, f"pod holds {pod.actual}; resizing the guest to {desired}")
         return
@@ -733,28 +739,29 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             out.transition(Cause.NEEDS_POD_GROW, f"the spec grew to {desired}; growing the pod")
             return
         if record.target != desired or record.generation != vm.generation:
-            out.record(
-                Owner.DAEMON,
-                evolve(
-                    record,
-                    vcpus=desired.vcpus,
-                    memory=desired.memory,
-                    generation=vm.generation,
-                    attempts=0,
-                ),
+            record = evolve(
+                record,
+                vcpus=desired.vcpus,
+                memory=desired.memory,
+                generation=vm.generation,
+                attempts=0,
+                vmm_requested=False,
             )
+        first_call = not record.vmm_requested
+        out.record(Owner.DAEMON, evolve(record, vmm_requested=True))
         out.effect(
             ResizeVmm(
                 vcpus=desired.vcpus if requested.vcpus != desired.vcpus else None,
                 memory=desired.memory if requested.memory != desired.memory else None,
             )
         )
-        out.event(
-            Owner.DAEMON,
-            EventType.NORMAL,
-            Reasons.EV_VMM_INITIATED,
-            f"asking the VMM for {desired} (it has {requested})",
-        )
+        if first_call:  # a retry (after a 429 or a 500) is not news
+            out.event(
+                Owner.DAEMON,
+                EventType.NORMAL,
+                Reasons.EV_VMM_INITIATED,
+                f"asking the VMM for {desired} (it has {requested})",
+            )
         out.requeue(Owner.DAEMON, config.vmm_poll_s)
         return
     if vmm.settled != desired:
@@ -775,6 +782,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
                 generation=vm.generation,
                 pod_generation=None,
                 attempts=0,
+                vmm_requested=False,
                 vcpus=desired.vcpus,
                 memory=desired.memory,
             ),
@@ -792,7 +800,8 @@ def _vmm_step_unrecorded(out: _Out, vm: Vm, vmm: VmmView) -> None:
         return
     desired = _effective_desired(vm, out, Owner.DAEMON) or current
     out.status.append(SetAllocated(current, owner=Owner.DAEMON))
-    out.record(Owner.DAEMON, _new_record(vm, Step.POD_GROW, desired, Phase.RUNNING))
+    back_to = Phase.PAUSED if vmm.state is VmmState.PAUSED else Phase.RUNNING
+    out.record(Owner.DAEMON, _new_record(vm, Step.POD_GROW, desired, back_to))
     out.transition(Cause.NEEDS_POD_GROW, "status.resize was lost; checking the pod again")
 
 

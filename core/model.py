@@ -160,8 +160,9 @@ class ResizeRecord:
 
     Everything a restarted controller or daemon needs beyond what it can observe lives
     here: which spec generation is being applied, the pod generation our ``pods/resize``
-    patch produced (so an older pod view is recognised as stale), the attempt count that
-    drives backoff, and the phase to return to.
+    patch produced or the controller last checked (so an older pod view is recognised as
+    stale), the attempt count that drives backoff, whether the VMM was asked, and the
+    phase to return to.
     """
 
     vcpus: int
@@ -172,6 +173,9 @@ class ResizeRecord:
     pod_generation: int | None = None
     attempts: int = 0
     started_at: str | None = None  # stamped by the adapter; the kernel never reads clocks
+    # The daemon has asked the VMM for this target (recorded before the call, so the call
+    # is guarded by the status write's resourceVersion and is announced only once).
+    vmm_requested: bool = False
 
     @property
     def target(self) -> Allocation:

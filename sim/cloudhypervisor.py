@@ -16,26 +16,39 @@ Two calls drive it:
 - :meth:`VmmModel.advance` moves the guest forward to ``now``: vCPUs marked for removal
   are ejected ``eject_delay_s`` after the request; virtio-mem blocks are plugged or
   unplugged at ``plug_rate`` bytes/s (``None`` = at once). :meth:`handle` advances first,
-  so a caller that only handles requests still sees progress.
+  so a caller that only handles requests still sees progress; :meth:`next_event` tells a
+  discrete-event scheduler when the guest will next change on its own.
 
 The guest only makes progress while it runs: time spent ``Paused`` does not count
 (``progress_while_paused`` changes that). Progress is measured on a *guest clock* that
 accumulates running time, so pause/resume needs no special case in the plug arithmetic.
 
-VM life cycle: (no VM) -vm.create-> Created -vm.boot-> Running <-pause/resume-> Paused,
-Running|Paused -vm.shutdown-> Shutdown -vm.boot-> Running. The table ``_TRANSITIONS`` is
-the whole graph; any other (state, action) pair is a 500 naming both. Like Cloud
-Hypervisor, ``vm.info`` shows a shut-down VM as ``Created`` (the VM object is gone, its
-config stays and can boot again) unless ``report_shutdown_state`` is set.
+VM life cycle, as Cloud Hypervisor has it: ``vm.create`` only stores a config (checked
+for JSON shape, 400; its values are checked at boot, 500). ``vm.boot`` builds the VM
+(Created -> Running); ``vm.pause``/``vm.resume`` move between Running and Paused;
+``vm.shutdown`` destroys the VM object but keeps the config, so ``vm.info`` then reports
+``Created`` again (``report_shutdown_state`` reports ``Shutdown`` instead) and ``vm.boot``
+boots it anew. The table ``_TRANSITIONS`` is the graph among booted states; the
+refusals outside it (no config, not running, already booted) are the few rules written
+as code next to it.
 
 ``vm.resize`` applies its parts in Cloud Hypervisor's order (vCPUs, memory, balloon) and
 is not atomic: a part that fails answers 500 but the parts before it stay applied. On a
 VM that is created but not booted (or shut down) a resize only edits the stored config,
-as Cloud Hypervisor does: ``desired_ram`` then becomes the boot size.
+unchecked: ``desired_ram`` then becomes the *boot* size.
+
+vCPUs follow CpuManager: a request is compared with the vCPUs the guest still has
+(``present_vcpus``, which includes those marked for removal), not with the config. A
+shrink marks vCPUs for removal and the guest ejects them later; meanwhile any request
+for another count is a 429. A request for exactly the present count is a no-op that
+Cloud Hypervisor accepts and records in ``config.cpus.boot_vcpus`` without cancelling the
+removal, so the config then shows more vCPUs than the guest ends up with
+(``strict_pending_removal`` turns that into a 429, as RESIZE.md states the rule).
 
 Version knobs (``api_version``) select the behaviour of older releases: the status for
-"VM not created" (404 from v53, 500 before), error bodies (JSON array of strings from
-v47, plain text before) and ``memory_actual_size`` in ``vm.info`` (from v52).
+"VM not created" (404 from v53, 500 before), error bodies (a JSON array of strings from
+v47, plain text before), ``memory_actual_size`` (the virtio-mem *plugged* size from v52;
+before, the *requested* size) and ``null`` optional fields (omitted from v53).
 """
 
 from __future__ import annotations
@@ -54,14 +67,18 @@ API_PREFIX = "/api/v1/"
 VIRTIO_MEM_REGION_ALIGN = 128 * MIB
 VIRTIO_MEM_BLOCK = 2 * MIB
 DEFAULT_BOOT_MEMORY = 512 * MIB
+DEFAULT_MAX_PHYS_BITS = 46
 JSON = "application/json"
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
 # Float slack so that advance(next_event()) always sees the event as due.
 _CLOCK_SLACK = 1e-9
 
 # The first API version with each behaviour (Cloud Hypervisor release numbers).
 JSON_ERRORS_SINCE = 47
-MEMORY_ACTUAL_SIZE_SINCE = 52
+PLUGGED_MEMORY_ACTUAL_SIZE_SINCE = 52
 NOT_CREATED_404_SINCE = 53
+OMIT_NULL_FIELDS_SINCE = 53
 LATEST_API_VERSION = 53
 
 
@@ -91,15 +108,25 @@ class Response:
 class Knobs:
     api_version: int = LATEST_API_VERSION
     eject_delay_s: float = 0.5
+    # virtio-mem (un)plug speed of the guest in bytes/s; None = at once.
     plug_rate: float | None = None
     latency_s: float = 0.0
     progress_while_paused: bool = False
     # Cloud Hypervisor drops the VM object on vm.shutdown and then reports "Created";
     # True reports "Shutdown" instead, to exercise a consumer's handling of that state.
     report_shutdown_state: bool = False
-    build_version: str = "v53.0-chscale-sim"
+    # False leaves memory_actual_size out of vm.info, to exercise a consumer's fallback
+    # (config.memory.size + hotplugged_size).
+    report_memory_actual_size: bool = True
+    # True: every vCPU count change while a removal is pending is a 429 (RESIZE.md's
+    # statement of the rule). False: Cloud Hypervisor's code, see the module docstring.
+    strict_pending_removal: bool = False
+    # None: derived from api_version.
+    build_version: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.api_version < 1:
+            raise ValueError(f"api_version must be >= 1, got {self.api_version}")
         if self.eject_delay_s < 0:
             raise ValueError(f"eject_delay_s must be >= 0, got {self.eject_delay_s}")
         if self.plug_rate is not None and self.plug_rate <= 0:
@@ -112,22 +139,31 @@ class Knobs:
         return self.api_version >= JSON_ERRORS_SINCE
 
     @property
-    def reports_memory_actual_size(self) -> bool:
-        return self.api_version >= MEMORY_ACTUAL_SIZE_SINCE
+    def plugged_memory_actual_size(self) -> bool:
+        return self.api_version >= PLUGGED_MEMORY_ACTUAL_SIZE_SINCE
+
+    @property
+    def omits_null_fields(self) -> bool:
+        return self.api_version >= OMIT_NULL_FIELDS_SINCE
 
     @property
     def not_created_status(self) -> int:
         return 404 if self.api_version >= NOT_CREATED_404_SINCE else 500
 
+    @property
+    def build(self) -> str:
+        return self.build_version or f"v{self.api_version}.0-chscale-sim"
+
 
 class _ApiError(Exception):
     """A refused request: status plus the message chain Cloud Hypervisor would print
-    (outermost first)."""
+    (outermost first). ``bare`` answers the status with no body at all."""
 
-    def __init__(self, status: int, *messages: str) -> None:
-        super().__init__(": ".join(messages))
+    def __init__(self, status: int, *messages: str, bare: bool = False) -> None:
+        super().__init__(": ".join(messages) or str(status))
         self.status = status
         self.messages = messages
+        self.bare = bare
 
 
 GET, PUT = "GET", "PUT"
@@ -148,41 +184,81 @@ _ENDPOINTS: dict[str, str] = {
 _ACTION_HANDLERS = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.resize"})
 _NO_BODY = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown"})
 
-# action -> (states it may start from, state it leads to, what failed in CH's words)
-_TRANSITIONS: dict[str, tuple[frozenset[VmState], VmState, str]] = {
-    "vm.boot": (
-        frozenset({VmState.CREATED, VmState.SHUTDOWN}),
-        VmState.RUNNING,
-        "The VM could not boot",
-    ),
-    "vm.pause": (frozenset({VmState.RUNNING}), VmState.PAUSED, "The VM could not be paused"),
-    "vm.resume": (frozenset({VmState.PAUSED}), VmState.RUNNING, "The VM could not resume"),
-    "vm.shutdown": (
-        frozenset({VmState.RUNNING, VmState.PAUSED}),
-        VmState.SHUTDOWN,
-        "The VM could not shut down",
-    ),
+FROM_API = "Error from API"
+# The second message of each endpoint's error chain (Cloud Hypervisor's ApiError).
+_FAILURE = {
+    "vm.create": "The VM could not be created",
+    "vm.boot": "The VM could not boot",
+    "vm.pause": "The VM could not be paused",
+    "vm.resume": "The VM could not resume",
+    "vm.shutdown": "The VM could not shutdown",
+    "vm.info": "The VM info is not available",
+    "vm.resize": "The VM could not be resized",
 }
+NOT_CREATED = "VM is not created"
+MISSING_CONFIG = "VM config is missing"
+ALREADY_CREATED = "VM is already created"
+NOT_RUNNING = "VM is not running"
+TOO_MANY_REQUESTS = "Too Many Requests"
+
 _BOOTED = frozenset({VmState.RUNNING, VmState.PAUSED})
-_HOTPLUG_METHODS = {"acpi": "Acpi", "virtiomem": "VirtioMem", "virtio-mem": "VirtioMem"}
+# action on a booted VM -> (states it may start from, state it leads to, what failed)
+_TRANSITIONS: dict[str, tuple[frozenset[VmState], VmState, str]] = {
+    "vm.pause": (frozenset({VmState.RUNNING}), VmState.PAUSED, "Cannot pause VM"),
+    "vm.resume": (frozenset({VmState.PAUSED}), VmState.RUNNING, "Cannot resume VM"),
+    "vm.shutdown": (_BOOTED, VmState.SHUTDOWN, "Cannot shutdown VM"),
+}
+HOTPLUG_METHODS = ("Acpi", "VirtioMem")
+# serde defaults Cloud Hypervisor fills in for the fields a vm.create body leaves out.
+_CPUS_DEFAULTS: dict[str, Any] = {
+    "kvm_hyperv": False,
+    "max_phys_bits": DEFAULT_MAX_PHYS_BITS,
+    "nested": True,
+}
+_MEMORY_DEFAULTS: dict[str, Any] = {
+    "mergeable": False,
+    "hotplug_method": "Acpi",
+    "hotplug_size": None,
+    "hotplugged_size": None,
+    "shared": False,
+    "hugepages": False,
+    "hugepage_size": None,
+    "prefault": False,
+    "zones": None,
+    "thp": True,
+}
 
 
-def _normal_hotplug_method(value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in _HOTPLUG_METHODS:
-        raise _ApiError(400, "Failed to deserialize JSON", f"memory.hotplug_method: {value!r}")
-    return _HOTPLUG_METHODS[value.lower()]
+def _deserialize_error(message: str) -> _ApiError:
+    return _ApiError(400, "Failed to deserialize JSON", message)
 
 
-def _uint(value: Any, field: str, optional: bool = True) -> int | None:
-    """serde's view of an unsigned integer field: wrong type is a 400."""
-    if value is None and optional:
+def _uint(value: Any, field: str, top: int, required: bool = False) -> int | None:
+    """serde's view of an unsigned integer field: a wrong type is a 400."""
+    if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _ApiError(
-            400,
-            "Failed to deserialize JSON",
-            f"{field}: expected an unsigned integer, got {value!r}",
-        )
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise _deserialize_error(f"{field}: expected an unsigned integer, got {value!r}")
+    return value
+
+
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise _deserialize_error(f"{field}: expected a boolean, got {value!r}")
+    return value
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _deserialize_error(f"{field}: expected a JSON object, got {value!r}")
+    return value
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
     return value
 
 
@@ -192,15 +268,19 @@ class VmmModel:
     def __init__(self, knobs: Knobs | None = None, pid: int = 0, now: float = 0.0) -> None:
         self.knobs = knobs or Knobs()
         self.pid = pid
+        # None: no config. CREATED: a config, no VM object (never booted, failed to
+        # boot, or shut down: SHUTDOWN keeps that apart for report_shutdown_state).
         self.state: VmState | None = None
         self.config: dict[str, Any] | None = None
         self.vmm_shutdown_requested = False
         self.hang = False
-        # vCPUs: present = those the guest has (incl. those marked for removal).
+        # vCPUs the guest has, including those marked for removal (CpuManager's
+        # "present" count), and the count a pending removal will leave.
         self._present_vcpus = 0
+        self._removal_target: int | None = None
         self._eject_at: float | None = None  # guest-clock time of the pending ejection
-        # virtio-mem: bytes requested (config.memory.hotplugged_size) and plugged.
-        self._hotplug_requested: int | None = None
+        # virtio-mem: bytes requested of the device (its requested_size) and plugged.
+        self._hotplug_requested = 0
         self._plugged = 0
         self._plug_from = 0  # plugged bytes when the current plug/unplug began
         self._plug_since = 0.0  # guest-clock time it began
@@ -215,6 +295,8 @@ class VmmModel:
         ``response`` instead of processing them (nothing changes in the VM)."""
         if endpoint not in _ENDPOINTS:
             raise ValueError(f"inject: unknown endpoint {endpoint!r}; known: {sorted(_ENDPOINTS)}")
+        if times < 1:
+            raise ValueError(f"inject: times must be >= 1, got {times}")
         self._forced.setdefault(endpoint, deque()).extend([response] * times)
 
     def error(self, status: int, *messages: str) -> Response:
@@ -224,16 +306,31 @@ class VmmModel:
     # ---- introspection --------------------------------------------------------------
 
     @property
+    def booted(self) -> bool:
+        return self.state in _BOOTED
+
+    @property
     def requested_vcpus(self) -> int:
+        """``config.cpus.boot_vcpus``: what was last asked for."""
         return int(self.config["cpus"]["boot_vcpus"]) if self.config else 0
 
     @property
     def present_vcpus(self) -> int:
+        """vCPUs the guest has now, including those marked for removal."""
+        return self._present_vcpus
+
+    @property
+    def guest_vcpus_settled(self) -> int:
+        """vCPUs the guest will have once pending removals complete."""
+        if self._removal_target is not None:
+            return self._removal_target
         return self._present_vcpus
 
     @property
     def pending_vcpu_removal(self) -> int:
-        return max(0, self._present_vcpus - self.requested_vcpus) if self._booted else 0
+        if self._removal_target is None:
+            return 0
+        return self._present_vcpus - self._removal_target
 
     @property
     def plugged_memory(self) -> int:
@@ -241,24 +338,27 @@ class VmmModel:
 
     @property
     def requested_hotplug(self) -> int:
-        return self._hotplug_requested or 0
+        return self._hotplug_requested
 
     @property
     def memory_actual_size(self) -> int:
-        """Cloud Hypervisor's figure: boot size minus the balloon plus what virtio-mem has
-        plugged; the boot size alone while no VM runs."""
-        if not self._booted:
-            return self._boot_memory
-        return max(0, self._boot_memory - self._balloon) + self._plugged
+        """Cloud Hypervisor's figure. From v52: boot size minus the balloon plus what
+        virtio-mem has plugged, the boot size while no VM runs. Before: boot size plus
+        the *requested* hotplug amount, minus the balloon while a VM runs."""
+        if self.config is None:
+            return 0
+        boot = self._boot_memory
+        hotplugged = self.config["memory"].get("hotplugged_size") or 0
+        if not self.knobs.plugged_memory_actual_size:
+            return boot + hotplugged - (self._balloon if self.booted else 0)
+        if not self.booted:
+            return boot
+        return max(0, boot - self._balloon) + self._plugged
 
     @property
     def _balloon(self) -> int:
         balloon = self.config.get("balloon") if self.config else None
         return int(balloon.get("size") or 0) if isinstance(balloon, dict) else 0
-
-    @property
-    def _booted(self) -> bool:
-        return self.state in _BOOTED
 
     @property
     def _boot_memory(self) -> int:
@@ -279,8 +379,9 @@ class VmmModel:
                 self._guest_clock += now - self._last_now
             self._last_now = now
         if self._eject_at is not None and self._guest_clock + _CLOCK_SLACK >= self._eject_at:
-            self._present_vcpus = self.requested_vcpus
-            self._eject_at = None
+            assert self._removal_target is not None
+            self._present_vcpus = self._removal_target
+            self._removal_target = self._eject_at = None
         self._plugged = self._plug_position(self._guest_clock)
 
     def next_event(self) -> float | None:
@@ -291,7 +392,7 @@ class VmmModel:
         due: list[float] = []
         if self._eject_at is not None:
             due.append(self._eject_at)
-        target = self.requested_hotplug
+        target = self._hotplug_requested
         if self._plugged != target and self.knobs.plug_rate is not None:
             moved = abs(self._plugged - self._plug_from)
             step = min(VIRTIO_MEM_BLOCK, abs(target - self._plugged))
@@ -301,7 +402,7 @@ class VmmModel:
         return self._last_now + max(0.0, min(due) - self._guest_clock)
 
     def _plug_position(self, guest_clock: float) -> int:
-        target = self.requested_hotplug
+        target = self._hotplug_requested
         if self._plugged == target:
             return target
         distance = abs(target - self._plug_from)
@@ -309,12 +410,10 @@ class VmmModel:
             moved = distance
         else:
             elapsed = guest_clock - self._plug_since
-            # Whole blocks only: the guest plugs 2 MiB at a time.
-            # Half a byte of slack so that advance(next_event()) always lands the block
-            # despite float rounding.
+            # Whole blocks only: the guest plugs 2 MiB at a time. Half a byte of slack
+            # so that advance(next_event()) always lands the block despite rounding.
             moved = int(elapsed * self.knobs.plug_rate + 0.5) // VIRTIO_MEM_BLOCK
-            moved *= VIRTIO_MEM_BLOCK
-            moved = min(moved, distance)
+            moved = min(moved * VIRTIO_MEM_BLOCK, distance)
         return self._plug_from + moved if target > self._plug_from else self._plug_from - moved
 
     # ---- the API ------------------------------------------------------------------
@@ -331,13 +430,11 @@ class VmmModel:
     def _route(self, method: str, path: str, body: bytes | None) -> Response:
         path = path.split("?", 1)[0]
         endpoint = path[len(API_PREFIX) :] if path.startswith(API_PREFIX) else None
-        if endpoint not in _ENDPOINTS:
+        if endpoint is None or endpoint not in _ENDPOINTS:
             return self._error(_ApiError(404, "Not Found"))
-        assert endpoint is not None
         if method != _ENDPOINTS[endpoint]:
-            if endpoint in _ACTION_HANDLERS and method not in (GET, PUT):
-                return Response(status=400)
-            return self._error(_ApiError(400, "Bad Request"))
+            bare = endpoint in _ACTION_HANDLERS and method not in (GET, PUT)
+            return self._error(_ApiError(400, "Bad Request", bare=bare))
         forced = self._forced.get(endpoint)
         if forced:
             return forced.popleft()
@@ -352,14 +449,11 @@ class VmmModel:
         if endpoint == "vmm.ping":
             return self._json(200, self._ping())
         if endpoint == "vmm.shutdown":
-            # Cloud Hypervisor deletes the VM (shutting it down first), then exits.
-            self.vmm_shutdown_requested = True
-            if self._booted:
-                self._set_state(VmState.SHUTDOWN)
+            self._vmm_shutdown()
             return Response(status=200, body=b"")
         if endpoint == "vm.create":
             if body is None:
-                return Response(status=400)
+                raise _ApiError(400, bare=True)
             self._create(self._parse(body))
             return Response(status=204)
         if endpoint == "vm.info":
@@ -369,10 +463,15 @@ class VmmModel:
                 raise _ApiError(400, "Bad Request")
             self._resize(self._parse(body))
             return Response(status=204)
-        self._transition(endpoint)
+        if endpoint == "vm.boot":
+            self._boot()
+        else:
+            self._transition(endpoint)
         return Response(status=204)
 
     def _error(self, exc: _ApiError) -> Response:
+        if exc.bare:
+            return Response(status=exc.status)
         if self.knobs.json_errors:
             return Response(status=exc.status, body=json.dumps(list(exc.messages)).encode())
         return Response(status=exc.status, body=": ".join(exc.messages).encode())
@@ -386,127 +485,157 @@ class VmmModel:
         try:
             value = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise _ApiError(400, "Failed to deserialize JSON", str(exc)) from None
-        if not isinstance(value, dict):
-            raise _ApiError(400, "Failed to deserialize JSON", "expected a JSON object")
-        return value
+            raise _deserialize_error(str(exc)) from None
+        return _object(value, "body")
 
-    def _not_created(self, what: str) -> _ApiError:
-        return _ApiError(self.knobs.not_created_status, "Error from API", what, "VM is not created")
+    def _refused(self, endpoint: str, *cause: str, status: int = 500) -> _ApiError:
+        return _ApiError(status, FROM_API, _FAILURE[endpoint], *cause)
+
+    def _not_created(self, endpoint: str, cause: str = NOT_CREATED) -> _ApiError:
+        return self._refused(endpoint, cause, status=self.knobs.not_created_status)
 
     # ---- endpoints ----------------------------------------------------------------
 
     def _ping(self) -> dict[str, Any]:
-        version = self.knobs.build_version.lstrip("v").split("-", 1)[0]
         return {
-            "build_version": self.knobs.build_version,
-            "version": version,
+            "build_version": self.knobs.build,
+            "version": f"{self.knobs.api_version}.0.0",
             "pid": self.pid,
-            "features": [],
+            "features": ["kvm"],
         }
 
+    def _vmm_shutdown(self) -> None:
+        # Cloud Hypervisor deletes the VM (shutting it down first), then the process exits.
+        self.vmm_shutdown_requested = True
+        if self.booted:
+            self._set_state(VmState.SHUTDOWN)
+        self.state = self.config = None
+
     def _create(self, raw: dict[str, Any]) -> None:
-        if self.config is not None:
-            raise _ApiError(
-                500, "Error from API", "The VM could not be created", "VM already created"
-            )
+        """Shape only, as serde checks it; the values are checked at boot."""
         config = copy.deepcopy(raw)
-        cpus = config.get("cpus") or {}
-        if not isinstance(cpus, dict):
-            raise _ApiError(400, "Failed to deserialize JSON", "cpus: expected an object")
-        boot = _uint(cpus.get("boot_vcpus", 1), "cpus.boot_vcpus", optional=False)
-        top = _uint(cpus.get("max_vcpus", boot), "cpus.max_vcpus", optional=False)
-        memory = config.get("memory") or {}
-        if not isinstance(memory, dict):
-            raise _ApiError(400, "Failed to deserialize JSON", "memory: expected an object")
-        size = _uint(memory.get("size", DEFAULT_BOOT_MEMORY), "memory.size", optional=False)
-        method = _normal_hotplug_method(memory.get("hotplug_method", "Acpi"))
-        hotplug_size = _uint(memory.get("hotplug_size"), "memory.hotplug_size")
-        assert boot is not None and top is not None and size is not None
-
-        def invalid(message: str) -> _ApiError:
-            return _ApiError(500, "Error from API", "The VM could not be created", message)
-
-        if boot < 1:
-            raise invalid("cpus.boot_vcpus must be at least 1")
-        if top < boot:
-            raise invalid(f"cpus.max_vcpus ({top}) is lower than cpus.boot_vcpus ({boot})")
-        if size == 0:
-            raise invalid("memory.size must be greater than 0")
-        if method == "VirtioMem" and hotplug_size and hotplug_size % VIRTIO_MEM_REGION_ALIGN:
-            raise invalid(
-                f"memory.hotplug_size ({hotplug_size}) must be a multiple of "
-                f"{VIRTIO_MEM_REGION_ALIGN} bytes (128 MiB) for virtio-mem"
+        cpus = _object(config.get("cpus", {"boot_vcpus": 1, "max_vcpus": 1}), "cpus")
+        for field in ("boot_vcpus", "max_vcpus"):
+            if field not in cpus:
+                raise _deserialize_error(f"cpus: missing field `{field}`")
+            _uint(cpus[field], f"cpus.{field}", U32_MAX, required=True)
+        memory = _object(config.get("memory", {"size": DEFAULT_BOOT_MEMORY}), "memory")
+        if "size" not in memory:
+            raise _deserialize_error("memory: missing field `size`")
+        _uint(memory["size"], "memory.size", U64_MAX, required=True)
+        memory = {**_MEMORY_DEFAULTS, **memory}
+        if memory["hotplug_method"] not in HOTPLUG_METHODS:
+            raise _deserialize_error(
+                f"memory.hotplug_method: unknown variant {memory['hotplug_method']!r}, "
+                f"expected one of {', '.join(HOTPLUG_METHODS)}"
             )
-        cpus.update(boot_vcpus=boot, max_vcpus=top)
-        cpus.setdefault("kvm_hyperv", False)
-        cpus.setdefault("max_phys_bits", 46)
-        memory.update(size=size, hotplug_method=method, hotplug_size=hotplug_size)
-        memory.setdefault("hotplugged_size", None)
-        for flag, default in (
-            ("mergeable", False),
-            ("shared", False),
-            ("hugepages", False),
-            ("prefault", False),
-            ("thp", True),
-        ):
-            memory.setdefault(flag, default)
-        config["cpus"], config["memory"] = cpus, memory
+        for field in ("hotplug_size", "hotplugged_size", "hugepage_size"):
+            _uint(memory[field], f"memory.{field}", U64_MAX)
+        for field in ("mergeable", "shared", "hugepages", "prefault", "thp"):
+            _bool(memory[field], f"memory.{field}")
+        if config.get("balloon") is not None:
+            balloon = _object(config["balloon"], "balloon")
+            _uint(balloon.get("size"), "balloon.size", U64_MAX, required=True)
+        if self.config is not None:
+            raise self._refused("vm.create", ALREADY_CREATED)
+        config["cpus"] = {**_CPUS_DEFAULTS, **cpus}
+        config["memory"] = memory
         self.config = config
         self.state = VmState.CREATED
-        self._hotplug_requested = memory["hotplugged_size"]
-
-    def _transition(self, action: str) -> None:
-        sources, target, failure = _TRANSITIONS[action]
-        if self.state is None:
-            raise self._not_created(failure)
-        if self.state not in sources:
-            raise _ApiError(
-                500,
-                "Error from API",
-                failure,
-                f"Invalid transition from {self.state.value} to {target.value}",
-            )
-        if action == "vm.boot":
-            self._boot()
-        self._set_state(target)
 
     def _boot(self) -> None:
-        assert self.config is not None
+        if self.config is None:
+            raise self._not_created("vm.boot", MISSING_CONFIG)
+        if self.booted:
+            raise self._refused("vm.boot", ALREADY_CREATED)
+        problem = self._boot_problem()
+        if problem:
+            raise self._refused("vm.boot", *problem)
         self._present_vcpus = self.requested_vcpus
-        self._eject_at = None
-        # A (re)boot plugs what the config asks for from the start, as a fresh guest does.
-        self._plugged = self._plug_from = self.requested_hotplug
+        self._removal_target = self._eject_at = None
+        # A fresh guest starts with what the config asks for already plugged.
+        self._hotplug_requested = self.config["memory"].get("hotplugged_size") or 0
+        self._plugged = self._plug_from = self._hotplug_requested
+        self.state = VmState.RUNNING
+
+    def _boot_problem(self) -> tuple[str, ...]:
+        """Why this config cannot boot (the checks Cloud Hypervisor's managers make when
+        they build the VM), or an empty tuple."""
+        assert self.config is not None
+        cpus, memory = self.config["cpus"], self.config["memory"]
+        if cpus["boot_vcpus"] < 1:
+            return ("Error from CPU manager", "cpus.boot_vcpus must be at least 1")
+        if cpus["max_vcpus"] < cpus["boot_vcpus"]:
+            return (
+                "Error from CPU manager",
+                f"cpus.max_vcpus ({cpus['max_vcpus']}) is below cpus.boot_vcpus "
+                f"({cpus['boot_vcpus']})",
+            )
+        if memory["size"] == 0:
+            return ("Memory manager error", "memory.size must be greater than 0")
+        region = memory["hotplug_size"]
+        if region is not None and region == 0:
+            return ("Memory manager error", "'hotplug_size' can't be 0")
+        if memory["hotplug_method"] == "VirtioMem" and region:
+            if region % VIRTIO_MEM_REGION_ALIGN:
+                return (
+                    "Error from device manager",
+                    f"Virtio-mem size ({region} bytes) is not aligned with "
+                    f"{VIRTIO_MEM_REGION_ALIGN} (128 MiB)",
+                )
+            hotplugged = memory["hotplugged_size"] or 0
+            if hotplugged > region or hotplugged % VIRTIO_MEM_BLOCK:
+                return (
+                    "Error from device manager",
+                    f"memory.hotplugged_size ({hotplugged}) must be a multiple of "
+                    f"{VIRTIO_MEM_BLOCK} within hotplug_size ({region})",
+                )
+        return ()
+
+    def _transition(self, action: str) -> None:
+        if not self.booted:
+            # No VM object (never booted or shut down): Cloud Hypervisor's VmNotRunning,
+            # a 500 even when no config exists at all.
+            raise self._refused(action, NOT_RUNNING)
+        assert self.state is not None
+        sources, target, failure = _TRANSITIONS[action]
+        if self.state not in sources:
+            raise self._refused(
+                action,
+                failure,
+                f"invalid VM state transition: {self.state.value} to {target.value}",
+            )
+        self._set_state(target)
 
     def _set_state(self, state: VmState) -> None:
         self.state = state
         if state is VmState.SHUTDOWN:
             self._present_vcpus = 0
-            self._eject_at = None
-            self._plugged = self._plug_from = 0
+            self._removal_target = self._eject_at = None
+            self._hotplug_requested = self._plugged = self._plug_from = 0
 
     def _info(self) -> dict[str, Any]:
         if self.config is None or self.state is None:
-            raise self._not_created("The VM information could not be retrieved")
+            raise self._not_created("vm.info")
         state = self.state
         if state is VmState.SHUTDOWN and not self.knobs.report_shutdown_state:
             state = VmState.CREATED
         info: dict[str, Any] = {
             "config": copy.deepcopy(self.config),
             "state": state.value,
-            "device_tree": {} if self._booted else None,
+            "device_tree": {} if self.booted else None,
         }
-        if self.knobs.reports_memory_actual_size:
+        if self.knobs.report_memory_actual_size:
             info["memory_actual_size"] = self.memory_actual_size
-        return info
+        return _without_nulls(info) if self.knobs.omits_null_fields else info
 
     def _resize(self, request: dict[str, Any]) -> None:
-        vcpus = _uint(request.get("desired_vcpus"), "desired_vcpus")
-        ram = _uint(request.get("desired_ram"), "desired_ram")
-        balloon = _uint(request.get("desired_balloon"), "desired_balloon")
+        vcpus = _uint(request.get("desired_vcpus"), "desired_vcpus", U32_MAX)
+        ram = _uint(request.get("desired_ram"), "desired_ram", U64_MAX)
+        balloon = _uint(request.get("desired_balloon"), "desired_balloon", U64_MAX)
         if self.config is None:
-            raise self._not_created("The VM could not be resized")
-        if not self._booted:
+            raise self._not_created("vm.resize")
+        if not self.booted:
             self._cold_resize(vcpus, ram, balloon)
             return
         if vcpus is not None:
@@ -529,82 +658,86 @@ class VmmModel:
     def _resize_vcpus(self, desired: int) -> None:
         assert self.config is not None
         cpus = self.config["cpus"]
-        if desired == cpus["boot_vcpus"]:
+        pending = self._removal_target is not None
+        if desired == self._present_vcpus and not (pending and self.knobs.strict_pending_removal):
+            # CpuManager: nothing to do; the config still records the request.
+            cpus["boot_vcpus"] = desired
             return
         if desired == 0:
-            raise _ApiError(
-                500, "Error from API", "The VM could not be resized", "desired_vcpus must be >= 1"
-            )
-        if self.pending_vcpu_removal:
-            raise _ApiError(
-                429,
-                "Too Many Requests",
-                f"{self.pending_vcpu_removal} vCPU(s) still pending removal in the guest",
-            )
+            raise self._refused("vm.resize", "Error from CPU manager", "Requested zero vCPUs")
+        if pending:
+            raise _ApiError(429, TOO_MANY_REQUESTS)
         if desired > cpus["max_vcpus"]:
-            raise _ApiError(
-                500,
-                "Error from API",
-                "The VM could not be resized",
-                f"desired_vcpus ({desired}) exceeds max_vcpus ({cpus['max_vcpus']})",
+            raise self._refused(
+                "vm.resize", "Error from CPU manager", "Requested vCPUs exceed maximum"
             )
-        cpus["boot_vcpus"] = desired
         if desired > self._present_vcpus:
             self._present_vcpus = desired
         else:
+            self._removal_target = desired
             self._eject_at = self._guest_clock + self.knobs.eject_delay_s
-            self.advance(self._last_now)
+        cpus["boot_vcpus"] = desired
+        self.advance(self._last_now)
 
     def _resize_memory(self, desired: int) -> None:
         assert self.config is not None
         memory = self.config["memory"]
-
-        def refuse(message: str) -> _ApiError:
-            return _ApiError(
-                500,
-                "Error from API",
-                "The VM could not be resized",
-                "Error resizing memory",
-                message,
+        boot = memory["size"]
+        if memory["hotplug_method"] != "VirtioMem":
+            raise self._refused(
+                "vm.resize",
+                "Memory manager error",
+                "ACPI memory hotplug is not simulated (boot with hotplug_method VirtioMem)",
             )
-
-        region = memory.get("hotplug_size") or 0
-        if memory["hotplug_method"] != "VirtioMem" or not region:
-            raise refuse("memory hotplug is not enabled (no virtio-mem hotplug_size at boot)")
-        delta = desired - memory["size"]
-        if delta < 0:
-            raise refuse(
-                f"desired_ram ({desired}) is below the boot memory size ({memory['size']})"
+        if desired < boot:
+            raise self._refused(
+                "vm.resize",
+                "Memory manager error",
+                f"Invalid resize request: desired_size = {desired} below boot size = {boot}",
             )
-        if delta > region:
-            raise refuse(
-                f"desired_ram ({desired}) exceeds boot size plus the virtio-mem region "
-                f"({memory['size'] + region})"
+        region = memory["hotplug_size"] or 0
+        if not region:
+            raise self._refused(
+                "vm.resize", "Memory manager error", "No virtio-mem resizing handler found"
             )
-        if delta % VIRTIO_MEM_BLOCK:
-            raise refuse(
-                f"desired_ram ({desired}) minus the boot size is not a multiple of the "
-                f"virtio-mem block size ({VIRTIO_MEM_BLOCK})"
+        size = desired - boot
+        # virtio-mem's own checks, in its order.
+        if size == self._hotplug_requested:
+            problem = f"new size {size:#x} and requested_size are identical"
+        elif size > region:
+            problem = f"new size {size:#x} is bigger than region_size {region:#x}"
+        elif size % VIRTIO_MEM_BLOCK:
+            problem = f"new size {size:#x} is not aligned on block_size {VIRTIO_MEM_BLOCK:#x}"
+        else:
+            problem = ""
+        if problem:
+            raise self._refused(
+                "vm.resize",
+                "Memory manager error",
+                "Failed to virtio-mem resize",
+                "Resize invalid argument",
+                f"Failed to update virtio configuration: {problem}",
             )
-        if delta == self.requested_hotplug:
-            raise refuse(f"virtio-mem already set to {delta} bytes (requested size unchanged)")
-        memory["hotplugged_size"] = delta
-        self._hotplug_requested = delta
+        self._hotplug_requested = size
         self._plug_from, self._plug_since = self._plugged, self._guest_clock
+        # None, not 0, once back at the boot size: that is what Cloud Hypervisor stores.
+        memory["hotplugged_size"] = size or None
         self.advance(self._last_now)
 
     def _resize_balloon(self, desired: int) -> None:
         assert self.config is not None
         balloon = self.config.get("balloon")
         if not isinstance(balloon, dict):
-            raise _ApiError(
-                500, "Error from API", "The VM could not be resized", "No balloon device configured"
+            raise self._refused(
+                "vm.resize",
+                "Error from device manager",
+                "No balloon device: Can't resize the balloon",
             )
-        if desired > self.memory_actual_size:
-            raise _ApiError(
-                500,
-                "Error from API",
-                "The VM could not be resized",
-                f"desired_balloon ({desired}) exceeds the guest memory ({self.memory_actual_size})",
+        total = self._boot_memory + self._plugged
+        if desired > total:
+            raise self._refused(
+                "vm.resize",
+                "Error from device manager",
+                f"desired_balloon ({desired}) exceeds the guest memory ({total})",
             )
         balloon["size"] = desired

@@ -393,6 +393,7 @@ def node_labels(config: KubeletConfig) -> dict[str, str]:
     return {
         HOSTNAME_LABEL: config.node_name,
         "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
         **config.labels,
     }
 
@@ -672,8 +673,11 @@ class Kubelet:
 
     # -- queries ---------------------------------------------------------------------
 
-    def usage_wanted(self) -> frozenset[str]:
-        """UIDs of pods with an allocated memory-limit decrease not yet actuated."""
+    def usage_wanted(self, pods: Iterable[Mapping[str, Any]] = ()) -> frozenset[str]:
+        """UIDs of the pods whose guest memory the next :meth:`step` over ``pods`` needs:
+        an allocated memory-limit decrease not yet actuated, or (among ``pods``) a spec
+        that lowers a memory limit below what is actuated now. Read usage for these
+        before stepping, or a zero resize delay actuates the decrease unchecked."""
         wanted = set()
         for p in self._pods.values():
             if p.stage is not _Stage.RUNNING or p.actuate_at is None:
@@ -683,6 +687,19 @@ class Kubelet:
                 for c in p.containers
             ):
                 wanted.add(p.uid)
+        for pod in pods:
+            p = self._pods.get(_uid(pod))
+            if p is None or p.stage is not _Stage.RUNNING:
+                continue
+            for index, container in enumerate((pod.get("spec") or {}).get("containers") or ()):
+                name = container.get("name")
+                if name not in p.actuated:
+                    continue
+                limits = (container.get("resources") or {}).get("limits") or {}
+                where = f"{_pod_ref(pod)}: spec.containers[{index}].resources.limits.memory"
+                desired = _memory(limits.get("memory"), where)
+                if _decreases(p.actuated[name].memory_limit, desired):
+                    wanted.add(p.uid)
         return frozenset(wanted)
 
     def known(self) -> frozenset[str]:

@@ -29,33 +29,41 @@ log = logging.getLogger(__name__)
 
 API_BASE = "/api/v1/"
 DEFAULT_TIMEOUT_S = 5.0
-# Before v53 Cloud Hypervisor answered 500 for a missing VM; its message names the cause
-# ("VM is not created" as JSON text, "VmNotCreated" in the old Debug format).
-_NOT_CREATED = re.compile(r"not\s*created", re.IGNORECASE)
+# Before v53 Cloud Hypervisor answered 500 for a missing VM; its message names the cause:
+# "VM is not created" (vm.info, vm.resize) or "VM config is missing" (vm.boot).
+_NOT_CREATED = re.compile(r"not\s*created|config\s*is\s*missing|missing\s*config", re.IGNORECASE)
 # The router's own 404 (an endpoint this VMM does not have), as opposed to a missing VM.
 _UNKNOWN_ENDPOINT = "Not Found"
 
 
-def error_message(response: requests.Response) -> str:
-    """The VMM's error text: a JSON array of strings (>= v47) or plain text (older)."""
+def error_chain(response: requests.Response) -> tuple[str, ...]:
+    """The VMM's error messages, outermost first: a JSON array of strings (>= v47), or
+    the plain text of older releases as one message; the reason phrase for a bare status."""
     text = response.text.strip()
     if not text:
-        return response.reason or f"HTTP {response.status_code}"
+        return (response.reason or f"HTTP {response.status_code}",)
     try:
         value = json.loads(text)
     except ValueError:
-        return text
-    if isinstance(value, list) and all(isinstance(part, str) for part in value):
-        return ": ".join(value)
-    return text
+        return (text,)
+    if isinstance(value, list) and value and all(isinstance(part, str) for part in value):
+        return tuple(value)
+    return (text,)
+
+
+def error_message(response: requests.Response) -> str:
+    return ": ".join(error_chain(response))
 
 
 class CloudHypervisorClient:
-    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    """One VMM's API socket. ``vm`` names the VM in logs (the socket path otherwise)."""
+
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT_S, vm: str = "") -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.socket_path = socket_path
         self.timeout = timeout
+        self.vm = vm or socket_path
         self._base = f"http+unix://{quote(socket_path, safe='')}{API_BASE}"
         self._session = requests_unixsocket.Session()
 
@@ -110,6 +118,9 @@ class CloudHypervisorClient:
         }
         if not body:
             raise ValueError("resize needs desired_vcpus, desired_ram or desired_balloon")
+        for key, value in body.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"resize: {key} must be a non-negative integer, got {value!r}")
         self._call("PUT", "vm.resize", body)
 
     def pause(self) -> None:
@@ -155,22 +166,23 @@ class CloudHypervisorClient:
             raise VmmUnreachable(self.socket_path, endpoint, f"cannot connect: {exc}") from exc
         except requests.RequestException as exc:
             raise VmmUnreachable(self.socket_path, endpoint, str(exc)) from exc
-        log.debug(
-            "vmm call",
-            extra={
-                "socket": self.socket_path,
-                "endpoint": endpoint,
-                "status": response.status_code,
-            },
-        )
         if response.ok:
+            log.debug(
+                "vmm call",
+                extra={"vm": self.vm, "endpoint": endpoint, "status": response.status_code},
+            )
             return response
-        status, message = response.status_code, error_message(response)
+        status, chain = response.status_code, error_chain(response)
+        message = ": ".join(chain)
+        log.debug(
+            "vmm refused",
+            extra={"vm": self.vm, "endpoint": endpoint, "status": status, "error": message},
+        )
         if status == 429:
-            raise VmmBusy(self.socket_path, endpoint, status, message)
+            raise VmmBusy(self.socket_path, endpoint, status, message, chain)
         if endpoint.startswith("vm.") and (
             (status == 404 and message != _UNKNOWN_ENDPOINT)
-            or (status == 500 and _NOT_CREATED.search(message))
+            or (status == 500 and _NOT_CREATED.search(chain[-1]))
         ):
-            raise VmNotCreated(self.socket_path, endpoint, status, message)
-        raise VmmError(self.socket_path, endpoint, status, message)
+            raise VmNotCreated(self.socket_path, endpoint, status, message, chain)
+        raise VmmError(self.socket_path, endpoint, status, message, chain)

@@ -27,10 +27,19 @@ class VmmUnreachable(CloudHypervisorError):
 class VmmError(CloudHypervisorError):
     """The VMM answered with an error status; ``message`` is its error text."""
 
-    def __init__(self, socket_path: str, endpoint: str, status: int, message: str) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        endpoint: str,
+        status: int,
+        message: str,
+        chain: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(socket_path, endpoint, f"{status} {message}")
         self.status = status
         self.message = message
+        # The VMM's messages, outermost first (``message`` joins them with ": ").
+        self.chain = chain or (message,)
 
 
 class VmNotCreated(VmmError):

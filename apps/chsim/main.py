@@ -7,6 +7,9 @@ start, as the real binary does when given a VM on its command line; with only
 simulated guest and inject faults; SIGUSR1 toggles a hang (no request is answered until
 the next SIGUSR1). SIGTERM/SIGINT (and ``vmm.shutdown``) stop it; the
 socket is removed on the way out.
+
+Exit status: 0 after a clean stop, 1 when the VM on the command line cannot boot or the
+socket is in use by another VMM, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from apps.chsim.server import ChSimServer, FaultPlan
+import attrs
+
+from apps.chsim.server import ChSimServer, FaultPlan, SocketInUse
 from apps.common import logs
 from apps.common.logs import kv
 from sim.cloudhypervisor import LATEST_API_VERSION, Knobs, VmmModel
@@ -151,12 +156,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let the guest plug memory and eject vCPUs while paused",
     )
+    p.add_argument(
+        "--sim-omit-memory-actual-size",
+        action="store_true",
+        help="leave memory_actual_size out of vm.info (exercises a client's fallback)",
+    )
+    p.add_argument(
+        "--sim-strict-pending-removal",
+        action="store_true",
+        help="429 for every vCPU count change while a removal is pending, including "
+        "the count the guest still has (Cloud Hypervisor accepts that one)",
+    )
+    p.add_argument(
+        "--sim-report-shutdown-state",
+        action="store_true",
+        help="report Shutdown after vm.shutdown (Cloud Hypervisor reports Created)",
+    )
     p.add_argument("--sim-name", default="", help="the VM name used in logs")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
 
-def build(args: argparse.Namespace) -> tuple[ChSimServer, dict[str, Any] | None]:
+@attrs.frozen
+class Plan:
+    """Everything the command line asks for, checked before anything is bound."""
+
+    socket_path: str
+    knobs: Knobs
+    faults: FaultPlan
+    config: dict[str, Any] | None
+    vm_name: str
+
+
+def plan(args: argparse.Namespace) -> Plan:
     plug_rate = parse_size(args.sim_plug_rate, "--sim-plug-rate")
     knobs = Knobs(
         api_version=args.sim_api_version,
@@ -164,24 +196,27 @@ def build(args: argparse.Namespace) -> tuple[ChSimServer, dict[str, Any] | None]
         plug_rate=float(plug_rate) if plug_rate else None,
         latency_s=args.sim_latency,
         progress_while_paused=args.sim_progress_while_paused,
-        build_version=f"v{args.sim_api_version}.0-chscale-sim",
+        report_memory_actual_size=not args.sim_omit_memory_actual_size,
+        strict_pending_removal=args.sim_strict_pending_removal,
+        report_shutdown_state=args.sim_report_shutdown_state,
     )
     faults = FaultPlan(
         rate=args.sim_error_rate,
         seed=args.sim_error_seed,
         endpoints=[e.strip() for e in args.sim_error_endpoints.split(",") if e.strip()],
     )
-    config = vm_config(args)
-    path = socket_path(args.api_socket)
-    server = ChSimServer(path, VmmModel(knobs, pid=os.getpid()), faults, vm_name=args.sim_name)
-    return server, config
+    return Plan(socket_path(args.api_socket), knobs, faults, vm_config(args), args.sim_name)
+
+
+class BootFailed(RuntimeError):
+    pass
 
 
 def boot_from_command_line(server: ChSimServer, config: dict[str, Any]) -> None:
     for endpoint, body in (("vm.create", json.dumps(config).encode()), ("vm.boot", None)):
         response = server.call("PUT", endpoint, body)
         if response.status >= 300:
-            raise UsageError(f"{endpoint} failed: {response.status} {response.body.decode()}")
+            raise BootFailed(f"{endpoint} failed: {response.status} {response.body.decode()}")
 
 
 def toggle_hang(server: ChSimServer) -> None:
@@ -190,33 +225,66 @@ def toggle_hang(server: ChSimServer) -> None:
     log.warning("hang toggled", extra=kv(vm=server.vm_name, hang=server.model.hang))
 
 
+class _Signals:
+    """SIGTERM/SIGINT/SIGUSR1 handlers installed before the socket exists, so a signal
+    that arrives while starting still ends with the socket removed."""
+
+    def __init__(self) -> None:
+        self.server: ChSimServer | None = None
+        self.stop_requested = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._stop)
+        signal.signal(signal.SIGUSR1, self._hang)
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        log.info("signal", extra=kv(signal=signal.Signals(signum).name))
+        self.stop_requested = True
+        if self.server is not None:
+            self.server.stop_soon()
+
+    def _hang(self, _signum: int, _frame: object) -> None:
+        if self.server is not None:
+            toggle_hang(self.server)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.setup(args.log_level)
     try:
-        server, config = build(args)
+        wanted = plan(args)
     except (UsageError, ValueError) as exc:
         log.error("bad arguments", extra=kv(error=str(exc)))
         return 2
+    signals = _Signals()
+    model = VmmModel(wanted.knobs, pid=os.getpid())
     try:
-        if config is not None:
-            boot_from_command_line(server, config)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: server.stop_soon())
-        signal.signal(signal.SIGUSR1, lambda *_: toggle_hang(server))
+        server = ChSimServer(wanted.socket_path, model, wanted.faults, vm_name=wanted.vm_name)
+    except SocketInUse as exc:
+        log.error("cannot serve", extra=kv(socket=wanted.socket_path, error=str(exc)))
+        return 1
+    except OSError as exc:
+        log.error("cannot bind", extra=kv(socket=wanted.socket_path, error=str(exc)))
+        return 1
+    signals.server = server
+    try:
+        if wanted.config is not None:
+            boot_from_command_line(server, wanted.config)
         log.info(
             "serving",
             extra=kv(
                 vm=server.vm_name,
                 socket=server.socket_path,
                 pid=os.getpid(),
-                api_version=args.sim_api_version,
-                booted=config is not None,
+                api_version=wanted.knobs.api_version,
+                booted=wanted.config is not None,
             ),
         )
-        server.serve_forever(poll_interval=0.1)
-    except UsageError as exc:
-        log.error("cannot boot the VM from the command line", extra=kv(error=str(exc)))
+        if not signals.stop_requested:
+            server.serve_forever(poll_interval=0.1)
+    except BootFailed as exc:
+        log.error(
+            "cannot boot the VM from the command line", extra=kv(vm=server.vm_name, error=str(exc))
+        )
         return 1
     finally:
         server.server_close()

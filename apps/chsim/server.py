@@ -4,11 +4,16 @@ The model decides every answer; this module only frames requests and responses, 
 clock (monotonic seconds since start), sleeps for the model's latency hints, withholds
 answers the model says hang, and draws the seeded random faults. One lock serialises the
 model, as Cloud Hypervisor's single API thread does.
+
+Like Cloud Hypervisor (v53), the server holds an exclusive lock on ``<socket>.lock``
+while it serves, so a second VMM started on the same path fails instead of deleting a
+live socket; under that lock a socket file left by a crashed run is stale and removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.server
 import logging
 import os
@@ -20,14 +25,23 @@ from collections.abc import Collection
 from typing import Any
 
 from apps.common.logs import kv
-from sim.cloudhypervisor import API_PREFIX, Response, VmmModel
+from sim.cloudhypervisor import API_PREFIX, JSON, Response, VmmModel
 
 log = logging.getLogger("chscale.chsim")
 
 SERVER_HEADER = "Cloud Hypervisor API"
 INJECTED_FAULT = "injected fault (chscale-ch-sim --sim-error-rate)"
+LOCK_SUFFIX = ".lock"
 # How often a hanging request checks whether the server is stopping.
 _HANG_POLL_S = 0.1
+
+
+class SocketInUse(RuntimeError):
+    pass
+
+
+class _FramingError(ValueError):
+    """The request cannot be read (its body has no usable length)."""
 
 
 class FaultPlan:
@@ -46,14 +60,22 @@ class FaultPlan:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Also the version of the answer to an unparsable request line: the stdlib default
+    # (HTTP/0.9) would send that 400 with no status line at all.
+    default_request_version = "HTTP/1.1"
     server: ChSimServer
 
     def _serve(self) -> None:
         if self.server.stopping.is_set():
             self.close_connection = True
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
+        try:
+            body = self._read_body()
+        except _FramingError as exc:
+            log.warning("bad request framing", extra=kv(vm=self.server.vm_name, error=str(exc)))
+            self.close_connection = True
+            self._send(Response(status=400))
+            return
         response = self.server.answer(self.command, self.path, body)
         if response.delay:
             time.sleep(response.delay)
@@ -63,19 +85,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 pass
             self.close_connection = True
             return
-        if self.server.model.vmm_shutdown_requested:
-            # Gone from the file system before the answer, so no later request connects.
+        stopping = self.server.model.vmm_shutdown_requested
+        if stopping:
+            # Gone from the file system before the answer, so no later request connects;
+            # the server stops only after answering, or the process could exit first.
             self.close_connection = True
+            self.server.unlink_socket()
+        self._send(response)
+        if stopping:
             self.server.stop_soon()
-        self.send_response(response.status)
-        if response.content_type:
-            self.send_header("Content-Type", response.content_type)
-        if response.status != 204:
-            self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if response.status != 204 and response.body:
-            self.wfile.write(response.body)
-        self.wfile.flush()
         log.info(
             "request",
             extra=kv(
@@ -88,11 +106,39 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
 
+    def _read_body(self) -> bytes | None:
+        """The request body, None when there is none."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise _FramingError("chunked request bodies are not supported")
+        raw_length = self.headers.get("Content-Length") or "0"
+        try:
+            length = int(raw_length)
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise _FramingError(f"bad Content-Length {raw_length!r}")
+        return self.rfile.read(length) if length else None
+
+    def _send(self, response: Response) -> None:
+        self.send_response(response.status)
+        if response.content_type:
+            self.send_header("Content-Type", response.content_type)
+        if response.status != 204:
+            self.send_header("Content-Length", str(len(response.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if response.status != 204 and response.body:
+            self.wfile.write(response.body)
+        self.wfile.flush()
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # Malformed HTTP framing; answer like micro_http: a bare status, then close.
+        # Malformed HTTP (request line, headers, unknown method): a bare status, then close.
         self.close_connection = True
         self.send_response(code, message)
+        self.send_header("Content-Type", JSON)
         self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
         self.end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -124,11 +170,38 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._epoch = time.monotonic()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)  # stale, from a crashed run (Cloud Hypervisor does the same)
-        super().__init__(socket_path, _Handler)
-        # Unlink only our own socket: a successor may already have bound the same path.
+        self._lock_path = socket_path + LOCK_SUFFIX
+        self._lock_fd = self._acquire_socket_lock()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)  # stale: we hold the lock, nobody serves it
+            super().__init__(socket_path, _Handler)
+        except BaseException:
+            self._release_socket_lock()
+            raise
+        # Unlink only our own socket at exit, whatever happened to the path meanwhile.
         self._inode = os.stat(socket_path).st_ino
+
+    def _acquire_socket_lock(self) -> int:
+        fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SocketInUse(
+                f"{self.socket_path} is in use by another VMM (it holds {self._lock_path})"
+            ) from None
+        return fd
+
+    def _release_socket_lock(self) -> None:
+        if self._lock_fd < 0:
+            return
+        # Removed while still held, so no successor can lock the file we are deleting.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino:
+                os.unlink(self._lock_path)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
 
     def now(self) -> float:
         return time.monotonic() - self._epoch
@@ -147,17 +220,19 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return self.model.handle(self.now(), method, API_PREFIX + endpoint, body)
 
     def stop_soon(self) -> None:
-        """Stop serving from any thread, including a request handler's."""
+        """Stop serving from any thread, including a request handler's or a signal
+        handler's (shutdown() would deadlock there, so a helper thread calls it)."""
         self.stopping.set()
-        self._unlink()
+        self.unlink_socket()
         threading.Thread(target=self.shutdown, name="chsim-stop", daemon=True).start()
 
     def server_close(self) -> None:
         self.stopping.set()
         super().server_close()
-        self._unlink()
+        self.unlink_socket()
+        self._release_socket_lock()
 
-    def _unlink(self) -> None:
+    def unlink_socket(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self.socket_path).st_ino == self._inode:
                 os.unlink(self.socket_path)

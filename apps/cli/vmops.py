@@ -44,11 +44,9 @@ def resize_vm(
         patch["cpu"] = {"sockets": sockets, "coresPerSocket": cores}
     if memory is not None:
         patch["memory"] = {"size": memory}
-    body = {
-        "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
-        "spec": {"instance": patch},
-    }
-    return kube.patch(vm_url(namespace, name), body)
+    # A merge patch of just these fields, like `kubectl patch`: status writes by chscale
+    # bump the resourceVersion all the time, and nothing else here can be clobbered.
+    return kube.patch(vm_url(namespace, name), {"spec": {"instance": patch}})
 
 
 def summary(obj: dict[str, Any]) -> str:

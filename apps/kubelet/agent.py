@@ -63,6 +63,7 @@ RESYNC_S = 30.0
 RETRY_S = 1.0
 SYNC_TIMEOUT_S = 60.0
 MAX_PODS = "110"
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 _PENDING_SELECTOR = "spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed"
 
 
@@ -106,7 +107,10 @@ class KubeletAgent:
         clock: Callable[[], float] = time.time,
         heartbeat_s: float = HEARTBEAT_S,
         node_status_s: float = NODE_STATUS_S,
+        namespace: str | None = None,
     ) -> None:
+        """``namespace`` confines the kubelet to one namespace's pods (tests share one
+        API server; a real kubelet serves every namespace)."""
         self.kube = kube
         self.config = config
         self.runtime = runtime
@@ -116,11 +120,10 @@ class KubeletAgent:
         self.node_status_s = node_status_s
         self.model = Kubelet(config)
         node = config.node_name
-        self.own = Informer(
-            kube, "/api/v1/pods", field_selector=f"spec.nodeName={node}", name=f"pods:{node}"
-        )
+        pods = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
+        self.own = Informer(kube, pods, field_selector=f"spec.nodeName={node}", name=f"pods:{node}")
         self.pending = Informer(
-            kube, "/api/v1/pods", field_selector=_PENDING_SELECTOR, name="pods:unscheduled"
+            kube, pods, field_selector=_PENDING_SELECTOR, name="pods:unscheduled"
         )
         self._kick = threading.Event()
         self._stop = threading.Event()
@@ -193,6 +196,26 @@ class KubeletAgent:
             node = self.kube.patch(f"/api/v1/nodes/{name}", {"metadata": {"labels": labels}})
         self._node_uid = (node.get("metadata") or {}).get("uid")
         self._post_node_status(ready=True)
+        self._lift_not_ready_taint()
+
+    def _lift_not_ready_taint(self) -> None:
+        """The API server taints a new Node not-ready; the node lifecycle controller
+        lifts the taint once the node reports Ready, and there is no such controller
+        here. The resourceVersion makes the write conditional: a conflict is re-read."""
+        path = f"/api/v1/nodes/{self.config.node_name}"
+        for _ in range(5):
+            node = self.kube.get(path)
+            taints = (node.get("spec") or {}).get("taints") or []
+            kept = [t for t in taints if t.get("key") != NOT_READY_TAINT]
+            if kept == taints:
+                return
+            version = node["metadata"]["resourceVersion"]
+            body = {"metadata": {"resourceVersion": version}, "spec": {"taints": kept or None}}
+            try:
+                self.kube.patch(path, body)
+                return
+            except Conflict:
+                continue
 
     def _post_node_status(self, ready: bool) -> None:
         stamp = _stamp(self.clock())
@@ -337,12 +360,13 @@ class KubeletAgent:
     def sync_once(self) -> float | None:
         """One model step over the pods bound here; returns when to step again."""
         self.runtime.reap()
+        pods = self.own.list()
         usage = {}
-        for uid in self.model.usage_wanted():
+        for uid in self.model.usage_wanted(pods):
             used = self.runtime.memory_usage(uid)
             if used is not None:
                 usage[uid] = used
-        out = self.model.step(self.clock(), self.own.list(), usage)
+        out = self.model.step(self.clock(), pods, usage)
         retry = False
         for effect in out.effects:
             retry = not self._execute(effect) or retry

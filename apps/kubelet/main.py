@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vmm-socket-root",
         help="the pods directory holding each pod's VMM socket (default: <state-dir>/kubelet/pods)",
     )
+    p.add_argument(
+        "--namespace",
+        help="serve only this namespace's pods (isolation on a shared API server; "
+        "a real kubelet serves all namespaces)",
+    )
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         runtime = VmmRuntime(os.path.abspath(root), shlex.split(args.vmm_command))
     except SocketPathTooLong as exc:
         raise SystemExit(f"chscale-kubelet: {exc}") from exc
-    agent = KubeletAgent(Kube(load_api_client(args.kubeconfig)), config, runtime)
+    kube = Kube(load_api_client(args.kubeconfig))
+    agent = KubeletAgent(kube, config, runtime, namespace=args.namespace)
     try:
         agent.start()
     except BaseException:

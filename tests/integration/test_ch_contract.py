@@ -228,6 +228,18 @@ def raw(sock: str, method: str, path: str, body: bytes | None = None) -> tuple[i
         conn.close()
 
 
+def raw_bytes(sock: str, request: bytes) -> bytes:
+    """Send hand-framed bytes, return everything the server answers until it closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(5)
+        conn.connect(sock)
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
 # ---- the contract ------------------------------------------------------------------------
 
 
@@ -242,12 +254,38 @@ def test_create_then_boot(vmm: Vmm):
         vmm.client.info()
     with pytest.raises(VmNotCreated):
         vmm.client.boot()
+    with pytest.raises(VmNotCreated):
+        vmm.client.resize(desired_vcpus=2)
     vmm.client.create(vmm.config())
     assert vmm.client.info().state == "Created"
     with pytest.raises(VmmError):
         vmm.client.create(vmm.config())
     vmm.client.boot()
     assert vmm.client.info().state == "Running"
+
+
+@pytest.mark.parametrize("action", ["pause", "resume", "shutdown"])
+def test_actions_without_a_booted_vm_are_500_not_404(vmm: Vmm, action: str):
+    """No VM object is Cloud Hypervisor's VmNotRunning, a 500 in every version: only
+    info, resize and boot say "not created" (404 from v53)."""
+    for create in (False, True):
+        if create:
+            vmm.client.create(vmm.config())
+        with pytest.raises(VmmError) as caught:
+            getattr(vmm.client, action)()
+        assert caught.value.status == 500
+        assert not isinstance(caught.value, VmNotCreated)
+        assert "not running" in caught.value.chain[-1]
+
+
+def test_config_values_are_checked_at_boot(vmm: Vmm):
+    config = vmm.config()
+    config["memory"]["hotplug_size"] = 100 * MIB  # virtio-mem needs 128 MiB multiples
+    vmm.client.create(config)
+    with pytest.raises(VmmError) as caught:
+        vmm.client.boot()
+    assert caught.value.status == 500
+    assert vmm.client.info().state == "Created"
 
 
 def test_info_shape(vmm: Vmm):
@@ -313,6 +351,17 @@ def test_grow_memory_then_the_guest_plugs_it(vmm: Vmm):
     wait_for("virtio-mem to plug 256 MiB", lambda: vmm.client.info().guest_memory == target)
 
 
+def test_shrink_memory_back_to_the_boot_size(vmm: Vmm):
+    vmm.boot()
+    vmm.client.resize(desired_ram=BOOT_MEMORY + 256 * MIB)
+    wait_for("virtio-mem to plug", lambda: vmm.client.info().guest_memory > BOOT_MEMORY)
+    vmm.client.resize(desired_ram=BOOT_MEMORY)
+    # Cloud Hypervisor stores no hotplugged_size (null, or absent from v53), not 0.
+    assert vmm.client.info_raw()["config"]["memory"].get("hotplugged_size") is None
+    assert vmm.client.info().config.memory.hotplugged_size is None
+    wait_for("virtio-mem to unplug", lambda: vmm.client.info().guest_memory == BOOT_MEMORY)
+
+
 def test_identical_memory_request_is_500(vmm: Vmm):
     vmm.boot()
     vmm.client.resize(desired_ram=BOOT_MEMORY + 128 * MIB)
@@ -359,6 +408,29 @@ def test_malformed_json_is_400(vmm: Vmm, endpoint: str):
     assert status == 400
 
 
+def test_keep_alive_serves_several_requests_on_one_connection(vmm: Vmm):
+    vmm.boot()
+    conn = _UnixConnection(vmm.socket)
+    try:
+        for method, path, status in [
+            ("PUT", "/api/v1/vm.pause", 204),
+            ("GET", "/api/v1/vm.info", 200),
+            ("PUT", "/api/v1/vm.resume", 204),
+            ("GET", "/api/v1/vm.nope", 404),
+            ("GET", "/api/v1/vmm.ping", 200),
+        ]:
+            conn.request(method, path)
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == status, (method, path, body)
+            if status == 204:
+                assert body == b""
+            else:
+                json.loads(body)
+    finally:
+        conn.close()
+
+
 def test_unknown_path_is_404(vmm: Vmm):
     status, body = raw(vmm.socket, "GET", "/api/v1/vm.no-such-endpoint")
     assert status == 404
@@ -370,9 +442,12 @@ def test_unknown_path_is_404(vmm: Vmm):
     [("GET", "vm.resize"), ("PUT", "vm.info"), ("PUT", "vmm.ping"), ("GET", "vm.boot")],
 )
 def test_wrong_method_is_400(vmm: Vmm, method: str, endpoint: str):
+    """Cloud Hypervisor answers a method an endpoint does not serve with 400 ["Bad
+    Request"], not 405."""
     vmm.boot()
-    status, _ = raw(vmm.socket, method, f"/api/v1/{endpoint}")
+    status, body = raw(vmm.socket, method, f"/api/v1/{endpoint}")
     assert status == 400
+    assert json.loads(body) == ["Bad Request"]
     assert vmm.client.info().state == "Running"
 
 
@@ -425,14 +500,19 @@ def test_vmm_shutdown_exits(vmm: Vmm):
 
 
 @contextlib.contextmanager
-def sim(workdir: Path, *flags: str) -> Iterator[Vmm]:
+def sim_argv(workdir: Path, argv: list[str]) -> Iterator[Vmm]:
     sock = str(workdir / "api.sock")
-    proc, client = start(SIM, sock, workdir / "vmm.log", [*_sim_argv(sock), *flags])
+    proc, client = start(SIM, sock, workdir / "vmm.log", argv)
     try:
         yield Vmm(SIM, proc, sock, client)
     finally:
         client.close()
         stop(proc)
+
+
+def sim(workdir: Path, *flags: str) -> contextlib.AbstractContextManager[Vmm]:
+    sock = str(workdir / "api.sock")
+    return sim_argv(workdir, [*_sim_argv(sock), *flags])
 
 
 def test_sim_boots_from_its_command_line(workdir: Path):
@@ -470,9 +550,61 @@ def test_sim_old_versions_report_not_created_as_500(workdir: Path, version: int,
         with pytest.raises(VmNotCreated) as caught:
             vmm.client.info()
         assert caught.value.status == 500
+        with pytest.raises(VmNotCreated):
+            vmm.client.boot()  # "VM config is missing"
         vmm.boot()
-        assert vmm.client.info().memory_actual_size is None
-        assert vmm.client.info().guest_memory == BOOT_MEMORY
+        # Before v52 memory_actual_size is the requested size, plugged or not.
+        target = BOOT_MEMORY + 128 * MIB
+        vmm.client.resize(desired_ram=target)
+        assert vmm.client.info().memory_actual_size == target
+        # Optional fields are null before v53, and the client reads them the same.
+        vmm.client.resize(desired_ram=BOOT_MEMORY)
+        assert vmm.client.info_raw()["config"]["memory"]["hotplugged_size"] is None
+        assert vmm.client.info().config.memory.hotplugged_size is None
+
+
+def test_sim_can_leave_memory_actual_size_out(workdir: Path):
+    with sim(workdir, "--sim-omit-memory-actual-size", "--sim-plug-rate", "0") as vmm:
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 128 * MIB)
+        info = vmm.client.info()
+        assert info.memory_actual_size is None
+        assert info.guest_memory == BOOT_MEMORY + 128 * MIB
+
+
+def test_sim_accepts_a_bare_socket_path(workdir: Path):
+    sock = str(workdir / "api.sock")
+    argv = [*_sim_argv(sock)]
+    argv[argv.index(f"path={sock}")] = sock
+    with sim_argv(workdir, argv) as vmm:
+        assert vmm.client.ping().pid == vmm.proc.pid
+
+
+def test_sim_refuses_a_socket_another_vmm_serves(workdir: Path):
+    with sim(workdir) as vmm:
+        result = subprocess.run(
+            _sim_argv(vmm.socket), cwd=REPO, capture_output=True, timeout=30, check=False
+        )
+        assert result.returncode == 1
+        assert b"in use" in result.stderr
+        assert vmm.client.ping().pid == vmm.proc.pid
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"PUT /api/v1/vm.resize HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"PUT /api/v1/vm.resize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n",
+        b"NOT-HTTP\r\n\r\n",
+    ],
+    ids=["bad-content-length", "chunked", "garbage"],
+)
+def test_sim_answers_bad_framing_with_400_and_closes(workdir: Path, request_bytes: bytes):
+    with sim(workdir) as vmm:
+        answer = raw_bytes(vmm.socket, request_bytes)
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0]
+        assert vmm.client.ping().pid == vmm.proc.pid
 
 
 def test_sim_error_rate_one_fails_every_resize(workdir: Path):

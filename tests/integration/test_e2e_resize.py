@@ -37,6 +37,7 @@ pytestmark = pytest.mark.integration
 
 BIG, SMALL = "e2e-big", "e2e-small"
 HOSTNAME = "kubernetes.io/hostname"
+WEBHOOK = False
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def stack(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         tmp_path_factory.mktemp("e2e"),
         nodes=[NodeSpec(BIG, "32", "64Gi"), NodeSpec(SMALL, "8", "16Gi")],
         control_plane=control_plane,
+        webhook=WEBHOOK,
         # A little actuation time, and a guest that (un)plugs at 8 GiB/s, so that every
         # phase is observable by a sampling test; still well under a second per resize.
         resize_delay=0.2,
@@ -133,6 +135,18 @@ def reasons(kube: Kube, namespace: str, name: str) -> list[str]:
     return [e["reason"] for e in events_for(kube, namespace, name)]
 
 
+def wait_event(
+    kube: Kube, namespace: str, name: str, reason: str, timeout: float = 10
+) -> list[dict[str, Any]]:
+    """Events are written after the status they describe: give them a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in events_for(kube, namespace, name) if e["reason"] == reason]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
 def vmm_client(stack: Stack, pod_obj: dict[str, Any]) -> CloudHypervisorClient:
     node = pod_obj["spec"]["nodeName"]
     path = vmm_socket_path(str(stack.socket_root(node)), pod_obj["metadata"]["uid"])
@@ -177,11 +191,9 @@ def test_seed_example(
     create_vm(kube, namespace, vms, "seed", BIG)
     wait_converged(kube, namespace, "seed")
     before = len(reasons(kube, namespace, "seed"))
-    obj = kube.get(vm_url(namespace, "seed"))
     kube.patch(
         vm_url(namespace, "seed"),
         {
-            "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
             "spec": {
                 "instance": {
                     "cpu": {"sockets": sockets, "coresPerSocket": cores},
@@ -205,8 +217,11 @@ def test_seed_example(
     info = vmm_client(stack, pod(kube, namespace, "seed")).info()
     assert info.config.cpus.boot_vcpus == sockets * cores
     assert info.guest_memory == parse_bytes(memory)
-    after = reasons(kube, namespace, "seed")[before:]
-    assert _in_order(GROWTH_EVENTS, after), after
+    wait_event(kube, namespace, "seed", "VMResizeCompleted")
+    deadline = time.monotonic() + 10
+    while not _in_order(GROWTH_EVENTS, after := reasons(kube, namespace, "seed")[before:]):
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
 
 
 # --- refusals -------------------------------------------------------------------------
@@ -225,8 +240,7 @@ def test_infeasible_is_refused_once_and_the_pod_restored(
     assert vm.status.phase == "Running"
     cond = vm.status.condition(RESIZED)
     assert cond is not None and cond.reason == "PodResizeInfeasible"
-    events = events_for(kube, namespace, "huge")
-    infeasible = [e for e in events if e["reason"] == "VMPodResizeInfeasible"]
+    infeasible = wait_event(kube, namespace, "huge", "VMPodResizeInfeasible")
     assert len(infeasible) == 1 and infeasible[0]["type"] == "Warning"
     assert "Node didn't have enough capacity" in infeasible[0]["message"]
     # The pod goes back to what it has; the kubelet then drops the pending resize.
@@ -265,7 +279,7 @@ def test_deferred_completes_when_room_is_made(
 
     obj = follower.wait(deferred, 30)
     assert parse_vm(obj).status.phase == "PodResizeInProgress"
-    assert "VMPodResizeDeferred" in reasons(kube, namespace, "grower")
+    assert wait_event(kube, namespace, "grower", "VMPodResizeDeferred")
     kube.delete(vm_url(namespace, "squatter"))  # make room; no user action on grower
     obj = follower.wait(converged, 60)
     assert parse_vm(obj).status.allocated.memory == 10 * GiB  # type: ignore[union-attr]
@@ -341,15 +355,15 @@ def test_spec_change_mid_resize_converges_to_the_newest(
     name = f"changer-{phase.lower()}"
     create_vm(kube, namespace, vms, name, BIG, sockets=1, cores=2, memory="4Gi")
     wait_converged(kube, namespace, name)
-    resize_vm(kube, namespace, name, 6, "8Gi")
+    resize_vm(kube, namespace, name, 4, "8Gi")  # the ceilings are 4 vCPUs and 20Gi
     follower = Follower(kube, namespace, name)
     follower.wait(lambda o: (o.get("status") or {}).get("phase") == phase, 30, interval=0.005)
-    resize_vm(kube, namespace, name, 4, "6Gi")
+    resize_vm(kube, namespace, name, 3, "6Gi")
     obj = follower.wait(converged, 60)
     vm = parse_vm(obj)
     assert vm.status.allocated is not None
-    assert (vm.status.allocated.vcpus, vm.status.allocated.memory) == (4, 6 * GiB)
-    assert_pod_matches_seed_formula(pod(kube, namespace, name), 4, 6 * GiB)
+    assert (vm.status.allocated.vcpus, vm.status.allocated.memory) == (3, 6 * GiB)
+    assert_pod_matches_seed_formula(pod(kube, namespace, name), 3, 6 * GiB)
 
 
 # --- crash safety ---------------------------------------------------------------------

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sim.kubelet import (
     DeletePod,
@@ -505,7 +507,9 @@ def test_a_memory_decrease_below_usage_is_an_error_until_usage_drops():
     w.step()
     w.usage[uid] = 3 * GiB
     gen = w.resize("vm1", **{"vm-manager": _res("2", "2Gi")})
+    # Before the step sees the new spec, only the pods given can tell that usage matters.
     assert w.kubelet.usage_wanted() == frozenset()
+    assert w.kubelet.usage_wanted(w.pods.values()) == frozenset({uid})
     out = w.step(1)
     progress = w.cond("vm1", "PodResizeInProgress")
     assert progress["reason"] == "Error"
@@ -535,7 +539,7 @@ def test_a_memory_decrease_below_usage_is_an_error_until_usage_drops():
     w.step(1)  # a retry on the next call, not only on the timer
     assert w.cond("vm1", "PodResizeInProgress") is None
     assert w.cstatus("vm1")["resources"] == _res("2", "2Gi")
-    assert w.kubelet.usage_wanted() == frozenset()
+    assert w.kubelet.usage_wanted(w.pods.values()) == frozenset()
 
 
 def test_a_memory_decrease_above_usage_and_unknown_usage_proceed():
@@ -829,3 +833,53 @@ def test_pod_requests_counts_the_larger_of_desired_allocated_and_actual():
     pod["spec"]["containers"][0]["resources"] = _res("8", "8Gi")
     pod["status"]["conditions"] = [{"type": "PodResizePending", "reason": "Infeasible"}]
     assert pod_requests(pod) == (2000, 3 * GiB)  # an infeasible desire holds nothing
+
+
+# --- invariants over random histories ------------------------------------------------------
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "resize", "delete", "usage", "wait"]),
+        st.integers(0, 7),  # which pod
+        st.integers(1, 6),  # cpu
+        st.integers(1, 12),  # memory GiB
+        st.sampled_from([0.0, 0.5, 1.0, 3.0, 11.0]),  # time passing
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS, delay=st.sampled_from([0.0, 1.0, 2.5]), legacy=st.booleans())
+def test_random_histories_never_overcommit_and_always_report_the_generation(ops, delay, legacy):
+    w = World(
+        cpu="8",
+        memory=16 * GiB,
+        resize_delay_s=delay,
+        deferred_retry_s=5.0,
+        legacy_resize_status=legacy,
+    )
+    for op, index, cpu, memory, wait in ops:
+        name = f"p{index}"
+        live = name in w.pods and "deletionTimestamp" not in w.pods[name]["metadata"]
+        if op == "add" and name not in w.pods:
+            w.add_vm(name, str(cpu), f"{memory}Gi")
+        elif op == "resize" and live:
+            w.resize(name, **{"vm-manager": _res(str(cpu), f"{memory}Gi")})
+        elif op == "delete" and live:
+            w.delete(name)
+        elif op == "usage" and name in w.pods:
+            w.usage[w.pods[name]["metadata"]["uid"]] = memory * GiB
+        out = w.step(wait)
+        free_cpu, free_memory = w.kubelet.free()
+        assert free_cpu >= 0 and free_memory >= 0
+        assert out.wake_at is None or out.wake_at > w.now
+        for pod in w.pods.values():
+            status = pod["status"]
+            if status.get("phase") != "Running":
+                continue
+            assert status["observedGeneration"] == pod["metadata"]["generation"]
+            uid = pod["metadata"]["uid"]
+            resources = {cs["name"]: cs["resources"] for cs in status["containerStatuses"]}
+            actuated = w.kubelet.actuated(uid)
+            assert resources == {n: r.to_json() for n, r in actuated.items()}

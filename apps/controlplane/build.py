@@ -1,0 +1,368 @@
+"""Build kube-apiserver and etcd from the pinned Go modules in ``controlplane/go``, once.
+
+The binaries are cached as ``<cache>/controlplane/<name>-<version>`` where the cache is
+``$CHSCALE_CACHE_DIR``, else ``$XDG_CACHE_HOME/chscale``, else ``~/.cache/chscale``. The
+versions are read from the ``go.mod`` files, so bumping a version there is the whole
+upgrade. A binary is built only when missing, into a temporary name renamed into place
+when complete (a killed build leaves nothing that looks finished), under an exclusive
+lock (two processes asking at once build once). See ADR 0002.
+
+``python -m apps.controlplane.build`` (``make controlplane``) builds what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+import attrs
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GO_MODULES = REPO_ROOT / "controlplane" / "go"
+TIMINGS_FILE = "build-times.json"
+LOCK_FILE = ".build.lock"
+# Where Go's own installer puts it; non-login shells often lack it on PATH.
+GO_FALLBACK = Path("/usr/local/go/bin/go")
+# Non-TTY progress: one line this often, so CI logs show the build is alive.
+PROGRESS_EVERY_S = 20.0
+TAIL_LINES = 40
+# `go build -v` prints one import path per package it compiles; anything else
+# (errors, "# pkg" headers) contains a space or a colon.
+_PACKAGE_LINE = re.compile(r"^[A-Za-z0-9_.~\-/]+$")
+
+
+class BuildError(RuntimeError):
+    """The control-plane binaries could not be built."""
+
+
+class GoNotFound(BuildError):
+    pass
+
+
+@attrs.frozen(slots=True)
+class ControlPlaneBinaries:
+    apiserver: Path
+    etcd: Path
+
+
+@attrs.frozen(slots=True)
+class Component:
+    """One binary: where its Go module is, what to build and how to name the result."""
+
+    name: str
+    module_dir: Path
+    version: str
+    package: str
+    ldflags: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+def cache_dir() -> Path:
+    """``<cache>/controlplane``; the environment decides ``<cache>`` (see module doc)."""
+    if explicit := os.environ.get("CHSCALE_CACHE_DIR"):
+        base = Path(explicit)
+    elif xdg := os.environ.get("XDG_CACHE_HOME"):
+        base = Path(xdg) / "chscale"
+    else:
+        base = Path.home() / ".cache" / "chscale"
+    return base / "controlplane"
+
+
+def required_version(go_mod: Path, module: str) -> str:
+    """The version of ``module`` that ``go_mod`` requires (``require module vX.Y.Z``)."""
+    text = go_mod.read_text()
+    pattern = re.compile(
+        rf"^\s*(?:require\s+)?{re.escape(module)}\s+(v[0-9][^\s]*)\s*(?://.*)?$", re.MULTILINE
+    )
+    match = pattern.search(text)
+    if match is None:
+        raise BuildError(f"{go_mod}: no `require {module} <version>` line")
+    return match.group(1)
+
+
+def _apiserver_ldflags(version: str) -> str:
+    # Without these the binary reports v0.0.0, and clients (kubectl, the discovery
+    # checks of controllers) see a nonsense server version.
+    match = re.match(r"v(\d+)\.(\d+)\.", version)
+    if match is None:
+        raise BuildError(f"cannot read major.minor from kube-apiserver version {version!r}")
+    base = "k8s.io/component-base/version"
+    return (
+        f"-s -w -X {base}.gitVersion={version} "
+        f"-X {base}.gitMajor={match.group(1)} -X {base}.gitMinor={match.group(2)}"
+    )
+
+
+def components(modules: Path = GO_MODULES) -> tuple[Component, Component]:
+    """(kube-apiserver, etcd), versions as pinned by their ``go.mod``."""
+    apiserver_dir, etcd_dir = modules / "kube-apiserver", modules / "etcd"
+    k8s = required_version(apiserver_dir / "go.mod", "k8s.io/kubernetes")
+    etcd = required_version(etcd_dir / "go.mod", "go.etcd.io/etcd/server/v3")
+    return (
+        Component(
+            "kube-apiserver",
+            apiserver_dir,
+            k8s,
+            "k8s.io/kubernetes/cmd/kube-apiserver",
+            _apiserver_ldflags(k8s),
+        ),
+        Component("etcd", etcd_dir, etcd, ".", "-s -w"),
+    )
+
+
+def find_go() -> str:
+    found = shutil.which("go")
+    if found:
+        return found
+    if GO_FALLBACK.is_file() and os.access(GO_FALLBACK, os.X_OK):
+        return str(GO_FALLBACK)
+    apiserver, etcd = components()
+    raise GoNotFound(
+        "the Go toolchain (`go`) is not on PATH (nor at "
+        f"{GO_FALLBACK}). chscale builds kube-apiserver {apiserver.version} and etcd "
+        f"{etcd.version} from {GO_MODULES} with Go >= 1.25 (the go.mod `go` line); install "
+        "Go from https://go.dev/dl/ and put it on PATH, or place prebuilt binaries at "
+        f"{cache_dir() / apiserver.filename} and {cache_dir() / etcd.filename}."
+    )
+
+
+def paths(directory: Path | None = None) -> ControlPlaneBinaries:
+    """Where the binaries are (or will be), without building anything."""
+    directory = directory or cache_dir()
+    apiserver, etcd = components()
+    return ControlPlaneBinaries(directory / apiserver.filename, directory / etcd.filename)
+
+
+def _ready(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+# --- progress -------------------------------------------------------------------------
+
+
+class _Progress:
+    """One updating line on a terminal, a line every PROGRESS_EVERY_S otherwise."""
+
+    def __init__(self, name: str, out: IO[str] | None) -> None:
+        self.name, self.out = name, out
+        self.tty = bool(out is not None and out.isatty())
+        self.started = time.monotonic()
+        self.packages = 0
+        self._last_line = self.started
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def update(self, *, force: bool = False) -> None:
+        if self.out is None:
+            return
+        text = f"building {self.name}: {self.elapsed():.0f}s, {self.packages} packages compiled"
+        if self.tty:
+            self.out.write(f"\r{text}\x1b[K")
+            self.out.flush()
+        elif force or time.monotonic() - self._last_line >= PROGRESS_EVERY_S:
+            self._last_line = time.monotonic()
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def finish(self, ok: bool) -> None:
+        if self.out is None:
+            return
+        verdict = "built" if ok else "FAILED"
+        text = f"{verdict} {self.name} in {self.elapsed():.1f}s ({self.packages} packages compiled)"
+        self.out.write((f"\r{text}\x1b[K\n") if self.tty else text + "\n")
+        self.out.flush()
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def _build_one(go: str, component: Component, dest: Path, out: IO[str] | None) -> tuple[float, int]:
+    """Build ``component`` to ``dest`` atomically; return (seconds, packages compiled)."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    argv = [go, "build", "-v", "-trimpath", "-ldflags", component.ldflags, "-o", str(tmp)]
+    argv.append(component.package)
+    progress = _Progress(component.filename, out)
+    progress.update(force=True)
+    tail: list[str] = []
+    lines: queue.Queue[str | None] = queue.Queue()
+    proc = subprocess.Popen(
+        argv,
+        cwd=component.module_dir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    assert proc.stdout is not None
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                progress.update()
+                continue
+            if line is None:
+                break
+            if _PACKAGE_LINE.match(line):
+                progress.packages += 1
+            tail = [*tail[-(TAIL_LINES - 1) :], line]
+            progress.update()
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        tmp.unlink(missing_ok=True)
+        progress.finish(ok=False)
+        raise
+    if code != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        progress.finish(ok=False)
+        shown = "\n".join(tail) or "(no output)"
+        raise BuildError(
+            f"`go build` of {component.filename} in {component.module_dir} exited with "
+            f"{code}; last output:\n{shown}"
+        )
+    os.replace(tmp, dest)
+    progress.finish(ok=True)
+    return progress.elapsed(), progress.packages
+
+
+# --- locking and bookkeeping ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path, out: IO[str] | None) -> Iterator[None]:
+    with open(directory / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if out is not None:
+                out.write(f"waiting for the control-plane build held by pid {holder}\n")
+                out.flush()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _go_version(go: str) -> str:
+    try:
+        done = subprocess.run([go, "version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def read_timings(directory: Path | None = None) -> dict[str, dict[str, object]]:
+    """The build record: per binary, seconds, packages compiled, when and with which Go."""
+    path = (directory or cache_dir()) / TIMINGS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record(directory: Path, entries: dict[str, dict[str, object]]) -> None:
+    data = {**read_timings(directory), **entries}
+    tmp = directory / f".{TIMINGS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / TIMINGS_FILE)
+
+
+# --- the entry points -----------------------------------------------------------------
+
+
+def ensure_binaries(
+    directory: Path | None = None, *, out: IO[str] | None = sys.stdout
+) -> ControlPlaneBinaries:
+    """The binaries, building whichever is missing. Prints progress to ``out`` (None:
+    silent) and, when it built anything, ``controlplane_cold_build_s=<seconds>``."""
+    directory = directory or cache_dir()
+    wanted = paths(directory)
+    if _ready(wanted.apiserver) and _ready(wanted.etcd):
+        return wanted
+    directory.mkdir(parents=True, exist_ok=True)
+    go = find_go()
+    with _exclusive(directory, out):
+        # Another process may have built them while this one waited for the lock.
+        todo = [
+            (c, directory / c.filename) for c in components() if not _ready(directory / c.filename)
+        ]
+        if not todo:
+            return wanted
+        go_version = _go_version(go)
+        total, packages, entries = 0.0, 0, {}
+        for component, dest in todo:
+            seconds, compiled = _build_one(go, component, dest, out)
+            total += seconds
+            packages += compiled
+            entries[component.filename] = {
+                "seconds": round(seconds, 1),
+                "packages_compiled": compiled,
+                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "go": go_version,
+            }
+        _record(directory, entries)
+    if out is not None:
+        out.write(f"controlplane_cold_build_s={total:.1f}\n")
+        # -v lists only packages compiled, not those found in Go's build cache.
+        out.write(
+            f"# {packages} packages compiled; a warm Go build cache "
+            f"(GOCACHE) makes a rebuild much faster than a cold one\n"
+        )
+        out.flush()
+    return wanted
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m apps.controlplane.build",
+        description="Build kube-apiserver and etcd from controlplane/go (only if missing).",
+    )
+    parser.add_argument("--print-paths", action="store_true", help="print the binary paths")
+    args = parser.parse_args(argv)
+    try:
+        binaries = ensure_binaries()
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.print_paths:
+        print(f"kube-apiserver={binaries.apiserver}\netcd={binaries.etcd}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

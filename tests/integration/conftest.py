@@ -1,0 +1,94 @@
+"""Fixtures for tests against the real control plane (kube-apiserver + etcd, ADR 0002).
+
+- ``control_plane`` (session): one ``ControlPlane`` for the whole run, the VirtualMachine
+  CRD installed and one Ready node, ``NODE`` (``NODE_CPU`` CPUs, ``NODE_MEMORY``). There
+  is no scheduler, kubelet or kube-controller-manager: a test that needs a running pod
+  binds it and writes its status itself, or starts the local stack on this control plane
+  (``apps.localstack.stack.Stack(control_plane=...)``). Add nodes with
+  ``control_plane.add_node(name, cpu, memory)``; they stay for the rest of the session,
+  so give them names no other test uses.
+- ``namespace`` (per test): a fresh namespace with its ``default`` ServiceAccount
+  (needed by every pod create), deleted afterwards. It then stays Terminating (no
+  namespace controller), which refuses new objects in it, so nothing leaks into later
+  tests; objects that need real cleanup (a VM with a finalizer) are the test's to delete.
+- ``node``: the name of that node, for binding pods to it.
+- ``api_client`` (per test): an official-client ``ApiClient`` as cluster admin.
+
+If the control plane cannot be built or started, every test using it errors: these
+tests are never skipped. Every test in this directory is marked ``integration``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+
+from apps.controlplane.build import BuildError, ControlPlaneBinaries, ensure_binaries
+from apps.controlplane.launcher import ControlPlane
+
+NODE = "node-a"
+NODE_CPU = "16"
+NODE_MEMORY = "32Gi"
+NAMESPACE_MAX = 63  # a DNS label
+
+_HERE = Path(__file__).parent.resolve()
+_prebuilt: dict[str, ControlPlaneBinaries | BaseException] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mine = [item for item in items if _HERE in Path(str(item.path)).resolve().parents]
+    for item in mine:
+        item.add_marker(pytest.mark.integration)
+    # A first build takes minutes: do it now, visibly and before any per-test timeout
+    # starts, rather than inside the first test's fixture setup.
+    if any("control_plane" in getattr(item, "fixturenames", ()) for item in mine):
+        capture = config.pluginmanager.getplugin("capturemanager")
+        try:
+            with capture.global_and_fixture_disabled():
+                _prebuilt["binaries"] = ensure_binaries()
+        except (BuildError, OSError) as exc:
+            # Reported by the fixture, so the tests error instead of the whole session.
+            _prebuilt["binaries"] = exc
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A running control plane with the CRD and node ``NODE``; stopped at session end,
+    also after a failure or Ctrl-C (its processes die with this one in any case)."""
+    built = _prebuilt.get("binaries")
+    if isinstance(built, BaseException):
+        raise built
+    binaries = built or ensure_binaries()
+    # Under pytest's basetemp, so the etcd and kube-apiserver logs outlive a failed run.
+    with ControlPlane(tmp_path_factory.mktemp("controlplane"), binaries=binaries) as cp:
+        cp.add_node(NODE, NODE_CPU, NODE_MEMORY)
+        yield cp
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace of this test's own, ready for pods; deleted afterwards."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")
+    suffix = uuid.uuid4().hex[:6]
+    name = f"{slug[: NAMESPACE_MAX - len(suffix) - 1].rstrip('-')}-{suffix}"
+    control_plane.create_namespace(name)
+    yield name
+    if control_plane.running:
+        control_plane.delete_namespace(name)
+
+
+@pytest.fixture
+def node(control_plane: ControlPlane) -> str:
+    """The name of the session's Ready node (``NODE_CPU`` CPUs, ``NODE_MEMORY``)."""
+    return NODE
+
+
+@pytest.fixture
+def api_client(control_plane: ControlPlane) -> Iterator[k8s.ApiClient]:
+    with control_plane.api_client() as client:
+        yield client
