@@ -339,8 +339,9 @@ def ensure_binaries(
     if out is not None:
         out.write(f"controlplane_cold_build_s={total:.1f}\n")
         # -v lists only packages compiled, not those found in Go's build cache.
+        cached = " (all from Go's build cache: a relink, not a cold build)" if not packages else ""
         out.write(
-            f"# {packages} packages compiled; a warm Go build cache "
+            f"# {packages} packages compiled{cached}; a warm Go build cache "
             f"(GOCACHE) makes a rebuild much faster than a cold one\n"
         )
         out.flush()

@@ -726,17 +726,21 @@ class World:
         """Everything a user could see once the world is quiet (but events).
 
         Two things depend on timing rather than on decisions, so they are reduced to what
-        the contract promises: a dead pod's spec (a patch may have raced its death), and
-        the size a pod is put back to after an infeasible resize ("what it actually
-        has", which depends on whether an earlier step had landed)."""
-        result = {}
+        the contract promises: a VM whose pod died (a resize step may have raced the
+        death; the VM must end, that is all), and the size a pod is put back to after an
+        infeasible resize ("what it actually has", which depends on whether an earlier
+        step had landed)."""
+        result: dict[str, tuple[Any, ...]] = {}
         for name, slot in self.slots.items():
+            if slot.dead:
+                result[name] = (slot.vm.status.phase,)
+                continue
             status = slot.vm.status
             record = status.resize
             pod = slot.pod
             vmm = slot.vmm
             pod_part: tuple[Any, ...] | None = None
-            if pod is not None and not slot.dead:
+            if pod is not None:
                 if record is not None and record.step is Step.INFEASIBLE:
                     covers = pod.actual is not None and (
                         vmm is None or pod.actual.memory >= vmm.guest_memory + OVERHEAD

@@ -314,6 +314,9 @@ def test_vcpu_shrink_is_pending_until_the_guest_ejects():
     assert put(model, "vm.resize", {"desired_vcpus": 0}, now=2.0).status == 500
     model.advance(3.0)
     assert (model.present_vcpus, model.pending_vcpu_removal) == (2, 0)
+    # Re-sending the shrink's count is now a no-op: a probe for "the guest has ejected".
+    assert put(model, "vm.resize", {"desired_vcpus": 2}, now=3.0).status == 204
+    assert model.present_vcpus == 2
     assert put(model, "vm.resize", {"desired_vcpus": 3}, now=3.0).status == 204
     assert model.present_vcpus == 3
 
