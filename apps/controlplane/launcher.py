@@ -30,7 +30,6 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import datetime as dt
 import http.client
 import ipaddress
@@ -38,14 +37,12 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client as k8s
 
+from apps.common.procs import STOP_GRACE_S, Child, tail
 from apps.controlplane.build import ControlPlaneBinaries, ensure_binaries
 
 log = logging.getLogger(__name__)
@@ -74,12 +72,9 @@ NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 DEFAULT_SERVICE_ACCOUNT = "default"
 READY_TIMEOUT_S = 60.0
 CRD_TIMEOUT_S = 30.0
-STOP_GRACE_S = 10.0
 POLL_S = 0.05
-LOG_TAIL_LINES = 30
 PORT_ATTEMPTS = 3
 CERT_VALIDITY = dt.timedelta(days=365)
-_PR_SET_PDEATHSIG = 1
 
 
 class ControlPlaneError(RuntimeError):
@@ -313,73 +308,6 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    # libc is loaded here, in the parent: loading a library between fork and exec can
-    # deadlock on a lock another thread held at fork time.
-    libc: Any = None
-    with contextlib.suppress(OSError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-    def preexec() -> None:
-        # PDEATHSIG fires when the *thread* that forked exits: start control planes
-        # from a thread that lives as long as they should (the main thread, usually).
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-class _Process:
-    """A child in its own process group, output to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name, self.log_path = name, log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),
-            )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def failure(self) -> str:
-        return (
-            f"{self.name} exited with code {self.proc.returncode}; "
-            f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    def stop(self, grace: float = STOP_GRACE_S) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "controlplane.stop process=%s grace_s=%s action=SIGKILL", self.name, grace
-                )
-        # The group too: whatever the process started must not outlive it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
 # --- a minimal HTTPS client (the launcher's own calls, and readiness probes) ----------
 
 
@@ -475,8 +403,8 @@ class ControlPlane:
         self._pki: Pki | None = None
         self._ports: Ports | None = None
         self._http: _Http | None = None
-        self._etcd: _Process | None = None
-        self._apiserver: _Process | None = None
+        self._etcd: Child | None = None
+        self._apiserver: Child | None = None
         self._accounts: _ServiceAccounts | None = None
         self._atexit_registered = False
 
@@ -786,9 +714,9 @@ class ControlPlane:
             "--v=1",
         ]
         logs = state / "logs"
-        self._etcd = _Process("etcd", etcd_argv, logs / "etcd.log")
+        self._etcd = Child("etcd", etcd_argv, logs / "etcd.log")
         # Started together: the API server retries etcd while it builds its own state.
-        self._apiserver = _Process("kube-apiserver", apiserver_argv, logs / "kube-apiserver.log")
+        self._apiserver = Child("kube-apiserver", apiserver_argv, logs / "kube-apiserver.log")
 
     def _wait_ready(self, started: float) -> None:
         assert self._http is not None
@@ -811,7 +739,7 @@ class ControlPlane:
         raise ControlPlaneError(
             f"kube-apiserver not ready within {self.ready_timeout:.0f}s at {self.server_url} "
             f"(last /readyz: {last}); last lines of {self._apiserver.log_path}:\n"
-            f"{_tail(self._apiserver.log_path)}"
+            f"{tail(self._apiserver.log_path)}"
         )
 
     def _install_crd(self, path: Path) -> None:
@@ -850,7 +778,7 @@ class ControlPlane:
         # The API server first: stopped after etcd it would spend its grace period
         # failing to reach storage.
         for attr in ("_apiserver", "_etcd"):
-            process: _Process | None = getattr(self, attr)
+            process: Child | None = getattr(self, attr)
             if process is not None:
                 process.stop()
                 setattr(self, attr, None)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from apps.common.procs import Child, python_module
 from apps.controlplane.launcher import ControlPlane
-from apps.localstack.procs import Child, python_module
 
 log = logging.getLogger(__name__)
 
