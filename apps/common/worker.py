@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from apps.common.logs import kv
+from core.constants import VM_NAME_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +71,33 @@ def run_worker(
             queue.add_after(key, after if after is not None else resync_s)
         finally:
             queue.done(key)
+
+
+class Reconciler:
+    """What the controller and the daemon share: pod events map to their VM's key, and
+    workers run :meth:`reconcile` under :func:`run_worker`'s guarantees."""
+
+    resync_s = 300.0
+
+    def __init__(
+        self, queue: Queue, metrics: Metrics, is_conflict: Callable[[BaseException], bool]
+    ) -> None:
+        self.queue, self.metrics, self.is_conflict = queue, metrics, is_conflict
+        self._stop = threading.Event()
+
+    def on_pod(self, _event: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        vm_name = (meta.get("labels") or {}).get(VM_NAME_LABEL)
+        if vm_name:
+            self.queue.add(f"{meta.get('namespace')}/{vm_name}")
+
+    def reconcile(self, key: str) -> float | None:
+        raise NotImplementedError
+
+    def run_worker(self) -> None:
+        run_worker(
+            self.queue, self.reconcile, self.metrics, self.is_conflict, self.resync_s, self._stop
+        )
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -9,7 +9,6 @@ A key is never reconciled by two workers at once (the work queue guarantees it).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -18,7 +17,7 @@ from attrs import evolve
 from adapters.k8s.vms import build_pod, finalizer_patch, owned_pod, pod_name
 from apps.common.executor import SharedExecutor
 from apps.common.logs import kv
-from apps.common.worker import Cache, Metrics, Queue, run_worker
+from apps.common.worker import Cache, Metrics, Queue, Reconciler
 from core import (
     UNOBSERVED_VMM,
     AddFinalizer,
@@ -33,7 +32,6 @@ from core import (
     parse_pod,
     parse_vm,
 )
-from core.constants import VM_NAME_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +62,9 @@ class ControllerMetrics(Metrics, Protocol):
     def pod_resize_requested(self, outcome: str) -> None: ...
 
 
-class Controller:
+class Controller(Reconciler):
+    resync_s = RESYNC_S
+
     def __init__(
         self,
         api: ControllerApi,
@@ -78,13 +78,13 @@ class Controller:
         is_conflict: Callable[[BaseException], bool],
         refusal: Callable[[BaseException], str | None],
     ) -> None:
-        self.api, self.vms, self.pods, self.queue, self.metrics = api, vms, pods, queue, metrics
+        super().__init__(queue, metrics, is_conflict)
+        self.metrics: ControllerMetrics = metrics
+        self.api, self.vms, self.pods = api, vms, pods
         self.image = image
         self.config = config
-        self.is_conflict = is_conflict
         self.refusal = refusal
         self.shared = SharedExecutor(api, vms.observe_write, metrics.resize_done)
-        self._stop = threading.Event()
 
     # --- events -> keys ---------------------------------------------------------------
 
@@ -92,27 +92,11 @@ class Controller:
         meta = obj.get("metadata") or {}
         self.queue.add(f"{meta.get('namespace')}/{meta.get('name')}")
 
-    def on_pod(self, _event: str, obj: dict[str, Any]) -> None:
-        meta = obj.get("metadata") or {}
-        vm_name = (meta.get("labels") or {}).get(VM_NAME_LABEL)
-        if vm_name:
-            self.queue.add(f"{meta.get('namespace')}/{vm_name}")
-
-    # --- workers ----------------------------------------------------------------------
-
-    def run_worker(self) -> None:
-        run_worker(self.queue, self.reconcile, self.metrics, self.is_conflict, RESYNC_S, self._stop)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    # --- one reconcile ----------------------------------------------------------------
-
     def reconcile(self, key: str) -> float | None:
         namespace, _, name = key.partition("/")
         vm_obj = self.vms.get(namespace, name)
         if vm_obj is None:
-            return None  # deleted; its pod goes with it through the owner reference
+            return None  # gone: the finalizer made sure its pod went first
         try:
             vm = parse_vm(vm_obj)
         except ValueError:

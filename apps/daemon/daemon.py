@@ -20,7 +20,7 @@ from attrs import evolve
 from adapters.k8s.vms import owned_pod, pod_name
 from apps.common.executor import SharedExecutor
 from apps.common.logs import kv
-from apps.common.worker import Cache, Metrics, Queue, run_worker
+from apps.common.worker import Cache, Metrics, Queue, Reconciler
 from core import (
     BootVmm,
     KernelConfig,
@@ -35,7 +35,6 @@ from core import (
     parse_pod,
     parse_vm,
 )
-from core.constants import VM_NAME_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,9 @@ class StatusApi(Protocol):
     ) -> None: ...
 
 
-class Daemon:
+class Daemon(Reconciler):
+    resync_s = RESYNC_S
+
     def __init__(
         self,
         api: StatusApi,
@@ -80,13 +81,12 @@ class Daemon:
         config: KernelConfig,
         is_conflict: Callable[[BaseException], bool],
     ) -> None:
-        self.api, self.vms, self.pods, self.queue, self.metrics = api, vms, pods, queue, metrics
+        super().__init__(queue, metrics, is_conflict)
+        self.api, self.vms, self.pods = api, vms, pods
         self.node_name = node_name
         self.vmm_for_pod = vmm_for_pod
         self.config = config
-        self.is_conflict = is_conflict
         self.shared = SharedExecutor(api, vms.observe_write, metrics.resize_done)
-        self._stop = threading.Event()
         self._hold: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -96,18 +96,6 @@ class Daemon:
         # The pod cache holds only this node's pods: a VM whose pod is not there is not ours.
         if self.pods.get(str(namespace), pod_name(str(name))) is not None:
             self.queue.add(f"{namespace}/{name}")
-
-    def on_pod(self, _event: str, obj: dict[str, Any]) -> None:
-        meta = obj.get("metadata") or {}
-        vm_name = (meta.get("labels") or {}).get(VM_NAME_LABEL)
-        if vm_name:
-            self.queue.add(f"{meta.get('namespace')}/{vm_name}")
-
-    def run_worker(self) -> None:
-        run_worker(self.queue, self.reconcile, self.metrics, self.is_conflict, RESYNC_S, self._stop)
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def reconcile(self, key: str) -> float | None:
         namespace, _, name = key.partition("/")
