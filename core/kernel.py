@@ -67,6 +67,7 @@ from core.model import (
     ConditionStatus,
     Phase,
     PodPhase,
+    PodResizeCondition,
     PodView,
     ResizeRecord,
     Resources,
@@ -593,7 +594,11 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         _patch_accepted(out, record, pod)
         return
     step, target = plan(current, pod, desired, config)
-    kubelet_busy = pod.resize_pending is not None or pod.resize_in_progress is not None
+    kubelet_busy = (
+        pod.resize_pending is not None
+        or pod.resize_in_progress is not None
+        or pod.legacy_resize_status is not None  # Proposed, InProgress, Deferred
+    )
     if step is None and kubelet_busy:
         _pod_waiting(out, vm, pod, record)  # not done while the kubelet still works on it
         return
@@ -654,6 +659,9 @@ def _patch_accepted(out: _Out, record: ResizeRecord, pod: PodView) -> None:
 
 def _pod_waiting(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord) -> None:
     pending, progress = pod.resize_pending, pod.resize_in_progress
+    if pending is None and pod.legacy_resize_status == "Deferred":
+        # A kubelet before 1.33 says only this, in status.resize, with no generation.
+        pending = PodResizeCondition("Deferred", "status.resize: Deferred")
     if (
         pending is not None
         and pending.reason == "Deferred"

@@ -43,6 +43,7 @@ class NodeSpec:
     name: str
     cpu: str = "16"
     memory: str = "32Gi"
+    vmm_command: str | None = None  # this node's VMM (default: the stack's)
 
 
 class Stack:
@@ -182,8 +183,9 @@ class Stack:
             "--vmm-socket-root",
             str(self.socket_root(node)),
         ]
-        if self.vmm_command:
-            args += ["--vmm-command", self.vmm_command]
+        vmm_command = spec.vmm_command or self.vmm_command
+        if vmm_command:
+            args += ["--vmm-command", vmm_command]
         name = f"kubelet-{node}"
         self.children[name] = Child(
             name, python_module("apps.kubelet.main", *args), self.logs / f"{name}.log"

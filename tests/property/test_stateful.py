@@ -179,31 +179,34 @@ class ResizeMachine(RuleBasedStateMachine):
 
     # --- the processes ----------------------------------------------------------------
 
-    @rule(i=vm_index, catch_up=fractions)
-    def controller(self, i: int, catch_up: float) -> None:
+    @rule(i=vm_index, vm=fractions, pod=fractions)
+    def controller(self, i: int, vm: float, pod: float) -> None:
+        """One action of the controller, its caches having caught up only so far."""
         name = self._name(i)
-        self.world.refresh(self.world.controller, name, catch_up)
+        self.world.refresh(self.world.controller, name, vm, pod)
         self.world.act(self.world.controller, name)
 
-    @rule(i=vm_index, catch_up=fractions)
-    def daemon(self, i: int, catch_up: float) -> None:
+    @rule(i=vm_index, vm=fractions, pod=fractions)
+    def daemon(self, i: int, vm: float, pod: float) -> None:
         name = self._name(i)
         daemon = self.world.daemons[self.world.slots[name].node.name]
-        self.world.refresh(daemon, name, catch_up)
+        self.world.refresh(daemon, name, vm, pod)
         self.world.act(daemon, name)
 
-    @rule(i=vm_index, times=st.integers(1, 6))
-    def everyone(self, i: int, times: int) -> None:
-        """The common case, several times over: fresh views, every party takes a turn."""
+    @rule(i=vm_index, times=st.integers(1, 6), lagging=st.sampled_from([None, 0, 1]))
+    def everyone(self, i: int, times: int, lagging: int | None) -> None:
+        """The common case, several times over: every party takes a turn on fresh views,
+        except that one process's pod cache may stay where it is (a slow watch)."""
         name = self._name(i)
         slot = self.world.slots[name]
+        actors = (self.world.controller, self.world.daemons[slot.node.name])
         for _ in range(times):
             self.world.kubelet(name)
             # Removed vCPUs are ejected only by the guest rule: a count change meanwhile
             # is a 429 from the VMM.
             self.world.guest(name, None, eject=False)
-            for actor in (self.world.controller, self.world.daemons[slot.node.name]):
-                self.world.refresh(actor, name)
+            for index, actor in enumerate(actors):
+                self.world.refresh(actor, name, 1.0, 0.0 if index == lagging else 1.0)
                 while self.world.act(actor, name) and actor.queue:
                     pass
 

@@ -37,7 +37,7 @@ shows that each one fails on a deliberately broken kernel.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -301,8 +301,6 @@ class World:
     config: KernelConfig = CONFIG
     accommodating: bool = False  # the kubelet defers nothing (settling)
     stats: Stats = attrs.Factory(Stats)
-    # Wrap decide() (the bite tests swap in broken kernels this way, too).
-    decide: Callable[..., tuple[Action, ...]] = decide
 
     @classmethod
     def create(
@@ -507,13 +505,30 @@ class World:
         actor.pod_seen.clear()
         self.stats.restarts += 1
 
-    def refresh(self, actor: Actor, name: str, fraction: float = 1.0) -> None:
-        """Let the actor's caches catch up ``fraction`` of the way to the newest versions."""
+    def refresh(self, actor: Actor, name: str, vm: float = 1.0, pod: float | None = None) -> None:
+        """Let the actor's VM and pod caches catch up that fraction of the way to the
+        newest versions (the pod cache as far as the VM cache unless told otherwise)."""
         slot = self.slots[name]
-        for seen, history in ((actor.vm_seen, slot.vms), (actor.pod_seen, slot.pods)):
+        for seen, history, fraction in (
+            (actor.vm_seen, slot.vms, vm),
+            (actor.pod_seen, slot.pods, vm if pod is None else pod),
+        ):
             latest = len(history) - 1
             now = seen.get(name, latest)
             seen[name] = now + round((latest - now) * fraction)
+
+    def turn(self, name: str, *, eject: bool = True) -> None:
+        """One turn of everyone for this VM on fresh views: the kubelet syncs twice, the
+        guest settles, the controller and the VM's daemon each decide and carry out."""
+        slot = self.slots[name]
+        self.kubelet(name)
+        self.kubelet(name)
+        self.guest(name, None, eject)
+        for actor in (self.controller, self.daemons[slot.node.name]):
+            self.refresh(actor, name)
+            self._decide(actor, name)
+            self.finish(actor)
+        check_state(self)
 
     def view(self, actor: Actor, name: str) -> tuple[int, Vm, PodView | None]:
         slot = self.slots[name]
@@ -564,7 +579,7 @@ class World:
         self.stats.decisions += 1
         if index != len(slot.vms) - 1 or pod is not slot.pod:
             self.stats.stale_decisions += 1
-        actions = owned_by(self.decide(vm, pod, vmm, self.config), actor.owner)
+        actions = owned_by(decide(vm, pod, vmm, self.config), actor.owner)
         steps = [Task(actions, None, name, index, vmm)]
         steps += [
             Task(actions, a, name, index, vmm)
@@ -638,6 +653,10 @@ class World:
         check_effects_safe_against_truth(slot, action)
         node = slot.node
         target = action.resources
+        if pod.desired != target:
+            # A request refused with a 403 is a request all the same.
+            check_infeasible_bounded(slot, action)
+            slot.pod_requests[slot.vm.generation] += 1
         if node.validator and (target.memory > node.memory or target.cpu_millis > node.cpu_millis):
             self.stats.refusals += 1
             message = (
@@ -647,9 +666,10 @@ class World:
             self._decide(actor, slot.name, refused=message)
             return
         if pod.desired != target:
-            check_infeasible_bounded(slot, action)
-            slot.pod_requests[slot.vm.generation] += 1
-            slot.write_pod(evolve(pod, desired=target, generation=pod.generation + 1))
+            patched = evolve(pod, desired=target, generation=pod.generation + 1)
+            if node.legacy:  # before 1.33 the API server marked every resize Proposed
+                patched = evolve(patched, legacy_resize_status="Proposed")
+            slot.write_pod(patched)
         actor.pod_seen[slot.name] = len(slot.pods) - 1
 
     def _resize_vmm(self, actor: Actor, slot: Slot, step: Task, action: ResizeVmm) -> None:
@@ -683,7 +703,7 @@ class World:
             pod = slot.pod
             vmm = slot.vmm.view() if slot.vmm is not None else VmmView(VmmState.UNREACHABLE)
             for owner, view in ((Owner.CONTROLLER, UNOBSERVED_VMM), (Owner.DAEMON, vmm)):
-                acts = owned_by(self.decide(slot.vm, pod, view, self.config), owner)
+                acts = owned_by(decide(slot.vm, pod, view, self.config), owner)
                 if any(not isinstance(a, Requeue) for a in acts):
                     return False
         return True
@@ -783,19 +803,25 @@ def check_pod_limit_covers_guest(world: World) -> None:
 def check_vmm_within_pod(slot: Slot, action: ResizeVmm | None = None) -> None:
     """(2) The VMM is never asked for more than the pod has been granted; with no action,
     what the VMM has been asked so far still fits the pod."""
+    problem = _vmm_beyond_pod(slot, action)
+    if problem:
+        raise InvariantViolation("vmm_within_pod", problem)
+
+
+def _vmm_beyond_pod(slot: Slot, action: ResizeVmm | None) -> str | None:
     pod, vmm = slot.pod, slot.vmm
     if pod is None or pod.actual is None or vmm is None or vmm.state is VmmState.NOT_CREATED:
-        return
+        return None
     vcpus, memory = vmm.vcpus, vmm.requested
     if action is not None:
         vcpus = action.vcpus if action.vcpus is not None else vcpus
         memory = action.memory if action.memory is not None else memory
     if vcpus * MILLICORES_PER_VCPU > pod.actual.cpu_millis or memory + OVERHEAD > pod.actual.memory:
-        raise InvariantViolation(
-            "vmm_within_pod",
+        return (
             f"{slot.name}: VMM {'asked for' if action else 'holds'} {vcpus} vCPUs, "
-            f"{memory} bytes; the pod was granted {pod.actual}",
+            f"{memory} bytes; the pod was granted {pod.actual}"
         )
+    return None
 
 
 def check_phase_moves_in_table(old: Vm, actions: tuple[Action, ...]) -> None:
@@ -918,10 +944,9 @@ def check_effects_safe_against_truth(slot: Slot, action: ResizePod | ResizeVmm) 
     holds (memory + overhead, or its vCPUs), no VMM request beyond the pod's grant."""
     vmm = slot.vmm
     if isinstance(action, ResizeVmm):
-        try:
-            check_vmm_within_pod(slot, action)
-        except InvariantViolation as exc:
-            raise InvariantViolation("effects_safe_against_truth", str(exc)) from None
+        problem = _vmm_beyond_pod(slot, action)
+        if problem:
+            raise InvariantViolation("effects_safe_against_truth", problem)
         return
     if vmm is None or vmm.state is VmmState.NOT_CREATED:
         return
