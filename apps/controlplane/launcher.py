@@ -70,6 +70,10 @@ ADMIN_USER = "chscale-admin"
 ADMIN_GROUP = "system:masters"
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 DEFAULT_SERVICE_ACCOUNT = "default"
+# What ``add_node`` registers unless told otherwise (the kubelet's default pod limit).
+DEFAULT_NODE_CPU = "16"
+DEFAULT_NODE_MEMORY = "32Gi"
+DEFAULT_NODE_PODS = 110
 READY_TIMEOUT_S = 60.0
 CRD_TIMEOUT_S = 30.0
 POLL_S = 0.05
@@ -494,9 +498,9 @@ class ControlPlane:
     def add_node(
         self,
         name: str,
-        cpu: int | str,
-        memory: str,
-        pods: int = 110,
+        cpu: int | str = DEFAULT_NODE_CPU,
+        memory: str = DEFAULT_NODE_MEMORY,
+        pods: int = DEFAULT_NODE_PODS,
         labels: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """A Ready Node with ``cpu``/``memory``/``pods`` as capacity and allocatable, as a

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 
 BIG, SMALL = "e2e-big", "e2e-small"
 HOSTNAME = "kubernetes.io/hostname"
-WEBHOOK = False
+WEBHOOK = True
 
 
 @pytest.fixture(scope="module")
