@@ -2,10 +2,11 @@
 
 - ``controlplane_cold_build_s``: building kube-apiserver and etcd from the Go module
   proxy. By default the figure recorded by the build that produced the cached binaries
-  (``build-times.json`` next to them). ``--cold`` measures it now, into a fresh temporary
-  binary directory; Go's build cache (GOCACHE) and module cache still hold the compiled
-  packages of earlier builds, so that is a warm-cache rebuild unless ``--fresh-gocache``
-  also points GOCACHE at an empty directory (minutes of both cores).
+  (``build-times.json`` next to them), or ``unknown`` if there is no record. ``--cold``
+  measures it now, into a fresh temporary binary directory; Go's build cache (GOCACHE)
+  and module cache still hold the compiled packages of earlier builds, so that is a
+  warm-cache rebuild unless ``--fresh-gocache`` also points GOCACHE at an empty
+  directory (minutes of both cores).
 - ``controlplane_warm_ready_s``: from ``ControlPlane.start()`` to an API server that is
   ready with the VirtualMachine CRD Established and served, binaries already built
   (median of ``--runs``). Goal: <= 10 s.
@@ -43,9 +44,10 @@ def _recorded_build() -> None:
                 f"{entry.get('built_at')}"
             )
         return
+    print("controlplane_cold_build_s=unknown")
     print(
-        f"# no build record in {cache_dir()} for {', '.join(names)}; "
-        "run with --cold to measure a build"
+        f"# no build record in {cache_dir()} for {', '.join(names)} (built by hand or by an "
+        "older build.py; ADR 0002 records the first measurement); --cold measures one"
     )
 
 

@@ -1,259 +1,473 @@
-"""Admission decisions as pure functions: AdmissionReview request in, response out.
+"""Admission decisions as pure functions: an AdmissionReview request in, the response out.
 
-The rules themselves live in the kernel (``core.resources.validate_vm``,
-``core.resources.pod_resources``); this module only speaks AdmissionReview v1 and
-JSONPatch. No I/O: the server and the tests call these directly.
+Theory of operation. The API server sends an ``admission.k8s.io/v1`` AdmissionReview;
+:func:`parse_review` checks its envelope (anything else is the caller's fault: the server
+answers 400) and returns ``request``. One function per route turns that request into a
+complete AdmissionReview response:
+
+- :func:`mutate_vm_review` (VirtualMachine CREATE/UPDATE) defaults the CPU topology and
+  keeps ``spec.resources`` equal to what the VM pod gets (requests = limits =
+  :func:`core.resources.pod_resources`), as a JSONPatch. A spec the kernel cannot parse,
+  or one the rules refuse, is left alone: the validating webhook refuses it with the
+  field path, and a patch computed from a broken spec would only obscure that.
+- :func:`validate_vm_review` (VirtualMachine CREATE/UPDATE) refuses with 422 Invalid,
+  one cause per :class:`core.model.FieldError` of ``parse_vm`` and ``validate_vm``.
+  An UPDATE that leaves ``spec.instance`` as it was is admitted: the rules judge changes
+  to the VM, and metadata writes (a finalizer removed on delete) must never be blocked by
+  a spec that predates the webhook.
+- :func:`mutate_pod_review` (Pod CREATE, VM pods only) gives container ``vm-manager``
+  requests = limits and ``resizePolicy: NotRequired`` for cpu and memory. The VM spec is
+  needed only when the pod does not already carry requests = limits; it comes from a
+  lookup function the app supplies, so this module stays free of I/O.
+
+The rules themselves are the kernel's (``core.resources``, ``core.wire``); nothing here
+re-decides what a valid VM is. Every function is total: odd input is a refusal or a
+pass-through, never an exception.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.constants import VM_CONTAINER, VM_NAME_LABEL
-from core.model import FieldError
-from core.quantity import format_bytes, format_millicores
+from attrs import frozen
+
+from core.config import DEFAULT_CONFIG, KernelConfig
+from core.constants import API_GROUP, KIND, VM_CONTAINER, VM_NAME_LABEL, VM_UID_LABEL
+from core.model import FieldError, Resources, Vm
+from core.quantity import (
+    QuantityError,
+    format_bytes,
+    format_millicores,
+    parse_bytes,
+    parse_millicores,
+)
 from core.resources import pod_resources, validate_vm
 from core.wire import parse_vm
 
-VmLookup = Callable[[str, str], dict[str, Any] | None]
-
-RESIZE_POLICY = [
-    {"resourceName": "cpu", "restartPolicy": "NotRequired"},
-    {"resourceName": "memory", "restartPolicy": "NotRequired"},
+__all__ = [
+    "REVIEW_API_VERSION",
+    "BadReview",
+    "LookupFailed",
+    "VmLookup",
+    "allow",
+    "mutate_pod_review",
+    "mutate_vm_review",
+    "parse_review",
+    "patched",
+    "pointer",
+    "refuse",
+    "validate_vm_review",
 ]
+
+REVIEW_API_VERSION = "admission.k8s.io/v1"
+REVIEW_KIND = "AdmissionReview"
+CREATE, UPDATE = "CREATE", "UPDATE"
+RESIZABLE = ("cpu", "memory")
+# RestartContainer would restart the VMM, that is kill the guest (RESIZE.md §5).
+NOT_REQUIRED = "NotRequired"
+
+VmLookup = Callable[[str, str], dict[str, Any] | None]
+"""``(namespace, name)`` -> the VirtualMachine object, or ``None`` when it does not exist.
+Raises (:class:`LookupFailed` or anything else) when it cannot tell."""
 
 
 class BadReview(ValueError):
-    """The body is not an AdmissionReview we can answer (the server replies 400)."""
+    """The body is not an AdmissionReview v1 request (the sender's fault: HTTP 400)."""
+
+
+class LookupFailed(Exception):
+    """The VM could not be read (API server unreachable, forbidden, ...)."""
+
+
+# --- the envelope ---------------------------------------------------------------------
 
 
 def parse_review(body: bytes) -> dict[str, Any]:
+    """The ``request`` of an AdmissionReview v1 body; :class:`BadReview` says what is wrong."""
+    if not body:
+        raise BadReview("empty body: expected an AdmissionReview")
     try:
         review = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except RecursionError:
+        raise BadReview("body is nested too deeply") from None
+    except ValueError as exc:  # includes UnicodeDecodeError
         raise BadReview(f"body is not JSON: {exc}") from None
     if not isinstance(review, dict):
-        raise BadReview("body is not a JSON object")
+        raise BadReview(f"expected a JSON object, got {type(review).__name__}")
+    if review.get("apiVersion") != REVIEW_API_VERSION or review.get("kind") != REVIEW_KIND:
+        raise BadReview(
+            f"expected apiVersion {REVIEW_API_VERSION} kind {REVIEW_KIND}, got "
+            f"apiVersion {_short(review.get('apiVersion'))} kind {_short(review.get('kind'))}"
+        )
     request = review.get("request")
     if not isinstance(request, dict):
-        raise BadReview("missing request")
+        raise BadReview("request is missing or not an object")
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
-        raise BadReview("missing request.uid")
+        raise BadReview("request.uid is missing or not a string")
     return request
 
 
-def _response(uid: str, **fields: Any) -> dict[str, Any]:
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _review(uid: str, response: dict[str, Any]) -> dict[str, Any]:
     return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "response": {"uid": uid, "allowed": True, **fields},
+        "apiVersion": REVIEW_API_VERSION,
+        "kind": REVIEW_KIND,
+        "response": {"uid": uid, **response},
     }
 
 
-def allow(uid: str) -> dict[str, Any]:
-    return _response(uid)
+def allow(uid: str, warnings: Sequence[str] = ()) -> dict[str, Any]:
+    response: dict[str, Any] = {"allowed": True}
+    if warnings:
+        response["warnings"] = list(warnings)
+    return _review(uid, response)
 
 
-def deny(uid: str, errors: list[FieldError] | tuple[FieldError, ...]) -> dict[str, Any]:
-    message = "; ".join(str(e) for e in errors)
-    return _response(
-        uid,
-        allowed=False,
-        status={
-            "status": "Failure",
-            "code": 422,
-            "reason": "Invalid",
-            "message": f"VirtualMachine is invalid: {message}",
-            "details": {
-                "causes": [
-                    {"reason": "FieldValueInvalid", "field": e.path, "message": e.message}
-                    for e in errors
-                ]
-            },
-        },
-    )
+def refuse(
+    uid: str,
+    message: str,
+    *,
+    code: int = 422,
+    reason: str = "Invalid",
+    causes: Sequence[FieldError] = (),
+) -> dict[str, Any]:
+    """A denial; the API server prefixes ``message`` with the webhook's name and returns
+    ``code`` and the causes (field paths) to the client."""
+    status: dict[str, Any] = {
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
+    if causes:
+        status["details"] = {
+            "causes": [
+                {"reason": "FieldValueInvalid", "field": e.path, "message": e.message}
+                for e in causes
+            ]
+        }
+    return _review(uid, {"allowed": False, "status": status})
 
 
-def patched(uid: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+def patched(uid: str, ops: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Allowed, with ``ops`` as a JSONPatch (no patch at all when nothing changes)."""
     if not ops:
         return allow(uid)
-    patch = base64.b64encode(json.dumps(ops).encode()).decode()
-    return _response(uid, patchType="JSONPatch", patch=patch)
+    patch = base64.b64encode(json.dumps(list(ops), separators=(",", ":")).encode()).decode()
+    return _review(uid, {"allowed": True, "patchType": "JSONPatch", "patch": patch})
 
 
 def pointer(*parts: str | int) -> str:
-    """A JSON pointer (RFC 6901): ``~`` and ``/`` in keys are escaped."""
+    """A JSON pointer (RFC 6901): ``~`` becomes ``~0`` and ``/`` becomes ``~1`` in keys."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def _object(request: dict[str, Any], key: str = "object") -> dict[str, Any] | None:
-    obj = request.get(key)
-    return obj if isinstance(obj, dict) else None
+def _add(ops: list[dict[str, Any]], value: object, *path: str | int) -> None:
+    # "add" replaces an existing member (RFC 6902 §4.1), so it serves both cases.
+    ops.append({"op": "add", "path": pointer(*path), "value": value})
 
 
-def _with_name(request: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
-    """Objects created with generateName have no name yet at admission time."""
-    meta = obj.get("metadata")
-    if isinstance(meta, dict) and meta.get("name"):
+def _dict(value: object) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _uid(request: dict[str, Any]) -> str:
+    return str(request["uid"])
+
+
+def _named(request: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with a name to parse it by: objects created with ``generateName`` get theirs
+    after the mutating webhooks run."""
+    meta = _dict(obj.get("metadata"))
+    if meta is None or meta.get("name"):
         return obj
-    name = request.get("name") or (meta or {}).get("generateName") or "unnamed"
-    return {**obj, "metadata": {**(meta if isinstance(meta, dict) else {}), "name": name}}
+    name = request.get("name") or meta.get("generateName")
+    return {**obj, "metadata": {**meta, "name": name}} if name else obj
 
 
-# --- VirtualMachine ---------------------------------------------------------------------
+def _describe(request: dict[str, Any], obj: dict[str, Any]) -> str:
+    meta = _dict(obj.get("metadata")) or {}
+    namespace = request.get("namespace") or meta.get("namespace") or ""
+    name = meta.get("name") or request.get("name") or meta.get("generateName") or ""
+    return f'{KIND} "{namespace}/{name}"' if namespace else f'{KIND} "{name}"'
+
+
+def _parse(request: dict[str, Any], obj: dict[str, Any]) -> Vm | FieldError:
+    try:
+        return parse_vm(_named(request, obj))
+    except ValueError as exc:  # no usable identity
+        return FieldError("metadata.name", str(exc))
+
+
+def _refuse_vm(uid: str, what: str, errors: Sequence[FieldError]) -> dict[str, Any]:
+    return refuse(uid, f"{what} is invalid: " + "; ".join(map(str, errors)), causes=errors)
+
+
+# --- VirtualMachine: validation -------------------------------------------------------
+
+_ABSENT = object()
+
+
+def _instance(obj: dict[str, Any]) -> object:
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return ("spec", spec)  # never equal to an instance value, equal to itself
+    return spec.get("instance", _ABSENT)
 
 
 def validate_vm_review(request: dict[str, Any]) -> dict[str, Any]:
-    uid = request["uid"]
-    if request.get("operation") not in ("CREATE", "UPDATE"):
+    uid = _uid(request)
+    operation = request.get("operation")
+    if operation not in (CREATE, UPDATE):
         return allow(uid)
-    obj = _object(request)
+    obj = _dict(request.get("object"))
     if obj is None:
-        return deny(uid, [FieldError("object", "is missing or not an object")])
-    try:
-        new = parse_vm(_with_name(request, obj))
-    except (ValueError, TypeError) as exc:
-        return deny(uid, [FieldError("metadata", str(exc))])
+        return refuse(
+            uid,
+            f"{KIND} is invalid: object: must be a JSON object",
+            causes=[FieldError("object", "must be a JSON object")],
+        )
+    what = _describe(request, obj)
+    old_obj = _dict(request.get("oldObject")) if operation == UPDATE else None
+    if old_obj is not None and _instance(old_obj) == _instance(obj):
+        return allow(uid)
+    new = _parse(request, obj)
+    if isinstance(new, FieldError):
+        return _refuse_vm(uid, what, [new])
     old = None
-    if request.get("operation") == "UPDATE" and (old_obj := _object(request, "oldObject")):
-        try:
-            old = parse_vm(_with_name(request, old_obj))
-        except (ValueError, TypeError):
-            old = None
+    if old_obj is not None:
+        parsed = _parse(request, old_obj)
+        old = parsed if isinstance(parsed, Vm) else None
     errors = validate_vm(new, old)
-    return deny(uid, errors) if errors else allow(uid)
+    return _refuse_vm(uid, what, errors) if errors else allow(uid)
 
 
-def mutate_vm_review(request: dict[str, Any]) -> dict[str, Any]:
-    uid = request["uid"]
-    obj = _object(request)
-    if request.get("operation") not in ("CREATE", "UPDATE") or obj is None:
-        return allow(uid)
-    spec = obj.get("spec")
-    if not isinstance(spec, dict):
-        return allow(uid)
-    ops: list[dict[str, Any]] = []
-    instance = spec.get("instance")
-    cpu = instance.get("cpu") if isinstance(instance, dict) else None
-    if isinstance(cpu, dict):
-        for key in ("sockets", "coresPerSocket"):
-            if key not in cpu:
-                ops.append(
-                    {"op": "add", "path": pointer("spec", "instance", "cpu", key), "value": 1}
-                )
-    elif isinstance(instance, dict) and "cpu" not in instance:
-        ops.append(
-            {
-                "op": "add",
-                "path": pointer("spec", "instance", "cpu"),
-                "value": {"sockets": 1, "coresPerSocket": 1},
-            }
-        )
+# --- VirtualMachine: defaults ---------------------------------------------------------
+
+
+def resource_values(resources: Resources) -> dict[str, str]:
+    """``{"cpu": ..., "memory": ...}`` as Kubernetes prints them."""
+    return {
+        "cpu": format_millicores(resources.cpu_millis),
+        "memory": format_bytes(resources.memory),
+    }
+
+
+def _amount(name: str, value: object) -> int | None:
     try:
-        vm = parse_vm(_with_name(request, _apply_defaults(obj, ops)))
-    except (ValueError, TypeError):
-        return patched(uid, ops)
-    if vm.spec is None:
-        return patched(uid, ops)  # the validating webhook refuses it, with the field path
-    needed = pod_resources(vm.spec)
-    values = {"cpu": format_millicores(needed.cpu_millis), "memory": format_bytes(needed.memory)}
-    resources = spec.get("resources")
-    if not isinstance(resources, dict):
-        ops.append(
-            {
-                "op": "add",
-                "path": pointer("spec", "resources"),
-                "value": {"requests": dict(values), "limits": dict(values)},
-            }
-        )
+        return parse_millicores(value) if name == "cpu" else parse_bytes(value)
+    except QuantityError:
+        return None
+
+
+def _wanted(resources: Resources) -> dict[str, int]:
+    return {"cpu": resources.cpu_millis, "memory": resources.memory}
+
+
+def mutate_vm_review(
+    request: dict[str, Any], config: KernelConfig = DEFAULT_CONFIG
+) -> dict[str, Any]:
+    uid = _uid(request)
+    obj = _dict(request.get("object"))
+    if request.get("operation") not in (CREATE, UPDATE) or obj is None:
+        return allow(uid)
+    vm = _parse(request, obj)
+    if isinstance(vm, FieldError) or vm.spec is None or validate_vm(vm):
+        return allow(uid)  # the validating webhook refuses it, naming the field
+    spec: dict[str, Any] = obj["spec"]  # parse_vm found a spec object with an instance
+    ops: list[dict[str, Any]] = []
+    cpu = _dict(spec["instance"].get("cpu"))
+    if cpu is None:
+        _add(ops, {"sockets": 1, "coresPerSocket": 1}, "spec", "instance", "cpu")
     else:
-        for kind in ("requests", "limits"):
-            current = resources.get(kind)
-            if not isinstance(current, dict):
-                ops.append(
-                    {"op": "add", "path": pointer("spec", "resources", kind), "value": dict(values)}
-                )
-                continue
-            for name, value in values.items():
-                # Kept consistent with the instance spec on every write, so a pod created
-                # from it is never smaller than the guest needs.
-                if current.get(name) != value:
-                    op = "replace" if name in current else "add"
-                    ops.append(
-                        {"op": op, "path": pointer("spec", "resources", kind, name), "value": value}
-                    )
+        for key in ("sockets", "coresPerSocket"):
+            if cpu.get(key) is None:
+                _add(ops, 1, "spec", "instance", "cpu", key)
+    needed = pod_resources(vm.spec, config)
+    values, wanted = resource_values(needed), _wanted(needed)
+    resources = _dict(spec.get("resources"))
+    if resources is None:
+        _add(ops, {"requests": dict(values), "limits": dict(values)}, "spec", "resources")
+        return patched(uid, ops)
+    for kind in ("requests", "limits"):
+        current = _dict(resources.get(kind))
+        if current is None:
+            _add(ops, dict(values), "spec", "resources", kind)
+            continue
+        for name in RESIZABLE:
+            # Equal amounts keep the user's spelling ("8000m" stays): only a change is a
+            # write, and a write bumps the VM's generation.
+            if _amount(name, current.get(name)) != wanted[name]:
+                _add(ops, values[name], "spec", "resources", kind, name)
     return patched(uid, ops)
 
 
-def _apply_defaults(obj: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """The object as the defaulting ops would leave it (only the cpu defaults)."""
-    if not ops:
-        return obj
-    result = copy.deepcopy(obj)
-    cpu = result["spec"]["instance"].setdefault("cpu", {})
-    for key in ("sockets", "coresPerSocket"):
-        cpu.setdefault(key, 1)
+# --- the VM pod -----------------------------------------------------------------------
+
+
+def _guaranteed(resources: object) -> bool:
+    """Requests = limits for cpu and memory, all valid quantities."""
+    resources = _dict(resources)
+    if resources is None:
+        return False
+    requests, limits = _dict(resources.get("requests")), _dict(resources.get("limits"))
+    if requests is None or limits is None:
+        return False
+    for name in RESIZABLE:
+        amount = _amount(name, limits.get(name))
+        if amount is None or amount <= 0 or _amount(name, requests.get(name)) != amount:
+            return False
+    return True
+
+
+def _sized(resources: object, values: dict[str, str]) -> dict[str, Any]:
+    """``resources`` with cpu and memory requests = limits = ``values``; other resource
+    names (hugepages, ephemeral storage) and other keys are kept."""
+    result = dict(_dict(resources) or {})
+    for kind in ("requests", "limits"):
+        result[kind] = {**(_dict(result.get(kind)) or {}), **values}
     return result
 
 
-# --- the VM pod ---------------------------------------------------------------------------
+def _resize_policy(policy: object) -> list[Any]:
+    """NotRequired for cpu and memory; entries for other resources are kept in place."""
+    entries = list(policy) if isinstance(policy, list) else []
+    result: list[Any] = []
+    seen = set()
+    for entry in entries:
+        name = entry.get("resourceName") if isinstance(entry, dict) else None
+        if name in RESIZABLE:
+            if name in seen:
+                continue  # a duplicate the API server would refuse anyway
+            seen.add(name)
+            result.append({**entry, "restartPolicy": NOT_REQUIRED})
+        else:
+            result.append(entry)
+    for name in RESIZABLE:
+        if name not in seen:
+            result.append({"resourceName": name, "restartPolicy": NOT_REQUIRED})
+    return result
 
 
-def mutate_pod_review(request: dict[str, Any], lookup: VmLookup | None) -> dict[str, Any]:
-    uid = request["uid"]
-    pod = _object(request)
-    if request.get("operation") != "CREATE" or pod is None:
+@frozen
+class _Owner:
+    name: str
+    uid: str | None
+
+
+def _owner(meta: dict[str, Any]) -> _Owner | None:
+    labels = _dict(meta.get("labels")) or {}
+    name = labels.get(VM_NAME_LABEL)
+    if not isinstance(name, str) or not name:
+        return None
+    uid = labels.get(VM_UID_LABEL) or None
+    refs = meta.get("ownerReferences")
+    for ref in refs if isinstance(refs, list) else ():
+        if (
+            isinstance(ref, dict)
+            and ref.get("kind") == KIND
+            and str(ref.get("apiVersion") or "").startswith(f"{API_GROUP}/")
+            and ref.get("name") == name
+            and ref.get("uid")
+        ):
+            uid = ref["uid"]
+    return _Owner(name, uid if isinstance(uid, str) else None)
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, code: int = 422, reason: str = "Invalid") -> None:
+        super().__init__(message)
+        self.message, self.code, self.reason = message, code, reason
+
+
+def _vm_resources(
+    request: dict[str, Any],
+    meta: dict[str, Any],
+    owner: _Owner,
+    lookup: VmLookup | None,
+    config: KernelConfig,
+) -> dict[str, str]:
+    """The VM's pod resources as quantity strings; :class:`_Refused` says why they cannot
+    be known."""
+    namespace = str(request.get("namespace") or meta.get("namespace") or "")
+    key = f"{namespace}/{owner.name}"
+    if lookup is None:
+        raise _Refused(
+            f"pod has no requests = limits for {VM_CONTAINER} and this webhook has no API "
+            f"access to read {KIND} {key} for them",
+            503,
+            "ServiceUnavailable",
+        )
+    try:
+        obj = lookup(namespace, owner.name)
+    except Exception as exc:  # the app's I/O failed: say so, never crash the review
+        raise _Refused(
+            f"cannot read {KIND} {key} to size its pod: {exc}", 503, "ServiceUnavailable"
+        ) from None
+    vm = _parse(request, obj) if isinstance(obj, dict) else None
+    if vm is None:
+        raise _Refused(f"{KIND} {key} (label {VM_NAME_LABEL}) does not exist", 404, "NotFound")
+    if isinstance(vm, FieldError) or vm.spec is None:
+        errors = [vm] if isinstance(vm, FieldError) else list(vm.spec_errors)
+        raise _Refused(
+            f"{KIND} {key} has an invalid spec, its pod cannot be sized: "
+            + "; ".join(map(str, errors))
+        )
+    if owner.uid and vm.uid and owner.uid != vm.uid:
+        raise _Refused(
+            f"pod belongs to an earlier {KIND} {key} (uid {owner.uid}, now {vm.uid})",
+            409,
+            "Conflict",
+        )
+    return resource_values(pod_resources(vm.spec, config))
+
+
+def mutate_pod_review(
+    request: dict[str, Any],
+    lookup: VmLookup | None,
+    config: KernelConfig = DEFAULT_CONFIG,
+) -> dict[str, Any]:
+    uid = _uid(request)
+    pod = _dict(request.get("object"))
+    if request.get("operation") != CREATE or pod is None:
         return allow(uid)
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
-    vm_name = labels.get(VM_NAME_LABEL)
-    spec = pod.get("spec")
-    if not isinstance(vm_name, str) or not isinstance(spec, dict):
-        return allow(uid)
-    containers = spec.get("containers")
-    if not isinstance(containers, list):
-        return allow(uid)
-    values = None
-    namespace = request.get("namespace") or meta.get("namespace") or "default"
-    if lookup is not None:
-        try:
-            vm_obj = lookup(str(namespace), vm_name)
-            vm = parse_vm(vm_obj) if vm_obj is not None else None
-        except (ValueError, TypeError, OSError):
-            vm = None
-        if vm is not None and vm.spec is not None:
-            needed = pod_resources(vm.spec)
-            values = {
-                "cpu": format_millicores(needed.cpu_millis),
-                "memory": format_bytes(needed.memory),
-            }
+    meta = _dict(pod.get("metadata")) or {}
+    owner = _owner(meta)
+    spec = _dict(pod.get("spec"))
+    containers = spec.get("containers") if spec is not None else None
+    if owner is None or not isinstance(containers, list):
+        return allow(uid)  # not a VM pod; or a pod the API server's validation refuses
+    index = next(
+        (
+            i
+            for i, c in enumerate(containers)
+            if isinstance(c, dict) and c.get("name") == VM_CONTAINER
+        ),
+        None,
+    )
+    if index is None:
+        return allow(
+            uid,
+            warnings=[f"VM pod has no {VM_CONTAINER} container: chscale cannot resize it"],
+        )
+    container: dict[str, Any] = containers[index]
     ops: list[dict[str, Any]] = []
-    for i, container in enumerate(containers):
-        if not isinstance(container, dict) or container.get("name") != VM_CONTAINER:
-            continue
-        if values is not None:
-            resources = {"requests": dict(values), "limits": dict(values)}
-            if container.get("resources") != resources:
-                op = "replace" if "resources" in container else "add"
-                ops.append(
-                    {
-                        "op": op,
-                        "path": pointer("spec", "containers", i, "resources"),
-                        "value": resources,
-                    }
-                )
-        if container.get("resizePolicy") != RESIZE_POLICY:
-            op = "replace" if "resizePolicy" in container else "add"
-            ops.append(
-                {
-                    "op": op,
-                    "path": pointer("spec", "containers", i, "resizePolicy"),
-                    "value": RESIZE_POLICY,
-                }
-            )
+    if not _guaranteed(container.get("resources")):
+        try:
+            values = _vm_resources(request, meta, owner, lookup, config)
+        except _Refused as no:
+            return refuse(uid, no.message, code=no.code, reason=no.reason)
+        resources = _sized(container.get("resources"), values)
+        _add(ops, resources, "spec", "containers", index, "resources")
+    policy = _resize_policy(container.get("resizePolicy"))
+    if policy != container.get("resizePolicy"):
+        _add(ops, policy, "spec", "containers", index, "resizePolicy")
     return patched(uid, ops)

@@ -95,7 +95,7 @@ class Child:
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
-                log.warning("process did not stop in time", extra={"process": self.name})
+                log.warning("process did not stop in time; killing it", extra={"child": self.name})
         # The group too: whatever the process started must not outlive it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)

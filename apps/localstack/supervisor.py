@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     (args.state_dir / "ready").write_text("ready\n")
     log.info("stack ready", extra={"state_dir": str(args.state_dir)})
+    reported: set[str] = set()
     while not stop.wait(1.0):
         for child in stack.children.values():
-            if not child.alive():
-                log.warning("process exited", extra={"process": child.name})
+            if not child.alive() and child.name not in reported:
+                reported.add(child.name)
+                log.warning("a stack process exited", extra={"child": child.name})
     log.info("stopping stack")
     stack.stop()
     (args.state_dir / "ready").unlink(missing_ok=True)

@@ -5,7 +5,8 @@
   is no scheduler, kubelet or kube-controller-manager: a test that needs a running pod
   binds it and writes its status itself, or starts the local stack on this control plane
   (``apps.localstack.stack.Stack(control_plane=...)``). Add nodes with
-  ``control_plane.add_node(name, cpu, memory)``; they stay for the rest of the session,
+  ``control_plane.add_node(name, cpu="16", memory="32Gi", pods=110, labels=None)``
+  (a Ready Node, capacity = allocatable); they stay for the rest of the session,
   so give them names no other test uses.
 - ``namespace`` (per test): a fresh namespace with its ``default`` ServiceAccount
   (needed by every pod create), deleted afterwards. It then stays Terminating (no

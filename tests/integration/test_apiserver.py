@@ -209,6 +209,49 @@ def test_crd_is_served_with_status_subresource_and_printer_columns(
     assert (cells["Memory"], cells["Alloc-Memory"], cells["Node"]) == ("4Gi", "4Gi", node)
 
 
+def test_status_fields_clear_with_null(api_client: k8s.ApiClient, namespace: str, node: str):
+    """The controller clears finished or stale status fields by writing null, in a merge
+    patch or in a full status update; either way the field disappears."""
+    objects = k8s.CustomObjectsApi(api_client)
+    vm = copy.deepcopy(SEED_VM)
+    objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, vm)
+    status = {
+        "phase": "ResizeInProgress",
+        "nodeName": node,
+        "observedGeneration": 1,
+        "desired": {"vcpus": 8, "memory": "4Gi"},
+        "allocated": {"vcpus": 4, "memory": "4Gi"},
+        "resize": {"vcpus": 8, "memory": "4Gi", "generation": 1, "step": "Vmm"},
+    }
+    objects.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "my-vm", {"status": status}, _content_type=MERGE
+    )
+
+    cleared = objects.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "my-vm",
+        {"status": {"resize": None, "nodeName": None, "allocated": {"memory": None}}},
+        _content_type=MERGE,
+    )
+    assert cleared["status"] == {
+        "phase": "ResizeInProgress",
+        "observedGeneration": 1,
+        "desired": {"vcpus": 8, "memory": "4Gi"},
+        "allocated": {"vcpus": 4},
+    }
+
+    cleared["status"].update(phase="Running", desired=None, observedGeneration=None)
+    replaced = objects.replace_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "my-vm", cleared
+    )
+    assert replaced["status"] == {"phase": "Running", "allocated": {"vcpus": 4}}
+    stored = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "my-vm")
+    assert stored["status"] == replaced["status"]
+
+
 def test_schema_leaves_value_rules_to_the_webhook(api_client: k8s.ApiClient, namespace: str):
     """Types are checked by the API server, values are not: a zero socket count is the
     validating webhook's to refuse (with a message), not the schema's."""

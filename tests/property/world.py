@@ -900,11 +900,11 @@ def _outcome_problem(slot: Slot) -> str | None:
 
 def check_infeasible_bounded(slot: Slot, action: ResizePod) -> None:
     """(5) A spec generation refused as infeasible causes no further pod resize request
-    (putting the pod back aside), and no generation causes more than a few."""
-    pod = slot.pod
+    but putting the pod back (to what it has, or had: the controller's view of "what it
+    actually has" may lag), and no generation causes more than a few requests."""
     generation = slot.vm.generation
-    restore = pod is not None and action.resources == pod.actual
-    if slot.infeasible_generation == generation and not restore:
+    put_back = any(p is not None and p.actual == action.resources for p in slot.pods)
+    if slot.infeasible_generation == generation and not put_back:
         raise InvariantViolation(
             "infeasible_bounded",
             f"{slot.name}: generation {generation} was infeasible, yet the pod is asked for "
