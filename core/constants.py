@@ -25,6 +25,10 @@ POD_MEMORY_TOLERANCE = Fraction(5, 100)
 GUEST_MEMORY_ALIGNMENT = 2 * MiB
 HOTPLUG_REGION_ALIGNMENT = 128 * MiB
 
+# Kubernetes quantities are int64 and the pod must hold the overhead on top of the guest:
+# a larger size is not an allocation but a malformed object (refused at admission).
+MAX_GUEST_MEMORY = 1 << 62
+
 # Hotplug ceilings when the spec does not name them (RESIZE.md §1).
 DEFAULT_MAX_VCPUS_FACTOR = 2
 DEFAULT_MAX_MEMORY_FACTOR = 5

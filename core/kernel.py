@@ -164,11 +164,17 @@ def granted(pod: PodView, config: KernelConfig = DEFAULT_CONFIG) -> Resources | 
     memory = actual.memory
     if (
         memory < spec.memory
-        and memory >= spec.memory - spec.memory * config.pod_memory_tolerance
         and kubelet_done(pod)
+        and _within_tolerance(spec.memory - memory, spec.memory, config)
     ):
         memory = spec.memory
     return Resources(min(actual.cpu_millis, spec.cpu_millis), min(memory, spec.memory))
+
+
+def _within_tolerance(difference: int, of: int, config: KernelConfig) -> bool:
+    """``difference <= of * tolerance``, exactly, in integers (Fractions are slow)."""
+    num, den = config.pod_memory_tolerance.as_integer_ratio()
+    return difference * den <= of * num
 
 
 def covers(granted: Resources, needed: Resources, config: KernelConfig = DEFAULT_CONFIG) -> bool:
@@ -183,8 +189,9 @@ def covers(granted: Resources, needed: Resources, config: KernelConfig = DEFAULT
 
 def matches(granted: Resources, wanted: Resources, config: KernelConfig = DEFAULT_CONFIG) -> bool:
     """Does a pod report ``granted`` that is ``wanted`` up to Kubernetes' rounding?"""
-    slack = wanted.memory * config.pod_memory_tolerance
-    return granted.cpu_millis == wanted.cpu_millis and abs(granted.memory - wanted.memory) <= slack
+    return granted.cpu_millis == wanted.cpu_millis and _within_tolerance(
+        abs(granted.memory - wanted.memory), wanted.memory, config
+    )
 
 
 def plan(
@@ -228,6 +235,9 @@ class _Out:
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
+        # The spec's problems, worked out once per decision (several steps ask).
+        self.spec_problems = vm.spec_errors if vm.spec is None else spec_errors(vm.spec)
+        self.spec_ok = vm.spec is not None and not self.spec_problems
         self.status: list[Action] = []
         self.events: list[Action] = []
         self.effects: list[Action] = []
@@ -305,7 +315,7 @@ def decide(
         return out.done()
     if phase in TERMINAL_PHASES or phase is Phase.UNKNOWN:
         return out.done()
-    if vm.spec is None or spec_errors(vm.spec):
+    if not out.spec_ok:
         _invalid_spec(out, vm)
         if phase in (Phase.PENDING, Phase.SCHEDULING):
             return out.done()
@@ -332,7 +342,7 @@ def decide(
 
 
 def _observe(out: _Out, vm: Vm, pod: PodView | None) -> None:
-    desired = vm.spec.desired if vm.spec is not None and not spec_errors(vm.spec) else None
+    desired = vm.spec.desired if vm.spec is not None and out.spec_ok else None
     node = pod.node_name if pod is not None and pod.node_name else vm.status.node_name
     status = vm.status
     if (status.observed_generation, status.desired, status.node_name) != (
@@ -352,8 +362,7 @@ def _deletion(out: _Out, pod: PodView | None) -> None:
 
 
 def _invalid_spec(out: _Out, vm: Vm) -> None:
-    errors = vm.spec_errors if vm.spec is None else spec_errors(vm.spec)
-    message = "; ".join(str(e) for e in errors) or "spec is missing"
+    message = "; ".join(str(e) for e in out.spec_problems) or "spec is missing"
     out.condition(
         Owner.CONTROLLER, SPEC_VALID, ConditionStatus.FALSE, Reasons.INVALID_SPEC, message
     )
@@ -438,7 +447,7 @@ def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:
 
 def _effective_desired(vm: Vm, out: _Out, owner: Owner) -> Allocation | None:
     """The spec's target if the running VMM can reach it; else a condition and None."""
-    if vm.spec is None or spec_errors(vm.spec):
+    if vm.spec is None or not out.spec_ok:
         return None
     capacity = vm.status.capacity
     if capacity is not None:

@@ -18,6 +18,7 @@ from core.constants import (
     DEFAULT_MAX_VCPUS_FACTOR,
     HOTPLUG_REGION_ALIGNMENT,
 )
+from core.quantity import format_bytes, format_millicores
 
 
 class Phase(enum.StrEnum):
@@ -59,8 +60,6 @@ class Allocation:
     memory: int
 
     def __str__(self) -> str:
-        from core.quantity import format_bytes
-
         return f"{self.vcpus} vCPUs, {format_bytes(self.memory)} memory"
 
 
@@ -72,8 +71,6 @@ class Resources:
     memory: int
 
     def __str__(self) -> str:
-        from core.quantity import format_bytes, format_millicores
-
         return f"cpu {format_millicores(self.cpu_millis)}, memory {format_bytes(self.memory)}"
 
 

@@ -33,9 +33,10 @@ _DECIMAL = {
     "P": Fraction(10**15),
     "E": Fraction(10**18),
 }
+# ASCII digits only: Python's \d (and int(), Fraction()) also take other scripts' digits.
 _QUANTITY = re.compile(
-    r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))"
-    r"(?:(?P<bin>Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exp>[+-]?\d+)|(?P<dec>[numkMGTPE]?))$"
+    r"(?P<num>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+    r"(?:(?P<bin>Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exp>[+-]?[0-9]+)|(?P<dec>[numkMGTPE]?))"
 )
 # Quantities beyond this are not resources anyone can allocate; refusing them keeps a
 # hostile "1e999999999" from turning into a multi-megabyte integer.
@@ -61,7 +62,7 @@ def parse_quantity(value: object) -> Fraction:
     text = value.strip()
     if len(text) > 64:
         raise QuantityError("quantity is too long")
-    match = _QUANTITY.match(text)
+    match = _QUANTITY.fullmatch(text)
     if match is None:
         raise QuantityError(f"{value!r} is not a quantity (examples: 4Gi, 512Mi, 1500m, 2)")
     number = Fraction(match["num"])

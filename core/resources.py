@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from core.actions import BootVmm
 from core.config import DEFAULT_CONFIG, KernelConfig
-from core.constants import GUEST_MEMORY_ALIGNMENT, MILLICORES_PER_VCPU
+from core.constants import GUEST_MEMORY_ALIGNMENT, MAX_GUEST_MEMORY, MILLICORES_PER_VCPU
 from core.model import (
     VMM_PHASES,
     Allocation,
@@ -93,6 +93,8 @@ def spec_errors(spec: VmSpec) -> tuple[FieldError, ...]:
 def _memory_errors(path: str, value: int) -> list[FieldError]:
     if value <= 0:
         return [FieldError(path, f"must be a positive quantity, got {value} bytes")]
+    if value > MAX_GUEST_MEMORY:
+        return [FieldError(path, f"{value} bytes is beyond any machine (at most 4Ei)")]
     if value % GUEST_MEMORY_ALIGNMENT:
         return [
             FieldError(

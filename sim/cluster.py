@@ -11,8 +11,9 @@ events, without threads, sockets or a wall clock (the clock is a float in the he
   resourceVersion from one counter. A status write is conditional on the resourceVersion
   the writer decided from: a write based on an older version is a conflict (409);
 - *watches*: every write is delivered to each interested actor after a sampled delay, in
-  order per actor (one watch connection each); an actor's cache only moves forward, and
-  its own writes land in its cache at once (``observe_write``);
+  order per object and actor; an actor's cache only moves forward (an equal
+  resourceVersion is news, as for an informer), and its own writes land in its cache at
+  once (``observe_write``);
 - the *controller* and one *daemon* per node, each a work queue with a fixed number of
   workers, never reconciling one key twice at once. A reconcile reads the actor's cache,
   calls :func:`core.decide` and carries out only its own actions (:func:`core.owned_by`),
@@ -553,7 +554,10 @@ class Cluster:
         self._seq += 1
         heapq.heappush(self._heap, (t, self._seq, fn, args))
 
-    def run(self) -> Report:
+    def run(self, drain: bool = False) -> Report:
+        """Create the VMs, let them boot, play the spec changes, and stop once every one
+        has finished (or ``settle_s`` after the last). ``drain`` goes on until nothing
+        is left to happen (within the same limit): the world then is at rest."""
         self._create_vms()
         heap = self._heap
         pop = heapq.heappop
@@ -565,13 +569,14 @@ class Cluster:
             self.now = t
             self.events += 1
             fn(*args)
-            if self._resizes_issued >= self.cfg.resizes and self._resizes_started_at is not None:
-                if self._open == 0 and self._resizes_issued == self.cfg.resizes:
+            if self._resizes_started_at is None:
+                if self.now > self.cfg.settle_s:
+                    break  # start-up never finished: report what ran
+            elif self._resizes_issued == self.cfg.resizes:
+                if self._open == 0 and not drain:
                     break
                 if deadline is None:
                     deadline = self._last_resize_at + self.cfg.settle_s
-            elif self._resizes_started_at is None and self.now > self.cfg.settle_s:
-                break  # start-up never finished: report what ran
         return self._report()
 
     # --- the API server ------------------------------------------------------------------

@@ -277,9 +277,7 @@ class Kube:
             raise error_from_status(resp.status, resp.data)
         return json.loads(resp.data) if resp.data else {}
 
-    def open_watch(
-        self, path: str, query: Mapping[str, Any], timeout: float
-    ) -> WatchStream:
+    def open_watch(self, path: str, query: Mapping[str, Any], timeout: float) -> WatchStream:
         """Start a watch (``watch=true`` is added); raises the typed error of a refusal."""
         try:
             resp = self.pool.request(

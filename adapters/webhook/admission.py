@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,6 +69,12 @@ CREATE, UPDATE = "CREATE", "UPDATE"
 RESIZABLE = ("cpu", "memory")
 # RestartContainer would restart the VMM, that is kill the guest (RESIZE.md §5).
 NOT_REQUIRED = "NotRequired"
+# Messages quote user values; a megabyte of them helps nobody reading kubectl's output.
+MAX_MESSAGE_CHARS = 2048
+TOO_DEEP = "is nested too deeply to judge"
+# A VM's name and namespace (DNS subdomain / label): checked before they go into a lookup
+# URL, because mutating webhooks see labels before the API server validates them.
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 VmLookup = Callable[[str, str], dict[str, Any] | None]
 """``(namespace, name)`` -> the VirtualMachine object, or ``None`` when it does not exist.
@@ -111,9 +118,12 @@ def parse_review(body: bytes) -> dict[str, Any]:
     return request
 
 
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: object, limit: int = 60) -> str:
+    return _cut(repr(value), limit)
 
 
 def _review(uid: str, response: dict[str, Any]) -> dict[str, Any]:
@@ -145,12 +155,16 @@ def refuse(
         "status": "Failure",
         "code": code,
         "reason": reason,
-        "message": message,
+        "message": _cut(message, MAX_MESSAGE_CHARS),
     }
     if causes:
         status["details"] = {
             "causes": [
-                {"reason": "FieldValueInvalid", "field": e.path, "message": e.message}
+                {
+                    "reason": "FieldValueInvalid",
+                    "field": e.path,
+                    "message": _cut(e.message, MAX_MESSAGE_CHARS),
+                }
                 for e in causes
             ]
         }
@@ -205,6 +219,10 @@ def _parse(request: dict[str, Any], obj: dict[str, Any]) -> Vm | FieldError:
         return parse_vm(_named(request, obj))
     except ValueError as exc:  # no usable identity
         return FieldError("metadata.name", str(exc))
+    except RecursionError:  # a value so deep that quoting it in an error overflows
+        return FieldError("spec", TOO_DEEP)
+    except TypeError as exc:  # parse_vm is meant to refuse with ValueError only
+        return FieldError("object", f"is malformed: {exc}")
 
 
 def _refuse_vm(uid: str, what: str, errors: Sequence[FieldError]) -> dict[str, Any]:
@@ -223,6 +241,22 @@ def _instance(obj: dict[str, Any]) -> object:
     return spec.get("instance", _ABSENT)
 
 
+def _judge(new: Vm, old: Vm | None) -> tuple[FieldError, ...]:
+    try:
+        return validate_vm(new, old)
+    except ValueError as exc:
+        # Python will not print an int of more than 4300 digits, and the rules quote the
+        # values they refuse: such a spec is refused here rather than answered with a 500.
+        return (FieldError("spec.instance", f"numbers too large to judge: {exc}"),)
+
+
+def _same_instance(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    try:
+        return _instance(old) == _instance(new)
+    except RecursionError:  # too deep to compare: judge it in full
+        return False
+
+
 def validate_vm_review(request: dict[str, Any]) -> dict[str, Any]:
     uid = _uid(request)
     operation = request.get("operation")
@@ -237,7 +271,7 @@ def validate_vm_review(request: dict[str, Any]) -> dict[str, Any]:
         )
     what = _describe(request, obj)
     old_obj = _dict(request.get("oldObject")) if operation == UPDATE else None
-    if old_obj is not None and _instance(old_obj) == _instance(obj):
+    if old_obj is not None and _same_instance(old_obj, obj):
         return allow(uid)
     new = _parse(request, obj)
     if isinstance(new, FieldError):
@@ -246,7 +280,7 @@ def validate_vm_review(request: dict[str, Any]) -> dict[str, Any]:
     if old_obj is not None:
         parsed = _parse(request, old_obj)
         old = parsed if isinstance(parsed, Vm) else None
-    errors = validate_vm(new, old)
+    errors = _judge(new, old)
     return _refuse_vm(uid, what, errors) if errors else allow(uid)
 
 
@@ -268,8 +302,31 @@ def _amount(name: str, value: object) -> int | None:
         return None
 
 
-def _wanted(resources: Resources) -> dict[str, int]:
-    return {"cpu": resources.cpu_millis, "memory": resources.memory}
+def _resource_ops(
+    ops: list[dict[str, Any]],
+    resources: object,
+    needed: Resources,
+    values: dict[str, str],
+    *parent: str | int,
+) -> None:
+    """Ops that make ``resources`` (at ``parent``/resources) hold requests = limits =
+    ``needed`` (``values`` as quantity strings) for cpu and memory. Only our values go
+    into the patch, never a copy of the user's: other resource names and keys stay."""
+    wanted = {"cpu": needed.cpu_millis, "memory": needed.memory}
+    current = _dict(resources)
+    if current is None:
+        _add(ops, {"requests": dict(values), "limits": dict(values)}, *parent, "resources")
+        return
+    for kind in ("requests", "limits"):
+        listed = _dict(current.get(kind))
+        if listed is None:
+            _add(ops, dict(values), *parent, "resources", kind)
+            continue
+        for name in RESIZABLE:
+            # Equal amounts keep the user's spelling ("8000m" stays): only a change is a
+            # write, and a write to a VM bumps its generation.
+            if _amount(name, listed.get(name)) != wanted[name]:
+                _add(ops, values[name], *parent, "resources", kind, name)
 
 
 def mutate_vm_review(
@@ -280,7 +337,7 @@ def mutate_vm_review(
     if request.get("operation") not in (CREATE, UPDATE) or obj is None:
         return allow(uid)
     vm = _parse(request, obj)
-    if isinstance(vm, FieldError) or vm.spec is None or validate_vm(vm):
+    if isinstance(vm, FieldError) or vm.spec is None or _judge(vm, None):
         return allow(uid)  # the validating webhook refuses it, naming the field
     spec: dict[str, Any] = obj["spec"]  # parse_vm found a spec object with an instance
     ops: list[dict[str, Any]] = []
@@ -292,21 +349,13 @@ def mutate_vm_review(
             if cpu.get(key) is None:
                 _add(ops, 1, "spec", "instance", "cpu", key)
     needed = pod_resources(vm.spec, config)
-    values, wanted = resource_values(needed), _wanted(needed)
-    resources = _dict(spec.get("resources"))
-    if resources is None:
-        _add(ops, {"requests": dict(values), "limits": dict(values)}, "spec", "resources")
-        return patched(uid, ops)
-    for kind in ("requests", "limits"):
-        current = _dict(resources.get(kind))
-        if current is None:
-            _add(ops, dict(values), "spec", "resources", kind)
-            continue
-        for name in RESIZABLE:
-            # Equal amounts keep the user's spelling ("8000m" stays): only a change is a
-            # write, and a write bumps the VM's generation.
-            if _amount(name, current.get(name)) != wanted[name]:
-                _add(ops, values[name], "spec", "resources", kind, name)
+    try:
+        values = resource_values(needed)
+    except ValueError:
+        # Too many digits to print (Python refuses int -> str beyond 4300): nothing a
+        # pod could hold. Left for validation; see the kernel's bounds.
+        return allow(uid)
+    _resource_ops(ops, spec.get("resources"), needed, values, "spec")
     return patched(uid, ops)
 
 
@@ -328,33 +377,24 @@ def _guaranteed(resources: object) -> bool:
     return True
 
 
-def _sized(resources: object, values: dict[str, str]) -> dict[str, Any]:
-    """``resources`` with cpu and memory requests = limits = ``values``; other resource
-    names (hugepages, ephemeral storage) and other keys are kept."""
-    result = dict(_dict(resources) or {})
-    for kind in ("requests", "limits"):
-        result[kind] = {**(_dict(result.get(kind)) or {}), **values}
-    return result
-
-
-def _resize_policy(policy: object) -> list[Any]:
-    """NotRequired for cpu and memory; entries for other resources are kept in place."""
-    entries = list(policy) if isinstance(policy, list) else []
-    result: list[Any] = []
-    seen = set()
-    for entry in entries:
+def _policy_ops(ops: list[dict[str, Any]], policy: object, *container: str | int) -> None:
+    """Ops that give cpu and memory ``restartPolicy: NotRequired``; entries for other
+    resources are left as they are."""
+    if not isinstance(policy, list):
+        entries = [{"resourceName": n, "restartPolicy": NOT_REQUIRED} for n in RESIZABLE]
+        _add(ops, entries, *container, "resizePolicy")
+        return
+    seen: set[str] = set()
+    for i, entry in enumerate(policy):
         name = entry.get("resourceName") if isinstance(entry, dict) else None
-        if name in RESIZABLE:
-            if name in seen:
-                continue  # a duplicate the API server would refuse anyway
+        if name in RESIZABLE and name not in seen:
             seen.add(name)
-            result.append({**entry, "restartPolicy": NOT_REQUIRED})
-        else:
-            result.append(entry)
+            if entry.get("restartPolicy") != NOT_REQUIRED:
+                _add(ops, NOT_REQUIRED, *container, "resizePolicy", i, "restartPolicy")
     for name in RESIZABLE:
         if name not in seen:
-            result.append({"resourceName": name, "restartPolicy": NOT_REQUIRED})
-    return result
+            added = {"resourceName": name, "restartPolicy": NOT_REQUIRED}
+            _add(ops, added, *container, "resizePolicy", "-")
 
 
 @frozen
@@ -394,11 +434,12 @@ def _vm_resources(
     owner: _Owner,
     lookup: VmLookup | None,
     config: KernelConfig,
-) -> dict[str, str]:
-    """The VM's pod resources as quantity strings; :class:`_Refused` says why they cannot
-    be known."""
+) -> Resources:
+    """The VM's pod resources; :class:`_Refused` says why they cannot be known."""
     namespace = str(request.get("namespace") or meta.get("namespace") or "")
     key = f"{namespace}/{owner.name}"
+    if not (_OBJECT_NAME.fullmatch(namespace) and _OBJECT_NAME.fullmatch(owner.name)):
+        raise _Refused(f"label {VM_NAME_LABEL}: {key!r} cannot name a {KIND}")
     if lookup is None:
         raise _Refused(
             f"pod has no requests = limits for {VM_CONTAINER} and this webhook has no API "
@@ -427,7 +468,7 @@ def _vm_resources(
             409,
             "Conflict",
         )
-    return resource_values(pod_resources(vm.spec, config))
+    return pod_resources(vm.spec, config)
 
 
 def mutate_pod_review(
@@ -460,14 +501,15 @@ def mutate_pod_review(
         )
     container: dict[str, Any] = containers[index]
     ops: list[dict[str, Any]] = []
+    path = ("spec", "containers", index)
     if not _guaranteed(container.get("resources")):
         try:
-            values = _vm_resources(request, meta, owner, lookup, config)
+            needed = _vm_resources(request, meta, owner, lookup, config)
+            values = resource_values(needed)
         except _Refused as no:
             return refuse(uid, no.message, code=no.code, reason=no.reason)
-        resources = _sized(container.get("resources"), values)
-        _add(ops, resources, "spec", "containers", index, "resources")
-    policy = _resize_policy(container.get("resizePolicy"))
-    if policy != container.get("resizePolicy"):
-        _add(ops, policy, "spec", "containers", index, "resizePolicy")
+        except ValueError:  # too many digits to print: no pod can hold it
+            return refuse(uid, f"{KIND} {owner.name}: resources beyond any pod")
+        _resource_ops(ops, container.get("resources"), needed, values, *path)
+    _policy_ops(ops, container.get("resizePolicy"), *path)
     return patched(uid, ops)

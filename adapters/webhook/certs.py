@@ -1,85 +1,193 @@
-"""A self-signed CA and a serving certificate for the webhook, for local use.
+"""A self-signed CA and serving certificates for the webhook, for local use.
 
-In a real cluster cert-manager (or the operator's PKI) issues the certificate and
-injects the CA into the webhook configurations; this is the same shape, made locally
-with ``cryptography`` (no hand-made ASN.1).
+In a real cluster cert-manager (or the operator's PKI) issues the serving certificate
+and injects its CA into the webhook configurations' ``caBundle``; this makes the same
+shape locally with ``cryptography``. Files are written the way the server reloads them:
+each through a temporary file and a rename, the key never readable by others, so a
+reader sees either the old or the new file, never half of one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+from attrs import frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+__all__ = [
+    "CA_FILE",
+    "CERT_FILE",
+    "KEY_FILE",
+    "CertificateAuthority",
+    "ServingCert",
+    "service_dns_names",
+    "write_serving_cert",
+]
+
 VALIDITY = dt.timedelta(days=365)
+# Clocks of the API server and of this machine may differ a little.
+BACKDATE = dt.timedelta(minutes=5)
+# The names of kubernetes.io/tls Secrets, so a mounted Secret works unchanged.
+CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def service_dns_names(service: str, namespace: str) -> list[str]:
+    """The names the API server may use for a Service: ``<svc>.<ns>.svc`` is the one it
+    verifies; the others cover in-cluster clients."""
+    return [
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    ]
+
+
+@frozen
+class ServingCert:
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+
+    def write(self, directory: Path) -> None:
+        """``tls.crt``, ``tls.key`` (mode 0600) and ``ca.crt``. A server that reloads
+        between the two renames sees a mismatched pair and keeps its previous
+        certificate until the pair matches again."""
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / KEY_FILE, self.key_pem, 0o600)
+        _write_atomic(directory / CERT_FILE, self.cert_pem, 0o644)
+        _write_atomic(directory / CA_FILE, self.ca_pem, 0o644)
+
+
+@frozen
+class CertificateAuthority:
+    """A self-signed CA (ECDSA P-256) that issues serving certificates."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def create(cls, common_name: str = "chscale-webhook-ca") -> CertificateAuthority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(_name(common_name))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    @property
+    def bundle(self) -> bytes:
+        """The PEM for a webhook configuration's ``caBundle`` (base64 of this)."""
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, dns_names: Sequence[str], ips: Sequence[str] = ()) -> ServingCert:
+        """A serving certificate for ``dns_names`` and ``ips`` (at least one name)."""
+        if not dns_names and not ips:
+            raise ValueError("a serving certificate needs at least one DNS name or IP")
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(dns_names[0] if dns_names else ips[0]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return ServingCert(
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=_pem_key(key),
+            ca_pem=self.bundle,
+        )
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_serving_cert(
-    directory: Path, dns_names: list[str], ips: list[str] | None = None
+    directory: Path,
+    dns_names: Sequence[str] = ("localhost",),
+    ips: Sequence[str] = ("127.0.0.1",),
+    ca: CertificateAuthority | None = None,
 ) -> bytes:
-    """Write ``ca.crt``, ``tls.crt`` and ``tls.key``; return the CA bundle (PEM)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("chscale-webhook-ca"))
-        .issuer_name(_name("chscale-webhook-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips or ()]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(dns_names[0] if dns_names else "chscale-webhook"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    bundle = ca.public_bytes(serialization.Encoding.PEM)
-    (directory / "ca.crt").write_bytes(bundle)
-    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = directory / "tls.key"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return bundle
+    """Issue a serving certificate (from ``ca``, or a new self-signed CA) and write
+    ``tls.crt``, ``tls.key`` and ``ca.crt`` into ``directory``; return the CA bundle
+    (PEM) for ``caBundle``."""
+    authority = ca or CertificateAuthority.create()
+    authority.issue(list(dns_names), list(ips)).write(Path(directory))
+    return authority.bundle

@@ -1,169 +1,383 @@
-"""The admission webhook's HTTPS server.
+"""The admission webhook's HTTPS server (stdlib ``http.server`` + ``ssl``).
 
-Stdlib only (``http.server`` + ``ssl``): three routes and a health check do not need a
-framework. It never answers 500 and never hangs: bodies are bounded, sockets time out,
-anything that is not an AdmissionReview gets a 400 with the reason, and any unexpected
-error in a rule is logged and answered as a denial (failurePolicy Fail semantics) rather
-than taking the connection down. The certificate and key are re-read when they change.
+Three admission routes and a health check do not need a framework, but they do need to
+survive whatever reaches the port, because with ``failurePolicy: Fail`` a dead or hung
+webhook blocks every VirtualMachine write in the cluster. So:
+
+- nothing a client sends produces a 500 or kills the server: a body that is not an
+  AdmissionReview is a 400 naming what is wrong, a body over :data:`MAX_BODY_BYTES` a
+  413, a missing length a 411, an unknown route a 404; a rule that raises anyway is
+  logged and answered as a denial (fail closed, like the failurePolicy);
+- nothing a client does hangs a worker for long: the TLS handshake has its own
+  deadline, and every request has one from its first byte to the end of its body (a
+  reader whose per-``recv`` timeout is the time left, so a client dribbling one byte at
+  a time is cut off); between requests a keep-alive connection may idle longer than Go's
+  90 s idle timeout, so that the API server, not us, closes idle connections (closing
+  first races with a request already on its way). Connections beyond
+  :attr:`Limits.max_connections` are closed at once instead of queueing threads;
+- the certificate and key are files, re-read when either changes (checked at each new
+  connection, loaded into a fresh ``SSLContext``); a half-written pair keeps the previous
+  context until the pair is consistent again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import math
 import os
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import frozen
 
 from adapters.webhook.admission import (
     BadReview,
     VmLookup,
-    allow,
-    deny,
     mutate_pod_review,
     mutate_vm_review,
     parse_review,
+    refuse,
     validate_vm_review,
 )
-from core.model import FieldError
+from core.config import DEFAULT_CONFIG, KernelConfig
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "ROUTES",
+    "Limits",
+    "WebhookServer",
+    "start_server",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1 << 20
-SOCKET_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 1 << 20
+MUTATE_VM = "/mutate-vm"
+VALIDATE_VM = "/validate-vm"
+MUTATE_POD = "/mutate-pod"
+HEALTHZ = "/healthz"
+ROUTES = (MUTATE_VM, VALIDATE_VM, MUTATE_POD)
+_LOG_FIELD_MAX = 253  # a DNS subdomain: longer is not a Kubernetes name
 
 
-class _Tls:
-    """An SSLContext that follows the certificate files on disk."""
+@frozen
+class Limits:
+    handshake_s: float = 5.0
+    request_s: float = 10.0  # first byte of a request to the end of its body
+    idle_s: float = 120.0  # between keep-alive requests; above Go's 90 s IdleConnTimeout
+    max_connections: int = 128
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+class _Certificates:
+    """An SSLContext that follows the certificate and key files on disk."""
 
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert, self.key = cert, key
         self._lock = threading.Lock()
-        self._stamp: tuple[float, float] | None = None
-        self._context: ssl.SSLContext | None = None
+        self._stamp = self._read_stamp()
+        self._failed_stamp: tuple[int, ...] | None = None
+        self._context = self._load()  # at start a bad pair is fatal: raise
+
+    def _read_stamp(self) -> tuple[int, ...]:
+        stamp: tuple[int, ...] = ()
+        for path in (self.cert, self.key):
+            st = os.stat(path)
+            stamp += (st.st_mtime_ns, st.st_ino, st.st_size)
+        return stamp
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])
+        context.load_cert_chain(self.cert, self.key)
+        return context
 
     def context(self) -> ssl.SSLContext:
-        stamp = (os.stat(self.cert).st_mtime, os.stat(self.key).st_mtime)
+        try:
+            stamp = self._read_stamp()
+        except OSError:
+            return self._context  # mid-rotation (a file briefly absent): keep serving
         with self._lock:
-            if self._context is None or stamp != self._stamp:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-                ctx.load_cert_chain(self.cert, self.key)
-                if self._context is not None:
+            if stamp != self._stamp and stamp != self._failed_stamp:
+                try:
+                    self._context = self._load()
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    # Typically the new certificate is written and the key not yet: the
+                    # next connection tries again once either file changes.
+                    self._failed_stamp = stamp
+                    log.warning(
+                        "webhook certificate not reloaded, keeping the previous one",
+                        extra={"cert": str(self.cert), "key": str(self.key), "error": str(exc)},
+                    )
+                else:
+                    self._stamp = stamp
                     log.info("webhook certificate reloaded", extra={"cert": str(self.cert)})
-                self._context, self._stamp = ctx, stamp
             return self._context
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads from a socket, each ``recv`` bounded by the time left until ``deadline``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], tls: _Tls, lookup: VmLookup | None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        certificates: _Certificates,
+        review: Callable[[str, dict[str, Any]], dict[str, Any]],
+        limits: Limits,
+    ) -> None:
+        self.certificates, self.review, self.limits = certificates, review, limits
+        self.connections: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.drained = threading.Condition(self.lock)
+        self.counts = {"reviews": 0, "bad_requests": 0, "rule_errors": 0, "refused_connections": 0}
         super().__init__(address, _Handler)
-        self.tls, self.lookup = tls, lookup
+
+    def count(self, key: str) -> None:
+        with self.lock:
+            self.counts[key] += 1
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
-        sock.settimeout(SOCKET_TIMEOUT_S)
-        # The handshake happens on first read, in the worker thread, so a slow client
-        # cannot stall the accept loop.
-        wrapped = self.tls.context().wrap_socket(
+        # The handshake runs in the worker thread (see _Handler.setup), so a client that
+        # never completes it cannot stall the accept loop.
+        wrapped = self.certificates.context().wrap_socket(
             sock, server_side=True, do_handshake_on_connect=False
         )
         return wrapped, addr
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            full = len(self.connections) >= self.limits.max_connections
+            if not full:
+                self.connections.add(request)
+            else:
+                self.counts["refused_connections"] += 1
+        if full:
+            log.warning("too many connections, closing a new one", extra=_client(client_address))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.connections.discard(request)
+                self.drained.notify_all()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection error", exc_info=True, extra={"client": str(client_address)})
+        # A peer that vanished, failed the handshake or broke TLS: its problem, not ours.
+        log.debug("connection ended with an error", exc_info=True, extra=_client(client_address))
+
+    def close_connections(self, timeout: float) -> None:
+        """End every open connection (idle keep-alives included) and wait for their
+        threads, so that stopping never waits out an idle timeout."""
+        with self.lock:
+            for conn in self.connections:
+                # The plain socket's shutdown: it wakes a thread blocked in an SSL read
+                # without touching the SSL object that thread is using.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(conn, socket.SHUT_RDWR)
+            self.drained.wait_for(lambda: not self.connections, timeout)
+
+
+def _client(address: Any) -> dict[str, str]:
+    return {"client": f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "?"}
+
+
+def _printable(value: object) -> str:
+    text = str(value or "")[:_LOG_FIELD_MAX]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    server_version = "chscale-webhook"
+    # Headers and body leave in one write (buffered, flushed after each request) and
+    # without Nagle: two small TLS records against delayed ACKs cost 40 ms a review.
+    wbufsize = -1
+    disable_nagle_algorithm = True
     server: _Server
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+    def setup(self) -> None:
+        limits = self.server.limits
+        # settimeout bounds the whole handshake, not each recv (CPython's SSL deadline).
+        self.request.settimeout(limits.handshake_s)
+        self.request.do_handshake()
+        super().setup()
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.request)
+        self.rfile = io.BufferedReader(self._reader)
 
-    def _send(self, code: int, body: dict[str, Any] | str) -> None:
-        data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+    def handle_one_request(self) -> None:
+        limits = self.server.limits
+        self._reader.deadline = time.monotonic() + limits.idle_s
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # TimeoutError included: an idle connection we may close
+            self.close_connection = True
+            return
+        self._reader.deadline = time.monotonic() + limits.request_s
+        super().handle_one_request()
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def handle_expect_100(self) -> bool:
+        accepted = super().handle_expect_100()
+        self.wfile.flush()  # the interim answer must not wait in the write buffer
+        return accepted
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http " + format % args, extra=_client(self.client_address))
+
+    def _start_response(self, code: int) -> None:
+        # Reads left the socket timeout at whatever time the request had left.
+        self.request.settimeout(self.server.limits.request_s)
         self.send_response(code)
-        self.send_header(
-            "Content-Type", "application/json" if isinstance(body, dict) else "text/plain"
-        )
+
+    def _send_text(self, code: int, text: str, *, close: bool = False) -> None:
+        data = text.encode()
+        self._start_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_json(self, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self._start_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        # One review per connection. kube-apiserver's client reuses idle connections, and
+        # a reused one raced with our side closing it (the API server saw EOF on ~half of
+        # its calls); a handshake per review costs a few milliseconds, far below the 5 s
+        # webhook timeout, and removes the race.
+        self.send_header("Connection", "close")
+        self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        if self.path == "/healthz":
-            self._send(200, "ok\n")
+        if urlsplit(self.path).path == HEALTHZ:
+            self._send_text(200, "ok\n")
         else:
-            self._send(404, "not found\n")
+            self._send_text(404, f"no route {_printable(urlsplit(self.path).path)}\n")
+
+    def _bad(self, code: int, message: str, *, close: bool = False) -> None:
+        self.server.count("bad_requests")
+        log.info(
+            "bad admission request",
+            extra={**_client(self.client_address), "code": code, "error": message},
+        )
+        self._send_text(code, message + "\n", close=close)
 
     def do_POST(self) -> None:
         started = time.monotonic()
-        route = self.path.split("?", 1)[0]
-        if route not in ("/mutate-vm", "/validate-vm", "/mutate-pod"):
-            self._drain()
-            self._send(404, f"no route {route}\n")
+        route = urlsplit(self.path).path
+        limit = self.server.limits.max_body_bytes
+        # Every refusal before the body is read closes the connection: the unread body
+        # would otherwise be taken for the next request.
+        if route not in ROUTES:
+            self._bad(404, f"no route {_printable(route)}", close=True)
+            return
+        if self.headers.get("Transfer-Encoding"):
+            self._bad(411, "chunked bodies are not accepted: send Content-Length", close=True)
+            return
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            self._bad(411, "Content-Length is required", close=True)
             return
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(length_header)
         except ValueError:
-            self.close_connection = True
-            self._send(400, "Content-Length is required\n")
+            self._bad(400, f"Content-Length {_printable(length_header)!r} is no number", close=True)
             return
-        if length < 0 or length > MAX_BODY:
-            self.close_connection = True
-            self._send(413, f"body larger than {MAX_BODY} bytes\n")
+        if length < 0 or length > limit:
+            self._bad(413, f"body of {length} bytes is over the {limit}-byte limit", close=True)
             return
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # timed out or the peer went away: nobody to answer
+            self.close_connection = True
+            return
+        if len(body) < length:
+            self.close_connection = True
+            return
         try:
             request = parse_review(body)
         except BadReview as exc:
-            self._send(400, f"{exc}\n")
+            self._bad(400, f"not an AdmissionReview: {exc}")
             return
-        try:
-            if route == "/validate-vm":
-                response = validate_vm_review(request)
-            elif route == "/mutate-vm":
-                response = mutate_vm_review(request)
-            else:
-                response = mutate_pod_review(request, self.server.lookup)
-        except Exception as exc:  # a rule crashed on odd input: refuse, never 500
-            log.exception("admission rule failed", extra={"route": route})
-            response = deny(request["uid"], [FieldError("object", f"cannot be judged: {exc}")])
-        if not isinstance(response, dict):
-            response = allow(request["uid"])
-        self._send(200, response)
-        log.debug(
-            "reviewed",
-            extra={
-                "route": route,
-                "object": _describe(request),
-                "allowed": response["response"]["allowed"],
-                "ms": round((time.monotonic() - started) * 1000, 2),
-            },
-        )
+        response = self.server.review(route, request)
+        self._send_json(response)
+        self._log_review(route, request, response, started)
 
-    def _drain(self) -> None:
-        try:
-            length = min(int(self.headers.get("Content-Length", "0")), MAX_BODY)
-        except ValueError:
-            length = 0
-        if length > 0:
-            self.rfile.read(length)
-
-
-def _describe(request: dict[str, Any]) -> str:
-    return f"{request.get('namespace') or ''}/{request.get('name') or ''}"
+    def _log_review(
+        self, route: str, request: dict[str, Any], response: dict[str, Any], started: float
+    ) -> None:
+        obj = request.get("object")
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        meta = meta if isinstance(meta, dict) else {}
+        kind = request.get("kind")
+        answer = response["response"]
+        fields = {
+            "route": route,
+            "operation": _printable(request.get("operation")),
+            "kind": _printable(kind.get("kind") if isinstance(kind, dict) else ""),
+            "namespace": _printable(request.get("namespace") or meta.get("namespace")),
+            "name": _printable(request.get("name") or meta.get("name")),
+            "uid": _printable(request.get("uid")),
+            "allowed": answer["allowed"],
+            "patched": "patch" in answer,
+            "ms": round((time.monotonic() - started) * 1000, 2),
+        }
+        if not answer["allowed"]:
+            fields["reason"] = _printable(answer["status"]["message"])
+        log.info("admission reviewed", extra=fields)
 
 
 class WebhookServer:
+    """The webhook on ``host:port`` (port 0: any free port), bound at construction and
+    serving from a daemon thread after :meth:`start`."""
+
     def __init__(
         self,
         cert_file: Path | str,
@@ -171,9 +385,17 @@ class WebhookServer:
         host: str = "127.0.0.1",
         port: int = 0,
         vm_lookup: VmLookup | None = None,
+        config: KernelConfig = DEFAULT_CONFIG,
+        limits: Limits = Limits(),
     ) -> None:
-        self._server = _Server((host, port), _Tls(Path(cert_file), Path(key_file)), vm_lookup)
+        self.vm_lookup, self.config = vm_lookup, config
+        certificates = _Certificates(Path(cert_file), Path(key_file))
+        self._server = _Server((host, port), certificates, self.review, limits)
         self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
 
     @property
     def port(self) -> int:
@@ -181,17 +403,68 @@ class WebhookServer:
 
     @property
     def url(self) -> str:
-        return f"https://{self._server.server_address[0]}:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
-    def start(self) -> None:
+    @property
+    def counts(self) -> dict[str, int]:
+        """reviews, bad_requests, rule_errors, refused_connections since the start."""
+        with self._server.lock:
+            return dict(self._server.counts)
+
+    def review(self, route: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The AdmissionReview response for ``request`` (already checked by
+        ``parse_review``) on ``route``; never raises."""
+        self._server.count("reviews")
+        try:
+            if route == VALIDATE_VM:
+                return validate_vm_review(request)
+            if route == MUTATE_VM:
+                return mutate_vm_review(request, self.config)
+            if route == MUTATE_POD:
+                return mutate_pod_review(request, self.vm_lookup, self.config)
+            raise ValueError(f"no route {route}")
+        except Exception as exc:  # a bug in a rule: refuse (fail closed), never a 500
+            self._server.count("rule_errors")
+            log.exception("admission rule failed", extra={"route": route})
+            return refuse(
+                str(request["uid"]),
+                f"the chscale webhook could not judge this object: {exc!r}",
+                code=500,
+                reason="InternalError",
+            )
+
+    def start(self) -> WebhookServer:
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="webhook", daemon=True
         )
         self._thread.start()
+        return self
 
-    def serve_forever(self) -> None:
-        self._server.serve_forever()
-
-    def stop(self) -> None:
-        self._server.shutdown()
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, end open connections, release the port."""
+        if self._thread is not None:
+            self._server.shutdown()  # waits for serve_forever, so only once it runs
+        self._server.close_connections(timeout)
         self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> WebhookServer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def start_server(
+    cert_file: Path | str,
+    key_file: Path | str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    vm_lookup: VmLookup | None = None,
+    config: KernelConfig = DEFAULT_CONFIG,
+    limits: Limits = Limits(),
+) -> WebhookServer:
+    """A :class:`WebhookServer` already serving from a daemon thread; ``stop()`` it."""
+    return WebhookServer(cert_file, key_file, host, port, vm_lookup, config, limits).start()

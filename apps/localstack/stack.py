@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,10 @@ class Stack:
         controller_replicas: int = 1,
         webhook: bool = True,
         progress: Progress | None = None,
+        kubeconfigs: Mapping[str, Path] | None = None,
     ) -> None:
+        """``kubeconfigs`` gives a component (``controller-<i>``, ``daemon-<node>``) its own
+        kubeconfig instead of the stack's, e.g. one that points at a fault-injecting proxy."""
         self.state_dir = state_dir
         if isinstance(nodes, int):
             nodes = [
@@ -75,6 +78,7 @@ class Stack:
         self.controller_replicas = controller_replicas
         self.with_webhook = webhook
         self.progress = progress or (lambda _msg: None)
+        self.kubeconfigs = dict(kubeconfigs or {})
         # A control plane passed in is shared (the test session's); one we start, we stop.
         self.control_plane: ControlPlane | None = control_plane
         self._own_control_plane = control_plane is None
@@ -86,6 +90,9 @@ class Stack:
     @property
     def kubeconfig(self) -> Path:
         return self.state_dir / "kubeconfig"
+
+    def component_kubeconfig(self, name: str) -> Path:
+        return self.kubeconfigs.get(name, self.kubeconfig)
 
     @property
     def logs(self) -> Path:
@@ -124,7 +131,7 @@ class Stack:
     def start_controller(self, index: int = 0) -> Child:
         name = f"controller-{index}"
         port = self.metrics_ports.setdefault(name, free_port())
-        args = ["--kubeconfig", str(self.kubeconfig), "--metrics-port", str(port)]
+        args = ["--kubeconfig", str(self.component_kubeconfig(name)), "--metrics-port", str(port)]
         if self.controller_replicas > 1:
             args += [
                 "--leader-elect",
@@ -143,7 +150,7 @@ class Stack:
         name = f"daemon-{node}"
         args = [
             "--kubeconfig",
-            str(self.kubeconfig),
+            str(self.component_kubeconfig(name)),
             "--node-name",
             node,
             "--vmm-socket-root",
@@ -212,6 +219,8 @@ class Stack:
                 str(port),
                 "--kubeconfig",
                 str(self.kubeconfig),
+                "--log-level",
+                os.environ.get("CHSCALE_WEBHOOK_LOG_LEVEL", "info"),
             ),
             self.logs / "webhook.log",
         )

@@ -49,6 +49,7 @@ from core import (
     UNOBSERVED_VMM,
     Action,
     AddFinalizer,
+    Allocation,
     BootVmm,
     ConditionStatus,
     CreatePod,
@@ -190,7 +191,10 @@ class Vmm:
 
     def guest_step(self, chunk: int | None, eject: bool = True) -> bool:
         """The guest (un)plugs up to ``chunk`` bytes (``None``: everything) and, if
-        ``eject``, ejects a removed vCPU. True if anything changed."""
+        ``eject``, ejects a removed vCPU; a paused guest does nothing. True if anything
+        changed."""
+        if self.state is VmmState.PAUSED:
+            return False
         changed = self.removal_pending and eject
         self.removal_pending = self.removal_pending and not eject
         gap = self.requested - self.plugged
@@ -202,7 +206,9 @@ class Vmm:
 
     @property
     def settled(self) -> bool:
-        return not self.removal_pending and self.plugged == self.requested
+        """Nothing left for the guest to do (or nothing it can do: it is paused)."""
+        paused = self.state is VmmState.PAUSED
+        return paused or (not self.removal_pending and self.plugged == self.requested)
 
 
 @attrs.define
@@ -745,38 +751,45 @@ class World:
     def outcome(self) -> dict[str, tuple[Any, ...]]:
         """Everything a user could see once the world is quiet (but events).
 
-        Two things depend on timing rather than on decisions, so they are reduced to what
-        the contract promises: a VM whose pod died (a resize step may have raced the
-        death; the VM must end, that is all), and the size a pod is put back to after an
-        infeasible resize ("what it actually has", which depends on whether an earlier
-        step had landed)."""
+        Some of it depends on timing rather than on decisions, and is reduced to what the
+        contract promises: a VM whose pod died ends, that is all (a resize step may have
+        raced the death); a VM whose newest spec was infeasible keeps whatever it had
+        when that spec arrived (an earlier step may or may not have landed by then), with
+        its pod put back to what it actually has, covering the guest."""
         result: dict[str, tuple[Any, ...]] = {}
         for name, slot in self.slots.items():
-            if slot.dead:
-                result[name] = (slot.vm.status.phase,)
-                continue
             status = slot.vm.status
             record = status.resize
-            pod = slot.pod
-            vmm = slot.vmm
-            pod_part: tuple[Any, ...] | None = None
-            if pod is not None:
-                if record is not None and record.step is Step.INFEASIBLE:
-                    covers = pod.actual is not None and (
-                        vmm is None or pod.actual.memory >= vmm.guest_memory + OVERHEAD
-                    )
-                    pod_part = (pod.phase, "put back", pod.desired == pod.actual, covers)
-                else:
-                    pod_part = (pod.phase, pod.desired, pod.actual)
-            result[name] = (
-                status.phase,
-                status.allocated,
-                status.capacity,
-                evolve(record, started_at=None) if record is not None else None,
-                tuple(sorted((c.type, c.status, c.reason) for c in status.conditions)),
-                pod_part,
-                (vmm.state, vmm.vcpus, vmm.requested, vmm.plugged) if vmm is not None else None,
-            )
+            pod, vmm = slot.pod, slot.vmm
+            conditions = tuple(sorted((c.type, c.status, c.reason) for c in status.conditions))
+            if slot.dead:
+                result[name] = (status.phase,)
+            elif record is not None and record.step is Step.INFEASIBLE:
+                agrees = (
+                    pod is not None
+                    and vmm is not None
+                    and pod.actual is not None
+                    and pod.desired == pod.actual
+                    and status.allocated == Allocation(vmm.vcpus, vmm.requested)
+                    and pod.actual.memory >= vmm.guest_memory + OVERHEAD
+                )
+                result[name] = (
+                    status.phase,
+                    status.capacity,
+                    evolve(record, started_at=None),
+                    conditions,
+                    "put back, consistent" if agrees else (pod, vmm, status.allocated),
+                )
+            else:
+                result[name] = (
+                    status.phase,
+                    status.allocated,
+                    status.capacity,
+                    evolve(record, started_at=None) if record is not None else None,
+                    conditions,
+                    (pod.phase, pod.desired, pod.actual) if pod is not None else None,
+                    (vmm.state, vmm.vcpus, vmm.requested, vmm.plugged) if vmm is not None else None,
+                )
         return result
 
 
@@ -853,12 +866,42 @@ def check_phase_moves_in_table(old: Vm, actions: tuple[Action, ...]) -> None:
             )
 
 
+def settle_resuming(world: World, resume_all: bool = False) -> bool:
+    """Settle; then resume the paused VMs whose resize waits on their guest (or, with
+    ``resume_all``, every paused VM), and settle again. A paused guest cannot give memory
+    back or eject a vCPU (and until it ejects one, Cloud Hypervisor refuses any other vCPU
+    count with a 429): such a resize waits, rightly, in ResizeInProgress. Once its user
+    resumes it, it must finish."""
+    settled = world.settle()
+    waiting = [
+        slot
+        for slot in world.slots.values()
+        if slot.vmm is not None
+        and slot.vmm.state is VmmState.PAUSED
+        and (
+            resume_all
+            or (
+                (slot.vmm.plugged > slot.vmm.requested or slot.vmm.removal_pending)
+                and slot.vm.status.phase is Phase.RESIZE_IN_PROGRESS
+            )
+        )
+    ]
+    if waiting:
+        for slot in waiting:
+            world.pause(slot.name, False)
+        settled = world.settle()
+    return settled
+
+
 def check_converges(world: World) -> None:
     """(4) Once user changes stop and the kubelet accommodates, every VM settles within a
     bounded number of rounds in a steady phase matching its VMM, with allocated ==
     desired, or (for a generation the node could never fit) with its pod put back."""
-    if not world.settle():
-        stuck = {n: (s.vm.status.phase, s.vm.status.resize) for n, s in world.slots.items()}
+    settled = settle_resuming(world)
+    if not settled:
+        stuck = {
+            n: (s.vm.status.phase, s.vm.status.resize, s.pod, s.vmm) for n, s in world.slots.items()
+        }
         raise InvariantViolation("converges", f"not settled after {SETTLE_ROUNDS} rounds: {stuck}")
     for name, slot in world.slots.items():
         problem = _outcome_problem(slot)
@@ -925,7 +968,9 @@ def check_restart_changes_no_outcome(world: World, actor_index: int) -> None:
     restarted = world.clone()
     actor = list(restarted.actors())[actor_index]
     restarted.restart(actor)
-    settled = (carried_on.settle(), restarted.settle())
+    # Whether a paused guest ended up waiting can depend on the order of two VMM calls,
+    # so both worlds are resumed before they are compared.
+    settled = (settle_resuming(carried_on, True), settle_resuming(restarted, True))
     if settled != (True, True) or carried_on.outcome() != restarted.outcome():
         diff = {
             name: (a, restarted.outcome()[name])

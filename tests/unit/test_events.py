@@ -234,13 +234,10 @@ def test_unexpected_errors_from_the_writer_are_contained(
     assert recorder.failed == 1
 
 
-def test_concurrent_repeats_make_one_event_not_two(
-    recorder: EventRecorder, sink: FakeSink
-) -> None:
+def test_concurrent_repeats_make_one_event_not_two(recorder: EventRecorder, sink: FakeSink) -> None:
     sink.gate = threading.Event()
     threads = [
-        threading.Thread(target=recorder.record, args=(vm(), "Normal", "R", "m"))
-        for _ in range(4)
+        threading.Thread(target=recorder.record, args=(vm(), "Normal", "R", "m")) for _ in range(4)
     ]
     for t in threads:
         t.start()

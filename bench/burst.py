@@ -1,0 +1,268 @@
+"""Benchmark: many VMs resized at once through one controller, on the real local stack.
+
+    python -m bench.burst                  # 1,000 VMs on 4 simulated nodes
+    python -m bench.burst --vms 100
+
+Creates ``--vms`` small VMs (1 vCPU, 256Mi), each with its own Cloud Hypervisor
+simulator process, waits until all are Running, then patches every spec at once (to 2
+vCPUs, 512Mi, from a few client threads) and times until every VM is Running with
+allocated == spec. Prints ``burst_total_s`` (goal <= 60 for 1,000 VMs), the controller's
+peak resident memory ``controller_rss_mb`` (VmHWM; goal <= 300), and what the machine
+held: ``vmm_processes`` and ``mem_used_mb`` (the drop in MemAvailable with every VM up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from adapters.k8s.client import Kube, Unavailable
+from apps.cli.vmops import apply_vm, converged, resize_vm, vm_url
+from apps.localstack.stack import NodeSpec, Stack
+from core import parse_vm
+
+NAMESPACE = "default"
+BEFORE = (1, "256Mi")
+AFTER = (2, "512Mi")
+AFTER_POD_CPU = 2
+AFTER_POD_MEMORY_MI = 512 + 256  # guest + the VMM overhead
+# Node headroom over what the VMs need after the burst.
+HEADROOM = 1.25
+LIST_POLL_S = 0.25
+PATCH_THREADS = 8
+CREATE_THREADS = 8
+API_ATTEMPTS = 20
+RETRY_PAUSE_S = 0.05
+ORPHAN_GRACE_S = 5.0
+
+
+def _status_field(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+class _Retries:
+    """Counts API calls that had to be repeated (an admission webhook call that failed
+    under load answers 500; a client retries it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def call(self, fn: Callable[[], object]) -> None:
+        for attempt in range(API_ATTEMPTS):
+            try:
+                fn()
+                return
+            except Unavailable:
+                if attempt == API_ATTEMPTS - 1:
+                    raise
+                self.count += 1
+                time.sleep(RETRY_PAUSE_S)
+
+
+def _vm(name: str, vcpus: int, memory: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "instance": {"cpu": {"sockets": 1, "coresPerSocket": vcpus}, "memory": {"size": memory}}
+        },
+    }
+
+
+def _wait_all(
+    kube: Kube, names: set[str], want: tuple[int, str] | None, timeout: float, what: str
+) -> float:
+    """Poll the VM list until every VM in ``names`` has converged (to ``want`` if given);
+    returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
+    left = len(names)
+    while True:
+        items = kube.get(vm_url(NAMESPACE)).get("items") or []
+        done = 0
+        for obj in items:
+            if obj["metadata"]["name"] not in names or not converged(obj):
+                continue
+            vm = parse_vm(obj)
+            if want is None or (vm.spec is not None and vm.spec.vcpus == want[0]):
+                done += 1
+        left = len(names) - done
+        if left == 0:
+            return time.monotonic() - started
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: {left} of {len(names)} VMs not there after {timeout}s")
+        time.sleep(LIST_POLL_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.burst", description=__doc__)
+    parser.add_argument("--vms", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--boot-timeout", type=float, default=1800.0)
+    parser.add_argument("--burst-timeout", type=float, default=600.0)
+    parser.add_argument("--batch", type=int, default=100, help="VMs created per step")
+    parser.add_argument(
+        "--min-free-mb",
+        type=float,
+        default=3072.0,
+        help="stop before the VMs would leave less memory than this available",
+    )
+    parser.add_argument("--state-dir", help="default: a temporary directory")
+    args = parser.parse_args(argv)
+
+    per_node = math.ceil(args.vms / args.nodes)
+    cpu = math.ceil(per_node * AFTER_POD_CPU * HEADROOM)
+    memory_gi = math.ceil(per_node * AFTER_POD_MEMORY_MI * HEADROOM / 1024)
+    nodes = [NodeSpec(f"burst-{i}", str(cpu), f"{memory_gi}Gi") for i in range(args.nodes)]
+    state = Path(args.state_dir or tempfile.mkdtemp(prefix="chscale-bench-burst-"))
+    names = {f"burst-{i:04d}" for i in range(args.vms)}
+    stack = Stack(state, nodes=nodes, webhook=True)
+    retries = _Retries()
+    socket_root = str(stack.socket_root(nodes[0].name))
+    orphans = 0
+    try:
+        stack.start()
+        assert stack.control_plane is not None
+        kube = Kube(stack.control_plane.api_client())
+        try:
+            boot_s, used_mb = _boot(kube, sorted(names), retries, args)
+        except NotEnoughMemory as exc:
+            print(f"# {exc}")
+            print("burst_feasible=0")
+            return 3
+        vmm_processes = _count_vmm_processes(stack)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(PATCH_THREADS) as pool:
+            list(
+                pool.map(
+                    lambda n: retries.call(lambda: resize_vm(kube, NAMESPACE, n, *AFTER)),
+                    sorted(names),
+                )
+            )
+        patched_s = time.monotonic() - started
+        _wait_all(kube, names, AFTER, args.burst_timeout, "burst")
+        total_s = time.monotonic() - started
+        controller = stack.children["controller-0"].pid
+        hwm = _status_field(controller, "VmHWM")
+        rss = _status_field(controller, "VmRSS")
+    finally:
+        stack.stop()
+        orphans = _reap_orphans(socket_root)
+        if orphans:
+            print(f"# {orphans} VMM processes outlived the stack and were ended")
+    print(f"burst_vms={args.vms}")
+    print(f"burst_nodes={args.nodes}")
+    print(f"boot_all_s={boot_s:.1f}")
+    print(f"vmm_processes={vmm_processes}")
+    print(f"mem_used_mb={used_mb:.0f}")
+    print(f"burst_patch_s={patched_s:.2f}")
+    print(f"burst_total_s={total_s:.2f}")
+    print(f"api_retries={retries.count}")
+    print(f"orphaned_vmms={orphans}")
+    if hwm is not None:
+        print(f"controller_rss_mb={hwm / 1024:.1f}")
+    if rss is not None:
+        print(f"controller_rss_now_mb={rss / 1024:.1f}")
+    return 0
+
+
+class NotEnoughMemory(RuntimeError):
+    pass
+
+
+def _boot(
+    kube: Kube, names: list[str], retries: _Retries, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Create the VMs a batch at a time, each batch running before the next, and stop
+    early if what a VM has cost so far says the rest would not leave ``--min-free-mb``.
+    Returns (seconds until all ran, megabytes the VMs took)."""
+    base = previous = _mem_available_mb()
+    started = time.monotonic()
+    up: list[str] = []
+    for i in range(0, len(names), args.batch):
+        batch = names[i : i + args.batch]
+        with ThreadPoolExecutor(CREATE_THREADS) as pool:
+            list(
+                pool.map(
+                    lambda n: retries.call(lambda: apply_vm(kube, _vm(n, *BEFORE), NAMESPACE)),
+                    batch,
+                )
+            )
+        up += batch
+        _wait_all(kube, set(up), None, args.boot_timeout, "boot")
+        available = _mem_available_mb()
+        # What the last batch cost per VM: the first one also pays one-time costs.
+        per_vm = max(previous - available, 0.0) / len(batch)
+        previous = available
+        left = len(names) - len(up)
+        if available < args.min_free_mb or (left and available - per_vm * left < args.min_free_mb):
+            raise NotEnoughMemory(
+                f"{len(up)} VMs run and took {base - available:.0f} MB (the last "
+                f"{len(batch)} {per_vm:.1f} MB each); {left} more would leave "
+                f"{available - per_vm * left:.0f} MB available, under --min-free-mb "
+                f"{args.min_free_mb:.0f}: {len(names)} VMs are not feasible here"
+            )
+    return time.monotonic() - started, base - _mem_available_mb()
+
+
+def _reap_orphans(socket_root: str) -> int:
+    """VMM processes the kubelets started under ``socket_root`` that outlived them (a
+    kubelet killed at stop leaves its VMMs to init): end them. Returns how many."""
+    mine: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"path={socket_root}/" in cmdline:
+            mine.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + ORPHAN_GRACE_S
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in mine):
+            time.sleep(0.1)
+    return len(mine)
+
+
+def _count_vmm_processes(stack: Stack) -> int:
+    """Processes whose parent is one of the stack's kubelets: the VMMs they started."""
+    kubelets = {c.pid for name, c in stack.children.items() if name.startswith("kubelet-")}
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        ppid = _status_field(int(entry.name), "PPid")
+        if ppid in kubelets:
+            count += 1
+    return count
+
+
+if __name__ == "__main__":
+    sys.exit(main())
