@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the stack running")
     demo.add_argument("--state-dir", help="default: a temporary directory")
     demo.set_defaults(func=cmd_demo)
+
+    from apps.cli.simulate import add_parser as add_simulate
+
+    add_simulate(sub)
     return parser
 
 
