@@ -12,10 +12,16 @@ A resize is planned by one rule (:func:`plan`), re-evaluated on every call. Let 
 be what the guest holds, *desired* what the spec asks for, and *envelope* their
 component-wise maximum:
 
-1. the pod does not yet hold the envelope (+ VMM overhead)  -> grow the pod (PodGrow);
-2. the guest differs from desired                           -> change the guest (Vmm);
-3. the pod holds more than desired needs                     -> shrink the pod (PodShrink);
-4. otherwise                                                 -> done.
+1. the pod is not sure to hold the envelope (+ VMM overhead) -> grow the pod (PodGrow);
+2. the guest differs from desired                            -> change the guest (Vmm);
+3. the pod holds more than desired needs                      -> shrink the pod (PodShrink);
+4. otherwise                                                  -> done.
+
+What the pod is *sure to hold* (:func:`granted`) is the smaller of its spec (a pending
+patch may be about to shrink it) and what the kubelet reports (it may not have grown it
+yet), compared exactly. Kubernetes' 5% rounding tolerance is applied only to a report
+the kubelet has finished with; 5% of a pod is more than the whole VMM overhead, so a
+tolerance anywhere else would let the guest outgrow its cgroup.
 
 This yields the orders of RESIZE.md §4 without special cases: growth is pod then guest,
 shrink is guest then pod, and a mixed change is pod-grow, guest, pod-shrink. Because the
@@ -30,8 +36,18 @@ that announces each one and the process that owns it (the controller owns pod st
 the lifecycle; the daemon owns the VMM step and boot).
 
 Observations can be stale. ``status.resize.podGeneration`` records the pod generation our
-``pods/resize`` patch produced; a pod view older than that, or whose kubelet has not yet
-observed it, is treated as "not yet known" and never acted upon.
+``pods/resize`` patch produced, and, when the pod step hands over to the VMM step, the
+generation of the pod view that showed the guest covered; a pod view older than that, or
+whose kubelet has not yet observed it, is treated as "not yet known" and never acted
+upon (by the controller, nor by a daemon whose pod cache lags the controller's).
+
+Intent is written before the act: a decision's status actions come first, and the
+executor writes them with the resourceVersion it decided on, so a decision made on a
+stale VirtualMachine fails with a conflict before its side effects happen. The VMM call
+records ``vmmRequested`` in ``status.resize`` first, which also makes a retry (after a
+429 or a 500) quiet. This relies on each process feeding its own writes back into its
+cache (a cache that lags behind the process's own writes could repeat an old decision's
+unguarded side effects).
 """
 
 from __future__ import annotations
@@ -59,6 +75,7 @@ from core.actions import (
 )
 from core.config import DEFAULT_CONFIG, KernelConfig
 from core.model import (
+    RESIZE_PHASES,
     STEADY_PHASES,
     TERMINAL_PHASES,
     UNOBSERVED_VMM,
@@ -332,6 +349,8 @@ def decide(
         _scheduled(out, vm, vmm)
     else:
         _vmm_health(out, vm, vmm, config)
+        if phase in RESIZE_PHASES and vmm.observed:
+            _recover_status(out, vm, vmm)
         if phase in STEADY_PHASES:
             _steady(out, vm, pod, vmm, config)
         elif phase is Phase.POD_RESIZE_IN_PROGRESS:
@@ -527,6 +546,18 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
         assert isinstance(target, Resources)
         if pod.desired != target:
             out.effect(ResizePod(target))
+
+
+def _recover_status(out: _Out, vm: Vm, vmm: VmmView) -> None:
+    """``status.allocated`` or ``status.capacity`` was lost mid-resize (it did not parse,
+    or someone cleared it): the VMM says what they are. Without ``allocated`` the pod step
+    could never plan, and the webhook could not check updates against the ceilings."""
+    if vm.status.allocated is None:
+        current = _vmm_current(vmm)
+        if current is not None:
+            out.status.append(SetAllocated(current, owner=Owner.DAEMON))
+    if vm.status.capacity is None and vmm.capacity is not None:
+        out.status.append(SetCapacity(vmm.capacity, owner=Owner.DAEMON))
 
 
 def _daemon_steady(out: _Out, vm: Vm, vmm: VmmView) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,7 @@ log = logging.getLogger("chscale.faults.checker")
 INFO_TIMEOUT_S = 0.3
 WATCH_TIMEOUT_S = 300
 SAMPLE_PAUSE_S = 0.005
+HISTORY = 40
 
 
 @frozen
@@ -136,6 +138,8 @@ class Checker:
         self._phases: dict[str, str | None] = {}
         self.transitions: list[tuple[str, str | None, str]] = []  # (vm, from, to)
         self._watch_ready = threading.Event()
+        # The last status writes of every VM, for a failure report.
+        self._history: dict[str, deque[str]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -185,6 +189,10 @@ class Checker:
     def phase(self, vm: str) -> str | None:
         with self._lock:
             return self._phases.get(vm)
+
+    def history(self, vm: str) -> list[str]:
+        with self._lock:
+            return list(self._history.get(vm, ()))
 
     def take_transitions(self) -> list[tuple[str, str | None, str]]:
         with self._lock:
@@ -308,9 +316,18 @@ class Checker:
 
     def _on_vm(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
-        new = (obj.get("status") or {}).get("phase")
+        status = obj.get("status") or {}
+        new = status.get("phase")
         fire: list[Trigger] = []
+        conditions = [c for c in status.get("conditions") or () if isinstance(c, dict)]
+        line = (
+            f"{time.strftime('%H:%M:%S')} rv={obj['metadata'].get('resourceVersion')} "
+            f"gen={obj['metadata'].get('generation')} phase={new} "
+            f"allocated={status.get('allocated')} resize={status.get('resize')} "
+            f"conditions={[(c.get('type'), c.get('reason')) for c in conditions]}"
+        )
         with self._lock:
+            self._history.setdefault(name, deque(maxlen=HISTORY)).append(line)
             known = name in self._phases
             old = self._phases.get(name)
             self._phases[name] = new

@@ -392,7 +392,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", resp.getheader("Content-Type") or "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.close_connection = True  # one watch per connection, as the informer does
         lines: queue.Queue[tuple[float, bytes | None]] = queue.Queue()
         _, generation = owner._watch_state()
 
@@ -410,23 +409,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         reader = threading.Thread(target=read, daemon=True, name=f"proxy-{owner.name}-watch")
         reader.start()
         try:
-            self._relay(lines, generation)
-            self.wfile.write(b"0\r\n\r\n")
+            if self._relay(lines, generation):
+                self.wfile.write(b"0\r\n\r\n")  # the server ended it: keep the connection
+            else:
+                # Cut: no end of stream, the connection just breaks (as a network would).
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
-            pass  # the component closed its watch
+            self.close_connection = True  # the component closed its watch
         finally:
             with contextlib.suppress(OSError):
                 conn.sock and conn.sock.shutdown(socket.SHUT_RDWR)
             conn.close()
 
-    def _relay(self, lines: queue.Queue[tuple[float, bytes | None]], generation: int) -> None:
+    def _relay(self, lines: queue.Queue[tuple[float, bytes | None]], generation: int) -> bool:
+        """Pass the events on, faults applied; False if the watch was cut."""
         owner = self.owner
         held: bytes | None = None
         while True:
             faults, current = owner._watch_state()
             if current != generation:
                 owner._count_injected("watch:drop")
-                return
+                return False
             try:
                 arrived, line = lines.get(timeout=REORDER_WAIT_S if held else 0.5)
             except queue.Empty:
@@ -437,7 +442,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if line is None:
                 if held is not None:
                     self._send(held)
-                return
+                return True
             if faults.active() and faults.delay:
                 wait = arrived + faults.delay - time.monotonic()
                 if wait > 0:

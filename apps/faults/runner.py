@@ -347,6 +347,10 @@ class Harness:
         pending = self.wait_converged(self.converge_timeout)
         result.converge_s = time.monotonic() - t0
         result.unconverged.update(pending)
+        for vm in pending:
+            result.notes.append(
+                f"last status writes of {vm}:\n    " + "\n    ".join(checker.history(vm))
+            )
         # 4. the rest of the verdict
         resizes = self._pod_resizes()
         for vm in self.pool.vms:
@@ -417,12 +421,19 @@ class Harness:
                     n > before.get(k, 0) for k, n in proxy.injected.items() if k.startswith(prefix)
                 )
 
-            if kind is FaultKind.API_ERROR:
-                start = lambda: proxy.fail_next(CallClass(fault.call), fault.status, fault.count)  # noqa: E731
-            else:
-                start = lambda: proxy.hang_next(  # noqa: E731
-                    CallClass(fault.call), fault.count, fault.duration, fault.after_upstream
-                )
+            call = CallClass(fault.call)
+
+            def start() -> None:
+                assert proxy is not None
+                if kind is FaultKind.API_ERROR:
+                    proxy.fail_next(call, fault.status, fault.count)
+                else:
+                    proxy.hang_next(call, fault.count, fault.duration, fault.after_upstream)
+                if call in (CallClass.LIST, CallClass.WATCH):
+                    # Informers list and open watches only now and then: cut the open
+                    # watches so that the fault meets the reconnect it is aimed at.
+                    proxy.drop_watches()
+
             return start, None, took
         if kind in (FaultKind.WATCH_DELAY, FaultKind.WATCH_DUPLICATE, FaultKind.WATCH_REORDER):
             assert proxy is not None

@@ -140,7 +140,9 @@ class Stack:
                 "--identity",
                 name,
                 "--lease-duration",
-                "3",
+                # Short enough for a quick takeover, long enough that a loaded 2-core
+                # machine does not make a healthy leader miss its renewals and step down.
+                "8",
             ]
         child = Child(name, python_module("apps.controller.main", *args), self.logs / f"{name}.log")
         self.children[name] = child

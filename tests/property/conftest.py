@@ -1,13 +1,12 @@
-"""Hypothesis profiles for the property suite.
+"""Hypothesis profiles for the state machine in test_stateful.py.
 
-``ci`` (the default) runs the state machine for 500 examples; ``dev`` is a quick look
-while editing (``HYPOTHESIS_PROFILE=dev``); ``deep`` is for a long hunt. No deadline: the
-machine is shared and timings are not what these tests judge.
+``ci`` (the default) runs it for 500 examples; ``dev`` is a quick look while editing;
+``deep`` is a long hunt. Pick one with ``HYPOTHESIS_PROFILE=dev``. The profiles apply to
+the state machine only (loading one here would change every hypothesis test in the
+session). No deadline: the machine is shared, and timings are not what these tests judge.
 """
 
 from __future__ import annotations
-
-import os
 
 from hypothesis import HealthCheck, settings
 
@@ -19,4 +18,3 @@ _COMMON = {
 settings.register_profile("ci", max_examples=500, stateful_step_count=100, **_COMMON)
 settings.register_profile("dev", max_examples=60, stateful_step_count=100, **_COMMON)
 settings.register_profile("deep", max_examples=5000, stateful_step_count=80, **_COMMON)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

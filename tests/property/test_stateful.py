@@ -11,9 +11,11 @@ forking the world; and every example ends by letting the world settle (invariant
 
 from __future__ import annotations
 
+import os
+
 import attrs
 from attrs import evolve
-from hypothesis import event, note
+from hypothesis import event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -160,15 +162,21 @@ class ResizeMachine(RuleBasedStateMachine):
 
     @rule(
         i=vm_index,
-        what=st.sampled_from(["others", "no others", "faults", "unreachable", "reachable"]),
+        what=st.sampled_from(
+            ["others", "no others", "faults", "unreachable", "reachable", "status lost"]
+        ),
         amount=st.integers(1, 3),
     )
     def trouble(self, i: int, what: str, amount: int) -> None:
         """Other workloads take or free room on a node; a VMM fails calls or its socket
-        goes away and comes back."""
+        goes away and comes back; part of the VM's status is lost (a value that no longer
+        parses is dropped by core.wire, and the kernel must re-derive it)."""
         slot = self.world.slots[self._name(i)]
         node, vmm = slot.node, slot.vmm
-        if what == "others":
+        if what == "status lost":
+            lost = ("resize", "allocated", "capacity")[amount - 1]
+            self.world.lose_status(slot.name, lost)
+        elif what == "others":
             node.other_cpu, node.other_memory = amount * 1000, amount * GiB
         elif what == "no others":
             node.other_cpu = node.other_memory = 0
@@ -251,3 +259,4 @@ class ResizeMachine(RuleBasedStateMachine):
 
 
 TestResize = ResizeMachine.TestCase
+TestResize.settings = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

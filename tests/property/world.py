@@ -369,6 +369,13 @@ class World:
         slot = self.slots[name]
         slot.vms.append(slot.vm.evolve(generation=slot.vm.generation + 1))
 
+    def lose_status(self, name: str, field: str) -> None:
+        """Part of the VM's status no longer parses (core.wire drops it)."""
+        slot = self.slots[name]
+        status = slot.vm.status
+        if getattr(status, field) is not None:
+            slot.vms.append(slot.vm.evolve(status=evolve(status, **{field: None})))
+
     def pause(self, name: str, paused: bool) -> None:
         vmm = self.slots[name].vmm
         if vmm is not None and vmm.state in (VmmState.RUNNING, VmmState.PAUSED):

@@ -68,11 +68,6 @@ class SafetyViolation(AssertionError):
     pass
 
 
-def make_spec(vcpus: int, memory: int, **kwargs: object) -> VmSpec:
-    """A spec with ``vcpus`` as one socket of ``vcpus`` cores (how most VMs are written)."""
-    return VmSpec(sockets=1, cores_per_socket=vcpus, memory=memory, **kwargs)
-
-
 @attrs.define
 class Rig:
     vm: Vm
@@ -291,8 +286,9 @@ class Rig:
     # --- the guest --------------------------------------------------------------------
 
     def guest_settles(self) -> None:
-        """The guest onlines or offlines everything the VMM asked for."""
-        self.vmm = evolve(self.vmm, actual_memory=self.vmm.requested_memory)
+        """The guest onlines or offlines everything the VMM asked for (unless paused)."""
+        if self.vmm.state is not VmmState.PAUSED:
+            self.vmm = evolve(self.vmm, actual_memory=self.vmm.requested_memory)
         self._check()
 
     # --- driving ----------------------------------------------------------------------
@@ -852,6 +848,31 @@ def test_a_resize_started_paused_returns_to_paused(to: VmSpec) -> None:
     assert rig.converged_to(to)
 
 
+def test_a_paused_guest_cannot_unplug_so_the_shrink_waits_for_resume() -> None:
+    rig = Rig.running(evolve(EIGHT, memory=8 * GiB), boot=EIGHT, phase=Phase.PAUSED)
+    rig.set_spec(evolve(EIGHT, memory=6 * GiB))
+    for _ in range(5):
+        rig.round()
+    assert rig.phase is Phase.RESIZE_IN_PROGRESS
+    assert rig.vmm_calls == [ResizeVmm(memory=6 * GiB)]
+    assert rig.pod_patches == []  # the guest still holds 8Gi
+    assert rig.vmm.actual_memory == 8 * GiB
+    rig.vmm = evolve(rig.vmm, state=VmmState.RUNNING)  # the user resumes it
+    rig.settle()
+    assert rig.phases[-1] is Phase.RUNNING
+    assert rig.converged_to(evolve(EIGHT, memory=6 * GiB))
+
+
+def test_a_paused_guest_growth_counts_once_the_vmm_accepted_it() -> None:
+    rig = Rig.running(EIGHT, phase=Phase.PAUSED)
+    rig.set_spec(evolve(EIGHT, memory=8 * GiB))
+    rig.settle()
+    assert rig.phases[-1] is Phase.PAUSED
+    assert rig.vmm.requested_memory == 8 * GiB
+    assert rig.vmm.actual_memory == 4 * GiB  # plugged when the guest runs again
+    assert rig.converged_to(evolve(EIGHT, memory=8 * GiB))
+
+
 def test_resumed_during_a_resize_ends_running() -> None:
     rig = Rig.running(EIGHT, phase=Phase.PAUSED)
     rig.set_spec(evolve(EIGHT, memory=8 * GiB))
@@ -1053,6 +1074,29 @@ def test_tolerance_edges_when_the_kubelet_reports_a_rounded_grant(
     assert (transitions(acts) == [Phase.RESIZE_IN_PROGRESS]) is covered
 
 
+@pytest.mark.parametrize(
+    ("excess", "done"),
+    [(0, True), (FIVE_PERCENT, True), (FIVE_PERCENT + 1, False)],
+    ids=["exact", "exactly 5% over", "just over 5% over"],
+)
+def test_tolerance_edges_when_a_shrunk_pod_reports_more(excess: int, done: bool) -> None:
+    rig = Rig.running(VmSpec(2, 4, 24 * GiB), boot=VmSpec(2, 4, 8 * GiB))
+    rig.set_spec(BIG)
+    for _ in range(6):
+        if rig.phase is Phase.POD_RESIZE_IN_PROGRESS:
+            break
+        rig.controller()
+        rig.daemon()
+        rig.guest_settles()
+    rig.controller()  # the shrink patch
+    rig.controller()  # ... is visible
+    assert rig.pod is not None and rig.pod.desired == Resources(8000, 20 * GiB)
+    rig.kubelet_accepts()
+    rig.pod = evolve(rig.pod, actual=Resources(8000, 20 * GiB + excess))
+    acts = rig.controller()
+    assert (transitions(acts) == [Phase.RUNNING]) is done
+
+
 def test_tolerance_never_applies_while_the_kubelet_still_works() -> None:
     """Regression: the 5% tolerance let the guest grow before the kubelet had actuated,
     into a pod whose limit was still lower than guest + overhead."""
@@ -1109,3 +1153,25 @@ def test_lost_resize_record_in_the_vmm_step_hands_back_to_the_controller() -> No
     assert transitions(acts) == [Phase.POD_RESIZE_IN_PROGRESS]
     rig.settle()
     assert rig.converged_to(evolve(EIGHT, memory=8 * GiB))
+
+
+@pytest.mark.parametrize("at", [Phase.POD_RESIZE_IN_PROGRESS, Phase.RESIZE_IN_PROGRESS])
+def test_lost_allocation_and_capacity_mid_resize_are_read_back_from_the_vmm(at: Phase) -> None:
+    """Regression: with ``status.allocated`` dropped (it did not parse), the pod step
+    returned early on every call and the VM stayed in PodResizeInProgress for good."""
+    rig = Rig.running(evolve(EIGHT, memory=8 * GiB), boot=EIGHT)
+    rig.set_spec(VmSpec(2, 6, 6 * GiB))
+    for _ in range(12):
+        if rig.phase is at:
+            break
+        rig.round()
+    assert rig.phase is at
+    held = guest_allocation(rig)
+    rig.vm = rig.vm.evolve(status=evolve(rig.vm.status, allocated=None, capacity=None))
+    rig.controller()
+    rig.daemon()
+    assert rig.vm.status.allocated is not None
+    assert rig.vm.status.allocated.vcpus == held.vcpus
+    assert rig.vm.status.capacity == capacity_for(EIGHT)
+    rig.settle()
+    assert rig.converged_to(VmSpec(2, 6, 6 * GiB))
