@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit property integration controlplane bench clean
+.PHONY: demo test lint unit property integration faults controlplane bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ property: $(STAMP)
 integration: controlplane
 	$(PY) -m pytest tests/integration
 
+# The seeded fault schedules (tests/integration/test_faults.py) run on their own until
+# their CI-sized run has been timed and proven stable: `make faults`.
 test: lint controlplane
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/integration/test_faults.py
+
+faults: controlplane
+	$(PY) -m pytest tests/integration/test_faults.py
 
 demo: controlplane
 	$(VENV)/bin/chscale demo
