@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from attrs import evolve
 
 from adapters.k8s.vms import build_pod, finalizer_patch, owned_pod, pod_name
-from apps.common.executor import SharedExecutor
+from apps.common.executor import SharedExecutor, StatusApi
 from apps.common.logs import kv
 from apps.common.worker import Cache, Metrics, Queue, Reconciler
 from core import (
@@ -40,13 +40,7 @@ log = logging.getLogger(__name__)
 RESYNC_S = 300.0
 
 
-class ControllerApi(Protocol):
-    def write_status(self, vm_obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]: ...
-
-    def record_event(
-        self, vm_obj: dict[str, Any], type_: str, reason: str, message: str
-    ) -> None: ...
-
+class ControllerApi(StatusApi, Protocol):
     def patch_vm(self, vm_obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]: ...
 
     def create_pod(self, pod: dict[str, Any]) -> dict[str, Any]: ...

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from attrs import evolve
 
 from adapters.k8s.vms import owned_pod, pod_name
-from apps.common.executor import SharedExecutor
+from apps.common.executor import SharedExecutor, StatusApi
 from apps.common.logs import kv
 from apps.common.worker import Cache, Metrics, Queue, Reconciler
 from core import (
@@ -55,14 +55,6 @@ class VmmCallFailed(Exception):
     def __init__(self, error: VmmCallError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-class StatusApi(Protocol):
-    def write_status(self, vm_obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]: ...
-
-    def record_event(
-        self, vm_obj: dict[str, Any], type_: str, reason: str, message: str
-    ) -> None: ...
 
 
 class Daemon(Reconciler):

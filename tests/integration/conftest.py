@@ -29,8 +29,10 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
+from adapters.k8s.client import Kube
 from apps.controlplane.build import BuildError, ControlPlaneBinaries, ensure_binaries
 from apps.controlplane.launcher import ControlPlane
+from apps.localstack.stack import Stack
 
 NODE = "node-a"
 NODE_CPU = "16"
@@ -93,3 +95,11 @@ def node(control_plane: ControlPlane) -> str:
 def api_client(control_plane: ControlPlane) -> Iterator[k8s.ApiClient]:
     with control_plane.api_client() as client:
         yield client
+
+
+@pytest.fixture
+def kube(stack: Stack) -> Kube:
+    """Raw JSON access to the API server of the module's ``stack`` fixture (a local
+    stack sharing this session's control plane)."""
+    assert stack.control_plane is not None
+    return Kube(stack.control_plane.api_client())

@@ -41,12 +41,6 @@ def stack(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
     s.stop()
 
 
-@pytest.fixture
-def kube(stack: Stack) -> Kube:
-    assert stack.control_plane is not None
-    return Kube(stack.control_plane.api_client())
-
-
 def make_vm(kube: Kube, namespace: str, name: str, node: str, vcpus: int = 4) -> None:
     kube.create(
         vm_url(namespace),

@@ -58,12 +58,6 @@ def stack(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def kube(stack: Stack) -> Kube:
-    assert stack.control_plane is not None
-    return Kube(stack.control_plane.api_client())
-
-
-@pytest.fixture
 def vms(kube: Kube, namespace: str) -> Iterator[list[str]]:
     """Names of the VMs a test creates; deleted (pods and all) when it ends. There is no
     kube-controller-manager, so namespace deletion would not clean anything up."""
