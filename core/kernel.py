@@ -596,6 +596,9 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
             return
         desired = record.target
     return_phase = record.return_phase if record is not None else Phase.RUNNING
+    # A 403 answers the patch a decision just sent, aimed at the target recorded then. If
+    # the spec has moved on since, it says nothing about the new target: try that one.
+    refused = pod.resize_refused if record is not None and record.target == desired else None
     if record is None or record.target != desired or record.generation != vm.generation:
         step = record.step if record is not None else Step.POD_GROW
         fresh_record = _new_record(vm, step, desired, return_phase)
@@ -606,8 +609,8 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         vm = vm.evolve(status=evolve(vm.status, resize=record))
 
     stale = pod_stale(pod, record.pod_generation)
-    if pod.resize_refused is not None:
-        _infeasible(out, vm, pod, record, pod.resize_refused)
+    if refused is not None:
+        _infeasible(out, vm, pod, record, refused)
         return
     if record.pod_generation is not None and not stale:
         pending = pod.resize_pending

@@ -59,6 +59,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             _prebuilt["binaries"] = exc
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test on a local stack reports the tails of its processes' logs: in CI
+    that is the only trace of what the controller, kubelet or daemon saw."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    stack = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(stack, Stack):
+        for name, child in sorted(stack.children.items()):
+            report.sections.append((f"{name} log (tail)", child.log_tail(40)))
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A running control plane with the CRD and node ``NODE``; stopped at session end,

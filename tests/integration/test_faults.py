@@ -24,14 +24,23 @@ from attrs import evolve
 
 from adapters.k8s.client import Conflict, Kube, NotFound, Unavailable, load_api_client
 from adapters.k8s.events import EventRecorder
-from adapters.k8s.vms import VmApi
+from adapters.k8s.vms import VmApi, finalizer_patch
 from apps.cli.vmops import vm_url
 from apps.common.executor import SharedExecutor
 from apps.faults.fuzz import run_fuzz
 from apps.faults.proxy import ApiProxy
 from apps.faults.runner import Harness, ScheduleResult, vm_object
 from apps.faults.schedule import CallClass
-from core import Owner, ResizeRecord, SetResizeTarget, Step, parse_vm
+from core import (
+    AddFinalizer,
+    Owner,
+    ResizeRecord,
+    SetResizeTarget,
+    Step,
+    decide,
+    owned_by,
+    parse_vm,
+)
 from core.constants import GiB
 from core.quantity import format_bytes
 
@@ -92,6 +101,41 @@ def test_schedule_14(control_plane: Any, namespace: str) -> None:
         assert (stored.step, stored.generation) == (Step.POD_SHRINK, 9)
         assert (stored.pod_generation, stored.attempts, stored.vmm_requested) == (None, 0, False)
     finally:
+        kube.delete(vm_url(namespace, name))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fuzz seed 0, case 22 (python -m bench.faults --fuzz 60 --seed 0): "
+    "sockets=2^62 with coresPerSocket=2 passes core.resources.spec_errors (no upper bound "
+    "on vCPUs), so the kernel's first status write carries desired.vcpus=2^63, beyond "
+    "int64; kube-apiserver reads it as a float and refuses the write (422 'desired.vcpus "
+    "in body must be of type integer'). The controller retries forever with backoff "
+    "('reconcile failed'), and the VM never gets a phase or SpecValid=False. Fix in "
+    "core/resources.py: refuse vCPU counts (sockets, coresPerSocket, their product, "
+    "maxVcpus) above a named ceiling well inside int64.",
+)
+def test_fuzz_0_22(control_plane: Any, namespace: str) -> None:
+    """What the controller does for a VM with 2^63 vCPUs, against the real API server."""
+    kube = Kube(control_plane.api_client())
+    name = "many-sockets"
+    body = vm_object(namespace, name, "nowhere", 2, 2 * GiB, 6, 12 * GiB)
+    body["spec"]["instance"]["cpu"] = {"sockets": 2**62, "coresPerSocket": 2}
+    kube.create(vm_url(namespace), body)
+    executor = SharedExecutor(VmApi(kube, EventRecorder(kube, "test")), lambda _obj: None)
+    try:
+        for _ in range(3):  # finalizer, then status: as the controller's reconciles do
+            obj = kube.get(vm_url(namespace, name))
+            actions = owned_by(decide(parse_vm(obj), None), Owner.CONTROLLER)
+            obj = executor.write_status(obj, parse_vm(obj), actions)
+            if any(isinstance(a, AddFinalizer) for a in actions):
+                kube.patch(vm_url(namespace, name), finalizer_patch(obj, True))
+        conditions = (kube.get(vm_url(namespace, name)).get("status") or {}).get("conditions")
+        assert any(
+            c.get("type") == "SpecValid" and c.get("status") == "False" for c in conditions or ()
+        ), conditions
+    finally:
+        kube.patch(vm_url(namespace, name), {"metadata": {"finalizers": None}})
         kube.delete(vm_url(namespace, name))
 
 

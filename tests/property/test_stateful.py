@@ -12,7 +12,6 @@ forking the world; and every example ends by letting the world settle (invariant
 from __future__ import annotations
 
 import os
-import unittest
 
 import attrs
 from attrs import evolve
@@ -261,10 +260,3 @@ class ResizeMachine(RuleBasedStateMachine):
 
 TestResize = ResizeMachine.TestCase
 TestResize.settings = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-# Open finding (issue 2 stays open): the restart check reports that restarting the daemon
-# changes the outcome around Paused VMs (Running vs Paused after the restart). Skipped in
-# CI until the kernel or the model is fixed; run with CHSCALE_STATEFUL=1.
-if not os.environ.get("CHSCALE_STATEFUL"):
-    TestResize = unittest.skip(  # type: ignore[misc]
-        "open finding: daemon restart changes the Paused outcome (see issue 2 notes)"
-    )(TestResize)

@@ -82,6 +82,7 @@ from core import (
 from core.actions import STATUS_ACTIONS
 from core.constants import GUEST_MEMORY_ALIGNMENT, MILLICORES_PER_VCPU
 from core.model import RESIZE_PHASES, STEADY_PHASES, TERMINAL_PHASES
+from core.resources import validate_vm
 from core.table import RETURN, TRANSITIONS
 
 CONFIG = DEFAULT_CONFIG
@@ -349,8 +350,6 @@ class World:
 
     def set_spec(self, name: str, vcpus: int, memory: int) -> bool:
         """A spec update, if the admission webhook accepts it."""
-        from core.resources import validate_vm
-
         slot = self.slots[name]
         old = slot.vm
         if old.spec is None or old.status.capacity is None or slot.dead:
@@ -375,6 +374,11 @@ class World:
         status = slot.vm.status
         if getattr(status, field) is not None:
             slot.vms.append(slot.vm.evolve(status=evolve(status, **{field: None})))
+        if field == "resize":
+            # The kernel's memory of this generation is gone (an Infeasible verdict with
+            # it): trying once more is all it can do, and the count starts afresh.
+            slot.infeasible_generation = None
+            slot.pod_requests[slot.vm.generation] = 0
 
     def pause(self, name: str, paused: bool) -> None:
         vmm = self.slots[name].vmm

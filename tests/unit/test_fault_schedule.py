@@ -187,3 +187,37 @@ def test_from_json_refuses_garbage() -> None:
 )
 def test_the_proxy_tells_calls_apart(method: str, path: str, query: str, call: CallClass) -> None:
     assert classify(method, path, query) is call
+
+
+# --- the checker's phase graph and pod reading -----------------------------------------
+
+
+def test_the_checker_knows_the_phase_graph() -> None:
+    from apps.faults.checker import PHASE_EDGES
+
+    assert "PodResizeInProgress" in PHASE_EDGES["Running"]
+    assert "ResizeInProgress" in PHASE_EDGES["PodResizeInProgress"]
+    assert {"Running", "Paused"} <= PHASE_EDGES["ResizeInProgress"]  # back where it started
+    assert PHASE_EDGES[None] == {"Pending"}
+    assert "Pending" not in PHASE_EDGES["Running"]
+    assert "ResizeInProgress" not in PHASE_EDGES["Scheduled"]
+
+
+def test_the_checker_reads_enforced_and_asked_limits_apart() -> None:
+    from apps.faults.checker import pod_limits
+
+    def resources(cpu: str, memory: str) -> dict:
+        return {"limits": {"cpu": cpu, "memory": memory}}
+
+    pod = {
+        "spec": {"containers": [{"name": "vm-manager", "resources": resources("4", "8448Mi")}]},
+        "status": {
+            "containerStatuses": [
+                {"name": "sidecar", "resources": resources("1", "1Gi")},
+                {"name": "vm-manager", "resources": resources("2", "4352Mi")},
+            ]
+        },
+    }
+    assert pod_limits(pod, enforced=False) == (4000, 8448 * MiB)
+    assert pod_limits(pod, enforced=True) == (2000, 4352 * MiB)
+    assert pod_limits({"status": {}}, enforced=True) is None

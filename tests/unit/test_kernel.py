@@ -652,6 +652,41 @@ def test_legacy_kubelet_without_observed_generation_completes_a_resize() -> None
     assert rig.vm.status.allocated == twelve.desired
 
 
+def test_legacy_status_resize_deferred_is_a_deferred_resize() -> None:
+    """Kubelets before 1.33 say only ``status.resize: Deferred``: the same condition and
+    single event as the 1.33+ condition."""
+    rig = Rig.running(EIGHT)
+    rig.set_spec(evolve(EIGHT, memory=8 * GiB))
+    rig.controller()
+    rig.controller()
+    assert rig.pod is not None
+    rig.pod = evolve(rig.pod, observed_generation=None, legacy_resize_status="Deferred")
+    for _ in range(3):
+        assert transitions(rig.controller()) == []
+    assert rig.resized is not None and rig.resized.reason == Reasons.POD_RESIZE_DEFERRED
+    assert rig.reasons().count("VMPodResizeDeferred") == 1
+
+
+@pytest.mark.parametrize("legacy", ["Proposed", "InProgress"])
+def test_a_legacy_kubelet_that_has_not_finished_is_not_done(legacy: str) -> None:
+    """Regression: a shrink whose numbers already fit was declared done while an old
+    kubelet still said Proposed or InProgress."""
+    rig = Rig.running(evolve(EIGHT, memory=8 * GiB), boot=EIGHT)
+    rig.set_spec(evolve(EIGHT, memory=6 * GiB))
+    for _ in range(3):
+        rig.controller()
+        rig.daemon()
+        rig.guest_settles()
+    rig.controller()  # the shrink patch is visible
+    assert rig.phase is Phase.POD_RESIZE_IN_PROGRESS and rig.pod is not None
+    rig.pod = evolve(
+        rig.pod, actual=rig.pod.desired, observed_generation=None, legacy_resize_status=legacy
+    )
+    assert transitions(rig.controller()) == []
+    rig.pod = evolve(rig.pod, legacy_resize_status=None)
+    assert transitions(rig.controller()) == [Phase.RUNNING]
+
+
 def test_403_node_capacity_is_infeasible() -> None:
     rig = Rig.running(EIGHT, boot=ROOMY)
     rig.set_spec(HUGE)
@@ -666,6 +701,30 @@ def test_403_node_capacity_is_infeasible() -> None:
     for _ in range(3):
         rig.round()
     assert rig.pod_patches == []
+
+
+def test_a_403_for_an_older_spec_does_not_condemn_the_newer_one() -> None:
+    """Regression: the spec changed between the patch and its 403; the re-decision, made
+    on the newer spec, marked that never-tried spec Infeasible."""
+    rig = Rig.running(EIGHT, boot=ROOMY)
+    rig.set_spec(HUGE)
+    acts = owned_by(decide(rig.vm, rig.pod), Owner.CONTROLLER)
+    rig.vm = rig.vm.evolve(status=apply_status(rig.vm.status, acts))  # PodResizeInProgress
+    assert ResizePod(pod_resources(HUGE)) in acts
+    fits = evolve(EIGHT, memory=8 * GiB)
+    rig.set_spec(fits)  # ... and then the 403 for HUGE arrives
+    assert rig.pod is not None
+    refused = evolve(rig.pod, resize_refused="forbidden: NodeCapacity")
+    acts = owned_by(decide(rig.vm, refused), Owner.CONTROLLER)
+    assert transitions(acts) == []
+    assert Reasons.EV_POD_INITIATED not in [a.reason for a in acts if isinstance(a, RecordEvent)]
+    assert ResizePod(pod_resources(fits)) in acts
+    rig.vm = rig.vm.evolve(status=apply_status(rig.vm.status, acts))
+    record = rig.vm.status.resize
+    assert record is not None and record.step is Step.POD_GROW and record.target == fits.desired
+    # A 403 for the spec it was sent for is still the end of that spec.
+    acts = owned_by(decide(rig.vm, refused), Owner.CONTROLLER)
+    assert transitions(acts) == [Phase.RUNNING]
 
 
 def test_deferred_sets_a_condition_and_one_event() -> None:
