@@ -29,7 +29,11 @@ HOTPLUG_REGION_ALIGNMENT = 128 * MiB
 # a larger size is not an allocation but a malformed object (refused at admission).
 MAX_GUEST_MEMORY = 1 << 62
 
-# Hotplug ceilings when the spec does not name them (RESIZE.md §1).
+# Cloud Hypervisor's CpusConfig holds boot_vcpus and max_vcpus in a u8 (docs/cpu.md): more
+# vCPUs cannot boot, and a larger count would overflow int64 fields of our own status.
+MAX_VCPUS = 255
+
+# Hotplug ceilings when the spec does not name them (RESIZE.md §1), capped at MAX_VCPUS.
 DEFAULT_MAX_VCPUS_FACTOR = 2
 DEFAULT_MAX_MEMORY_FACTOR = 5
 

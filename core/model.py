@@ -17,6 +17,7 @@ from core.constants import (
     DEFAULT_MAX_MEMORY_FACTOR,
     DEFAULT_MAX_VCPUS_FACTOR,
     HOTPLUG_REGION_ALIGNMENT,
+    MAX_VCPUS,
 )
 from core.quantity import format_bytes, format_millicores
 
@@ -100,9 +101,9 @@ class VmSpec:
 
     @property
     def vcpu_ceiling(self) -> int:
-        return (
-            self.max_vcpus if self.max_vcpus is not None else DEFAULT_MAX_VCPUS_FACTOR * self.vcpus
-        )
+        if self.max_vcpus is not None:
+            return self.max_vcpus
+        return max(min(DEFAULT_MAX_VCPUS_FACTOR * self.vcpus, MAX_VCPUS), self.vcpus)
 
     @property
     def memory_ceiling(self) -> int:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from core.actions import BootVmm
 from core.config import DEFAULT_CONFIG, KernelConfig
-from core.constants import GUEST_MEMORY_ALIGNMENT, MAX_GUEST_MEMORY, MILLICORES_PER_VCPU
+from core.constants import (
+    GUEST_MEMORY_ALIGNMENT,
+    MAX_GUEST_MEMORY,
+    MAX_VCPUS,
+    MILLICORES_PER_VCPU,
+)
 from core.model import (
     VMM_PHASES,
     Allocation,
@@ -59,14 +64,30 @@ def spec_errors(spec: VmSpec) -> tuple[FieldError, ...]:
                 f"{CPU_PATH}.coresPerSocket", f"must be at least 1, got {spec.cores_per_socket}"
             )
         )
+    topology_ok = spec.sockets >= 1 and spec.cores_per_socket >= 1
+    if topology_ok and spec.vcpus > MAX_VCPUS:
+        errors.append(
+            FieldError(
+                CPU_PATH,
+                f"sockets x coresPerSocket = {spec.vcpus} vCPUs is more than the "
+                f"{MAX_VCPUS} Cloud Hypervisor can run",
+            )
+        )
     if spec.max_vcpus is not None and spec.max_vcpus < 1:
         errors.append(
             FieldError(f"{CPU_PATH}.maxVcpus", f"must be at least 1, got {spec.max_vcpus}")
         )
+    elif spec.max_vcpus is not None and spec.max_vcpus > MAX_VCPUS:
+        errors.append(
+            FieldError(
+                f"{CPU_PATH}.maxVcpus",
+                f"{spec.max_vcpus} is more than the {MAX_VCPUS} vCPUs Cloud Hypervisor can run",
+            )
+        )
     elif (
         spec.max_vcpus is not None
-        and spec.sockets >= 1
-        and spec.cores_per_socket >= 1
+        and topology_ok
+        and spec.vcpus <= MAX_VCPUS
         and spec.vcpus > spec.max_vcpus
     ):
         errors.append(

@@ -81,18 +81,25 @@ def _strict_int(value: object) -> int:
     return value
 
 
-def _camel(cls: type, **renames: str) -> None:
+def _camel(cls: type, *, omit_defaults: bool = True, **renames: str) -> None:
     overrides = {attr: override(rename=json) for attr, json in renames.items()}
     _converter.register_structure_hook(cls, make_dict_structure_fn(cls, _converter, **overrides))
     _converter.register_unstructure_hook(
-        cls, make_dict_unstructure_fn(cls, _converter, _cattrs_omit_if_default=True, **overrides)
+        cls,
+        make_dict_unstructure_fn(
+            cls, _converter, _cattrs_omit_if_default=omit_defaults, **overrides
+        ),
     )
 
 
 _camel(Allocation)
 _camel(Capacity, max_vcpus="maxVcpus", max_memory="maxMemory", boot_memory="bootMemory")
+# Status goes out as a merge patch, where an omitted key keeps its old value: a record
+# that omitted its defaults would never clear podGeneration, reset attempts or drop
+# vmmRequested. Every field is rendered, None as null (which deletes the key).
 _camel(
     ResizeRecord,
+    omit_defaults=False,
     return_phase="returnPhase",
     pod_generation="podGeneration",
     started_at="startedAt",

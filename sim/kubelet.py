@@ -399,11 +399,13 @@ def node_labels(config: KubeletConfig) -> dict[str, str]:
 
 
 def selects_node(config: KubeletConfig, pod: Mapping[str, Any]) -> bool:
-    """Whether an unscheduled pod is one this node would bind: default scheduler, and a
-    ``nodeSelector`` (if any) that the node's labels satisfy."""
+    """Whether an unscheduled pod is one this node would bind: default scheduler, no
+    scheduling gates left, and a ``nodeSelector`` (if any) that the node's labels satisfy."""
     spec = pod.get("spec") or {}
     if spec.get("nodeName") or (pod.get("metadata") or {}).get("deletionTimestamp"):
         return False
+    if spec.get("schedulingGates"):
+        return False  # the scheduler leaves gated pods alone; the API server refuses them
     if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
         return False
     if (spec.get("schedulerName") or DEFAULT_SCHEDULER) != DEFAULT_SCHEDULER:

@@ -134,13 +134,18 @@ def status_body(old_raw: dict[str, Any] | None, new: VmStatus, now: str) -> dict
 
 
 def same_status(old_raw: dict[str, Any] | None, body: dict[str, Any]) -> bool:
-    """Is ``body`` already what the object says (ignoring nulls for absent fields)?"""
+    """Would merge-patching ``body`` leave the object's status as it is? A null deletes
+    a key, so it matches an absent one, at any depth; lists are replaced whole."""
     old = old_raw or {}
     for key, value in body.items():
+        current = old.get(key)
         if value is None:
-            if old.get(key) is not None:
+            if current is not None:
                 return False
-        elif old.get(key) != value:
+        elif isinstance(value, dict):
+            if not isinstance(current, dict) or not same_status(current, value):
+                return False
+        elif current != value:
             return False
     return True
 

@@ -61,6 +61,7 @@ NODE_STATUS_S = 60.0  # full node status, as nodeStatusReportFrequency
 USAGE_POLL_S = 2.0  # how often a blocked memory decrease re-reads the guest's memory
 RESYNC_S = 30.0
 RETRY_S = 1.0
+BIND_RETRY_S = 5.0  # a refused binding waits this long, as the scheduler's backoff would
 SYNC_TIMEOUT_S = 60.0
 MAX_PODS = "110"
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
@@ -131,6 +132,9 @@ class KubeletAgent:
         # Pods we bound whose watch event has not arrived yet: they count for first fit.
         self._bound: dict[str, dict[str, Any]] = {}
         self._unfit: set[str] = set()
+        # Pods whose binding the API server refused, and when to try them again: one
+        # refused pod (say, in a namespace being deleted) must not hold up the others.
+        self._bind_retry_at: dict[str, float] = {}
         self._node_uid: str | None = None
         self._ready_since: str | None = None
         self._registered_at: str | None = None
@@ -343,8 +347,10 @@ class KubeletAgent:
             if self._stop.is_set():
                 return
             try:
-                self.bind_pending()
+                bind_at = self.bind_pending()
                 wake_at = self.sync_once()
+                if bind_at is not None:
+                    wake_at = bind_at if wake_at is None else min(wake_at, bind_at)
             except Exception:
                 log.exception("sync failed", extra=kv(node=self.config.node_name))
                 wake_at = self.clock() + RETRY_S
@@ -452,20 +458,26 @@ class KubeletAgent:
 
     # --- binding -------------------------------------------------------------------------
 
-    def bind_pending(self) -> None:
+    def bind_pending(self) -> float | None:
         """First fit: bind, oldest first, each pending pod that selects this node and fits
-        beside the pods already here."""
+        beside the pods already here. Returns when a refused binding is due again."""
         own = {p["metadata"]["uid"]: p for p in self.own.list()}
         pending = self.pending.list()
         waiting = {p["metadata"]["uid"] for p in pending}
         for uid in list(self._bound):
             if uid in own or uid not in waiting:
                 del self._bound[uid]
+        for uid in list(self._bind_retry_at):
+            if uid not in waiting:
+                del self._bind_retry_at[uid]
+        now = self.clock()
         pending.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", _pod_ref(p)))
         for pod in pending:
             meta = pod["metadata"]
             uid = meta["uid"]
             if uid in self._bound or not selects_node(self.config, pod):
+                continue
+            if self._bind_retry_at.get(uid, now) > now:
                 continue
             here = [*own.values(), *self._bound.values()]
             if not fits_node(self.config, here, pod):
@@ -480,6 +492,7 @@ class KubeletAgent:
                 self._unfit.discard(uid)
                 bound = {**pod, "spec": {**pod["spec"], "nodeName": self.config.node_name}}
                 self._bound[uid] = bound
+        return min(self._bind_retry_at.values(), default=None)
 
     def _bind(self, pod: dict[str, Any]) -> bool:
         meta = pod["metadata"]
@@ -494,5 +507,14 @@ class KubeletAgent:
             self.kube.create(path, body)
         except (Conflict, AlreadyExists, NotFound):
             return False  # bound elsewhere, or gone
+        except ApiError as exc:
+            # The scheduler's way: this pod waits and is tried again; the rest go on.
+            log.warning(
+                "pod binding refused",
+                extra=kv(pod=_pod_ref(pod), node=self.config.node_name, error=str(exc)),
+            )
+            self._bind_retry_at[meta["uid"]] = self.clock() + BIND_RETRY_S
+            return False
+        self._bind_retry_at.pop(meta["uid"], None)
         log.info("pod bound", extra=kv(pod=_pod_ref(pod), node=self.config.node_name))
         return True

@@ -132,9 +132,7 @@ def webhook_configurations(
         }
     ]
     vm_pod = hook(VM_POD_HOOK, MUTATE_POD, pod_rules)
-    vm_pod["objectSelector"] = {
-        "matchExpressions": [{"key": VM_NAME_LABEL, "operator": "Exists"}]
-    }
+    vm_pod["objectSelector"] = {"matchExpressions": [{"key": VM_NAME_LABEL, "operator": "Exists"}]}
     mutating = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",

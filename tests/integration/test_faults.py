@@ -42,7 +42,6 @@ from core import (
     parse_vm,
 )
 from core.constants import GiB
-from core.quantity import format_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -56,19 +55,6 @@ FUZZ_OBJECTS = 60
 # starts, which would otherwise reconcile their objects) ------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="status writes are JSON merge patches, and core/wire.py renders status.resize "
-    "with default-valued fields omitted (_cattrs_omit_if_default=True): a record whose "
-    "podGeneration goes back to None, attempts to 0 or vmmRequested to False keeps the "
-    "stored old values. Seeds 14, 25, 30, 33: the daemon ends the VMM step with "
-    "pod_generation=None, the stored record keeps the podGeneration of an earlier, "
-    "Infeasible pods/resize patch, and the controller takes that patch's stale "
-    "PodResizePending=Infeasible condition as the answer to the new, feasible spec "
-    "generation: VMPodResizeInfeasible, the pod restored to its old (larger) size, and "
-    "the generation never retried. Fix in core/wire.py (or adapters/k8s/vms.py): render "
-    "every field of the record, None as null, so the merge patch clears it.",
-)
 def test_schedule_14(control_plane: Any, namespace: str) -> None:
     """The kernel's record, written by the real executor, is what the API server stores."""
     kube = Kube(control_plane.api_client())
@@ -104,17 +90,6 @@ def test_schedule_14(control_plane: Any, namespace: str) -> None:
         kube.delete(vm_url(namespace, name))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fuzz seed 0, case 22 (python -m bench.faults --fuzz 60 --seed 0): "
-    "sockets=2^62 with coresPerSocket=2 passes core.resources.spec_errors (no upper bound "
-    "on vCPUs), so the kernel's first status write carries desired.vcpus=2^63, beyond "
-    "int64; kube-apiserver reads it as a float and refuses the write (422 'desired.vcpus "
-    "in body must be of type integer'). The controller retries forever with backoff "
-    "('reconcile failed'), and the VM never gets a phase or SpecValid=False. Fix in "
-    "core/resources.py: refuse vCPU counts (sockets, coresPerSocket, their product, "
-    "maxVcpus) above a named ceiling well inside int64.",
-)
 def test_fuzz_0_22(control_plane: Any, namespace: str) -> None:
     """What the controller does for a VM with 2^63 vCPUs, against the real API server."""
     kube = Kube(control_plane.api_client())
@@ -230,43 +205,3 @@ def test_malformed_vms_never_crash_the_controller(harness: Harness) -> None:
     assert not result.failures, "\n".join(result.failures)
     assert result.written > FUZZ_OBJECTS // 2  # most got past the schema to the controller
     assert result.flagged > FUZZ_OBJECTS // 4
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the simulated kubelet (apps/kubelet, sim/kubelet.py) takes allocatable from its "
-    "--cpu/--memory flags once and never re-reads the Node: a Node whose allocatable "
-    "shrinks still accepts resizes that fit the old allocatable (and its next status "
-    "post restores the old numbers). A real kubelet also owns allocatable, but changes "
-    "it when restarted with a new reservation; the fault schedules model a shrinking "
-    "node with a squeeze pod instead.",
-)
-@pytest.mark.timeout(120)
-def test_kubelet_honours_a_shrunken_node_allocatable(harness: Harness) -> None:
-    kube = harness._kube()
-    vm = harness.pool.vms[1]
-    node = f"/api/v1/nodes/{vm.node}/status"
-    original = kube.get(node)["status"]["allocatable"]
-    try:
-        assert harness.wait_converged(60) == {}
-        harness._resize(vm.name, vm.boot_vcpus, vm.boot_memory)
-        assert harness.wait_converged(60) == {}
-        small = {**original, "memory": format_bytes(vm.boot_memory + GiB)}
-        kube.patch(node, {"status": {"allocatable": small, "capacity": small}})
-        harness._resize(vm.name, vm.boot_vcpus, vm.boot_memory + 2 * GiB)  # cannot fit now
-        deadline = time.monotonic() + 30
-        reason = None
-        while time.monotonic() < deadline:
-            obj = kube.get(vm_url(harness.namespace, vm.name))
-            generation = obj["metadata"]["generation"]
-            for cond in (obj.get("status") or {}).get("conditions") or ():
-                if cond.get("type") == "Resized" and cond.get("observedGeneration") == generation:
-                    reason = cond.get("reason")
-            if reason in ("PodResizeInfeasible", "PodResizeDeferred", "Resized"):
-                break
-            time.sleep(0.1)
-        assert reason in ("PodResizeInfeasible", "PodResizeDeferred"), reason
-    finally:
-        kube.patch(node, {"status": {"allocatable": original, "capacity": original}})
-        harness._resize(vm.name, vm.boot_vcpus, vm.boot_memory)
-        harness.wait_converged(60)

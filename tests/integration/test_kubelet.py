@@ -54,6 +54,31 @@ def socket_root() -> Iterator[str]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def pod_body(ns: str, name: str, cpu: str, memory: str, node: str) -> dict[str, Any]:
+    """A VM-like pod: one guaranteed container, resizable in place, bound for ``node``."""
+    values = {"cpu": cpu, "memory": memory}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "nodeSelector": {HOSTNAME_LABEL: node},
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                {
+                    "name": CONTAINER,
+                    "image": "chscale/vmm:test",
+                    "resources": {"requests": values, "limits": values},
+                    "resizePolicy": [
+                        {"resourceName": "cpu", "restartPolicy": "NotRequired"},
+                        {"resourceName": "memory", "restartPolicy": "NotRequired"},
+                    ],
+                }
+            ],
+        },
+    }
+
+
 class Node:
     """A running simulated kubelet and the helpers a test needs around it."""
 
@@ -65,27 +90,7 @@ class Node:
         return f"/api/v1/namespaces/{self.ns}/pods/{name}"
 
     def create_pod(self, name: str, cpu: str, memory: str) -> dict[str, Any]:
-        values = {"cpu": cpu, "memory": memory}
-        body = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "namespace": self.ns},
-            "spec": {
-                "nodeSelector": {HOSTNAME_LABEL: self.name},
-                "terminationGracePeriodSeconds": 5,
-                "containers": [
-                    {
-                        "name": CONTAINER,
-                        "image": "chscale/vmm:test",
-                        "resources": {"requests": values, "limits": values},
-                        "resizePolicy": [
-                            {"resourceName": "cpu", "restartPolicy": "NotRequired"},
-                            {"resourceName": "memory", "restartPolicy": "NotRequired"},
-                        ],
-                    }
-                ],
-            },
-        }
+        body = pod_body(self.ns, name, cpu, memory, self.name)
         return self.kube.create(f"/api/v1/namespaces/{self.ns}/pods", body)
 
     def get(self, name: str) -> dict[str, Any]:
@@ -149,9 +154,20 @@ class Node:
         raise AssertionError(f"pod {name} still exists after {TIMEOUT_S}s")
 
 
+def node_name() -> str:
+    return f"kubelet-{uuid.uuid4().hex[:8]}"
+
+
 @contextmanager
-def kubelet(kube: Kube, ns: str, socket_root: str, **config: Any) -> Iterator[Node]:
-    name = f"kubelet-{uuid.uuid4().hex[:8]}"
+def kubelet(
+    kube: Kube,
+    ns: str,
+    socket_root: str,
+    name: str | None = None,
+    every_namespace: bool = False,
+    **config: Any,
+) -> Iterator[Node]:
+    name = name or node_name()
     runtime = VmmRuntime(socket_root, VMM)
     agent = KubeletAgent(
         kube,
@@ -159,7 +175,7 @@ def kubelet(kube: Kube, ns: str, socket_root: str, **config: Any) -> Iterator[No
         runtime,
         heartbeat_s=1.0,
         # Other tests leave pending pods behind on the shared API server: not ours to run.
-        namespace=ns,
+        namespace=None if every_namespace else ns,
     )
     agent.start()
     node = Node(kube, ns, agent, runtime)
@@ -249,6 +265,20 @@ def test_a_pod_is_bound_and_runs_with_its_resources(kube, ns, socket_root):
         # container runs from the moment its process starts, as with any runtime).
         uid = pod["metadata"]["uid"]
         assert answering(vmm_socket_path(socket_root, uid)).pid == node.runtime.running()[uid]
+
+
+def test_a_refused_binding_does_not_hold_up_the_other_pods(kube, ns, socket_root, control_plane):
+    # CI run of stop 10: pods left pending in namespaces being deleted (the API server
+    # refuses to bind them) stopped every later pod from being bound on that node.
+    name = node_name()
+    doomed = control_plane.create_namespace(f"{ns[:50]}-gone")
+    kube.create(f"/api/v1/namespaces/{doomed}/pods", pod_body(doomed, "stuck", "1", "1Gi", name))
+    control_plane.delete_namespace(doomed)
+    with kubelet(kube, ns, socket_root, name=name, every_namespace=True) as node:
+        node.create_pod("vm-a", "1", "1Gi")
+        assert node.running("vm-a")["spec"]["nodeName"] == name
+        stuck = kube.get(f"/api/v1/namespaces/{doomed}/pods/stuck")
+        assert not stuck["spec"].get("nodeName")
 
 
 def test_a_resize_goes_through_in_progress_and_completes(kube, ns, socket_root):

@@ -122,6 +122,14 @@ def test_same_status_treats_null_as_absent() -> None:
     assert not same_status({"phase": "Running", "resize": {"vcpus": 1}}, body)
 
 
+def test_same_status_compares_nested_nulls_as_a_merge_patch_would() -> None:
+    body = {"phase": "Running", "resize": {"vcpus": 2, "podGeneration": None, "attempts": 0}}
+    assert same_status({"phase": "Running", "resize": {"vcpus": 2, "attempts": 0}}, body)
+    stale = {"phase": "Running", "resize": {"vcpus": 2, "podGeneration": 4, "attempts": 0}}
+    assert not same_status(stale, body)
+    assert not same_status({"phase": "Running", "resize": "junk"}, body)
+
+
 def test_vm_pod_is_guaranteed_and_never_restarts_on_resize() -> None:
     vm = {
         "metadata": {"namespace": "ns", "name": "v", "uid": "u1"},

@@ -215,8 +215,9 @@ def test_json_pointer_escapes_tilde_and_slash():
         "/spec/containers/3/resizePolicy/-"
     )
     doc = {"metadata": {"labels": {VM_NAME_LABEL: "a"}}}
-    apply_patch(doc, [{"op": "add", "path": pointer("metadata", "labels", VM_NAME_LABEL),
-                       "value": "b"}])
+    apply_patch(
+        doc, [{"op": "add", "path": pointer("metadata", "labels", VM_NAME_LABEL), "value": "b"}]
+    )
     assert doc["metadata"]["labels"][VM_NAME_LABEL] == "b"
 
 
@@ -552,9 +553,7 @@ def test_a_pod_that_carries_requests_equal_limits_keeps_them_without_a_lookup():
         raise AssertionError("no lookup needed")
 
     ops = ops_of(mutate_pod_review(pod_request(pod(both("2", "1Gi"))), no_lookup))
-    assert ops == [
-        {"op": "add", "path": "/spec/containers/0/resizePolicy", "value": NOT_REQUIRED}
-    ]
+    assert ops == [{"op": "add", "path": "/spec/containers/0/resizePolicy", "value": NOT_REQUIRED}]
     done = pod(both("2000m", "1024Mi"), NOT_REQUIRED)
     assert ops_of(mutate_pod_review(pod_request(done), no_lookup)) == []
 
@@ -567,10 +566,16 @@ def test_restart_container_becomes_not_required_and_other_entries_stay():
     obj = pod(both("2", "1Gi"), policy)
     ops = ops_of(mutate_pod_review(pod_request(obj), None))
     assert ops == [
-        {"op": "add", "path": "/spec/containers/0/resizePolicy/0/restartPolicy",
-         "value": "NotRequired"},
-        {"op": "add", "path": "/spec/containers/0/resizePolicy/-",
-         "value": {"resourceName": "cpu", "restartPolicy": "NotRequired"}},
+        {
+            "op": "add",
+            "path": "/spec/containers/0/resizePolicy/0/restartPolicy",
+            "value": "NotRequired",
+        },
+        {
+            "op": "add",
+            "path": "/spec/containers/0/resizePolicy/-",
+            "value": {"resourceName": "cpu", "restartPolicy": "NotRequired"},
+        },
     ]
     assert apply_patch(obj, ops)["spec"]["containers"][0]["resizePolicy"] == [
         {"resourceName": "memory", "restartPolicy": "NotRequired"},
@@ -622,12 +627,15 @@ def test_a_vm_pod_without_vm_manager_passes_with_a_warning():
 @pytest.mark.parametrize(
     ("objects", "code", "words"),
     [
-        ({}, 404, 'VirtualMachine ns/my-vm (label cloudhypervisor.quill.today/vm) does not'),
+        ({}, 404, "VirtualMachine ns/my-vm (label cloudhypervisor.quill.today/vm) does not"),
         ({("ns", "my-vm"): LookupFailed("connection refused")}, 503, "connection refused"),
         ({("ns", "my-vm"): RuntimeError("boom")}, 503, "cannot read VirtualMachine ns/my-vm"),
         ({("ns", "my-vm"): vm(size="lots")}, 422, "spec.instance.memory.size"),
-        ({("ns", "my-vm"): {**vm(), "metadata": {"name": "my-vm", "uid": "new-uid"}}}, 409,
-         "earlier VirtualMachine ns/my-vm"),
+        (
+            {("ns", "my-vm"): {**vm(), "metadata": {"name": "my-vm", "uid": "new-uid"}}},
+            409,
+            "earlier VirtualMachine ns/my-vm",
+        ),
     ],
 )
 def test_a_vm_pod_whose_size_cannot_be_known_is_refused(
@@ -759,8 +767,9 @@ def test_a_label_that_cannot_name_a_vm_is_refused_before_any_lookup(label: str):
     obj = pod(labels={VM_NAME_LABEL: label})
     answer = mutate_pod_review(pod_request(obj), lookups)["response"]
     if label:
-        assert answer["allowed"] is False and "cannot name a VirtualMachine" in (
-            answer["status"]["message"]
+        assert (
+            answer["allowed"] is False
+            and "cannot name a VirtualMachine" in (answer["status"]["message"])
         )
     else:  # an empty label value does not make a VM pod
         assert answer["allowed"] is True and "patch" not in answer

@@ -802,6 +802,8 @@ def _pending_pod(name, selector=None, cpu="1", memory="1Gi", **spec):
         (_pending_pod("theirs", {"kubernetes.io/hostname": "node-b"}), False),
         (_pending_pod("bound", nodeName="node-b"), False),
         (_pending_pod("custom", schedulerName="other"), False),
+        (_pending_pod("gated", schedulingGates=[{"name": "example.com/wait"}]), False),
+        (_pending_pod("ungated", schedulingGates=[]), True),
     ],
 )
 def test_selects_node(pod, selected):

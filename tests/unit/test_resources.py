@@ -26,6 +26,7 @@ from core import (
 from core.constants import (
     HOTPLUG_REGION_ALIGNMENT,
     MAX_GUEST_MEMORY,
+    MAX_VCPUS,
     POD_MEMORY_OVERHEAD,
     GiB,
     MiB,
@@ -106,6 +107,10 @@ def _running(spec: VmSpec) -> Vm:
         (evolve(SEED, cores_per_socket=0), "spec.instance.cpu.coresPerSocket", "at least 1"),
         (evolve(SEED, max_vcpus=0), "spec.instance.cpu.maxVcpus", "at least 1"),
         (evolve(SEED, max_vcpus=6), "spec.instance.cpu", "exceeds maxVcpus 6"),
+        (evolve(SEED, max_vcpus=MAX_VCPUS + 1), "spec.instance.cpu.maxVcpus", "more than the"),
+        # Fault fuzz schedule 22: 2^63 vCPUs passed the kernel and every status write 422'd.
+        (evolve(SEED, sockets=2**62, cores_per_socket=2), "spec.instance.cpu", "more than"),
+        (evolve(SEED, sockets=16, cores_per_socket=16), "spec.instance.cpu", "256 vCPUs"),
         (evolve(SEED, memory=0), "spec.instance.memory.size", "positive"),
         (evolve(SEED, memory=-GiB), "spec.instance.memory.size", "positive"),
         (evolve(SEED, memory=GiB + 1), "spec.instance.memory.size", "multiple of 2Mi"),
@@ -209,3 +214,9 @@ def test_seed_yaml_parses_unchanged() -> None:
     assert errors == () and spec == SEED
     spec, errors = parse_spec({"instance": {"memory": {"size": "1Gi"}}})
     assert errors == () and spec is not None and (spec.sockets, spec.cores_per_socket) == (1, 1)
+
+
+def test_the_default_vcpu_ceiling_stops_at_what_cloud_hypervisor_runs() -> None:
+    assert evolve(SEED, sockets=100, cores_per_socket=2).vcpu_ceiling == MAX_VCPUS
+    assert evolve(SEED, sockets=255, cores_per_socket=1).vcpu_ceiling == MAX_VCPUS
+    assert SEED.vcpu_ceiling == 16

@@ -87,6 +87,30 @@ def test_status_round_trips_through_json(status: VmStatus) -> None:
     assert parse_status(json.loads(json.dumps(rendered))) == status
 
 
+def _merge_patch(target: object, patch: object) -> object:
+    """RFC 7386, as the API server applies a status merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+@given(statuses, statuses)
+def test_a_status_merge_patch_replaces_every_field_of_the_old_status(
+    old: VmStatus, new: VmStatus
+) -> None:
+    # Found by fault schedule 14: a record's defaults were omitted, so a patch never reset
+    # attempts or vmmRequested, nor cleared podGeneration.
+    stored = _merge_patch({}, render_status(old))
+    patched = _merge_patch(stored, json.loads(json.dumps(render_status(new))))
+    assert parse_status(patched) == new
+
+
 def test_status_json_uses_quantities_and_camel_case() -> None:
     status = VmStatus(
         phase=Phase.RESIZE_IN_PROGRESS,
@@ -104,7 +128,10 @@ def test_status_json_uses_quantities_and_camel_case() -> None:
         "memory": "8Gi",
         "generation": 3,
         "step": "Vmm",
+        "returnPhase": "Running",
         "podGeneration": 5,
+        "attempts": 0,
+        "startedAt": None,
         "vmmRequested": True,
     }
     assert rendered["conditions"] == [
