@@ -14,10 +14,7 @@ held: ``vmm_processes`` and ``mem_used_mb`` (the drop in MemAvailable with every
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
-import signal
 import sys
 import tempfile
 import time
@@ -43,7 +40,6 @@ PATCH_THREADS = 8
 CREATE_THREADS = 8
 API_ATTEMPTS = 20
 RETRY_PAUSE_S = 0.05
-ORPHAN_GRACE_S = 5.0
 
 
 def _status_field(pid: int, field: str) -> int | None:
@@ -140,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     names = {f"burst-{i:04d}" for i in range(args.vms)}
     stack = Stack(state, nodes=nodes, webhook=True)
     retries = _Retries()
-    socket_root = str(stack.socket_root(nodes[0].name))
-    orphans = 0
     try:
         stack.start()
         assert stack.control_plane is not None
@@ -170,9 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         rss = _status_field(controller, "VmRSS")
     finally:
         stack.stop()
-        orphans = _reap_orphans(socket_root)
-        if orphans:
-            print(f"# {orphans} VMM processes outlived the stack and were ended")
     print(f"burst_vms={args.vms}")
     print(f"burst_nodes={args.nodes}")
     print(f"boot_all_s={boot_s:.1f}")
@@ -181,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"burst_patch_s={patched_s:.2f}")
     print(f"burst_total_s={total_s:.2f}")
     print(f"api_retries={retries.count}")
-    print(f"orphaned_vmms={orphans}")
     if hwm is not None:
         print(f"controller_rss_mb={hwm / 1024:.1f}")
     if rss is not None:
@@ -226,29 +216,6 @@ def _boot(
                 f"{args.min_free_mb:.0f}: {len(names)} VMs are not feasible here"
             )
     return time.monotonic() - started, base - _mem_available_mb()
-
-
-def _reap_orphans(socket_root: str) -> int:
-    """VMM processes the kubelets started under ``socket_root`` that outlived them (a
-    kubelet killed at stop leaves its VMMs to init): end them. Returns how many."""
-    mine: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if f"path={socket_root}/" in cmdline:
-            mine.append(int(entry.name))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in mine:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + ORPHAN_GRACE_S
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in mine):
-            time.sleep(0.1)
-    return len(mine)
 
 
 def _count_vmm_processes(stack: Stack) -> int:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,38 @@ class Child:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=5)
+
+
+def end_processes_mentioning(fragment: str, grace: float = 5.0) -> int:
+    """End (SIGTERM, then SIGKILL after ``grace``) every process whose command line
+    contains ``fragment``; returns how many there were. For processes started detached
+    on purpose (a VMM outlives its kubelet, as a container outlives a restarted real
+    kubelet) whose starter is gone: nothing else would ever stop them."""
+    me = os.getpid()
+    mine: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmdline:
+            mine.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in mine):
+            time.sleep(0.05)
+    return len(mine)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie is dead, only not yet reaped by its parent.
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apps.common.procs import Child, python_module
+from apps.common.procs import Child, end_processes_mentioning, python_module
 from apps.controlplane.launcher import ControlPlane
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,13 @@ class Stack:
         if state.exists():
             state.unlink()
         if self._socket_root is not None:
+            # A kubelet that was SIGKILLed (by a fault schedule, or at the end of its grace)
+            # leaves its VMMs running detached, as containers outlive a real kubelet.
+            orphans = end_processes_mentioning(f"path={self._socket_root}/")
+            if orphans:
+                log.warning(
+                    "stopped VMM processes left by their kubelets", extra={"count": orphans}
+                )
             shutil.rmtree(self._socket_root, ignore_errors=True)
             self._socket_root = None
 

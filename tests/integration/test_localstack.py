@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from adapters.k8s.client import Kube
+from apps.cli.vmops import Follower, apply_vm, converged, vm_url
+from apps.localstack.stack import NodeSpec, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +117,50 @@ def test_up_get_down_leaves_no_process(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert not [p for p in processes if _alive(p)], "processes left behind"
     assert chscale("status", "--state-dir", str(state)).returncode == 1
+
+
+def _mentioning(fragment: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if fragment in cmdline and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def test_stop_ends_the_vmms_a_killed_kubelet_left_running(
+    control_plane: Any, namespace: str, tmp_path: Path
+) -> None:
+    stack = Stack(
+        tmp_path / "stack",
+        nodes=[NodeSpec("orphan-node", "8", "16Gi")],
+        control_plane=control_plane,
+        webhook=False,
+    )
+    vmms = f"path={stack.socket_root('orphan-node')}/"
+    stack.start()
+    try:
+        kube = Kube(control_plane.api_client())
+        vm = {
+            "metadata": {"name": "left"},
+            "spec": {
+                "instance": {"cpu": {"sockets": 1, "coresPerSocket": 1}, "memory": {"size": "1Gi"}},
+                "nodeSelector": {"kubernetes.io/hostname": "orphan-node"},
+            },
+        }
+        apply_vm(kube, vm, namespace)
+        Follower(kube, namespace, "left").wait(converged, 60)
+        assert len(_mentioning(vmms)) == 1
+        # As a container outlives its kubelet: the VMM runs on, detached.
+        stack.children["kubelet-orphan-node"].kill()
+        assert len(_mentioning(vmms)) == 1
+        kube.patch(vm_url(namespace, "left"), {"metadata": {"finalizers": None}})
+    finally:
+        stack.stop()
+    assert _mentioning(vmms) == []
 
 
 # --- the deploy manifests -------------------------------------------------------------
