@@ -337,3 +337,28 @@ def test_a_vm_pod_of_a_missing_vm_without_resources_is_refused(webhook, kube, na
         kube.create(f"/api/v1/namespaces/{namespace}/pods", vm_pod("no-such-vm"))
     assert info.value.status == 404
     assert f"VirtualMachine {namespace}/no-such-vm" in info.value.message
+
+
+def test_concurrent_writes_are_all_admitted_over_reused_connections(webhook, kube, namespace):
+    # Regression for ADR 0006's addendum: with INFO logging on, every review crashed its
+    # log line after answering and dropped the connection; the API server, reusing it,
+    # failed ~40% of writes with EOF. Dry runs still call every webhook.
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    logging.getLogger("adapters.webhook.server").setLevel(logging.INFO)
+    before = webhook.counts["reviews"]
+
+    def create(i: int) -> str | None:
+        body = yaml.safe_load(SEED_YAML)
+        body["metadata"] = {"name": f"burst-{i}", "namespace": namespace}
+        try:
+            kube.request("POST", f"{vms_path(namespace)}?dryRun=All", body)
+        except ApiError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(4) as pool:
+        failures = [f for f in pool.map(create, range(120)) if f]
+    assert failures == []
+    assert webhook.counts["reviews"] - before >= 240  # mutate and validate, each write
