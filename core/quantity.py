@@ -38,6 +38,20 @@ _QUANTITY = re.compile(
     r"(?P<num>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
     r"(?:(?P<bin>Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exp>[+-]?[0-9]+)|(?P<dec>[numkMGTPE]?))"
 )
+# The shapes nearly every object carries ("4Gi", "1500m", "2"): whole numbers with an
+# optional suffix, worked out in integers (the hot paths parse them on every reconcile).
+# Anything else takes the general path through Fraction; both give the same answers.
+_WHOLE = re.compile(r"([0-9]{1,18})(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?")
+_WHOLE_UNITS = {
+    **_BINARY,
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+}
 # Quantities beyond this are not resources anyone can allocate; refusing them keeps a
 # hostile "1e999999999" from turning into a multi-megabyte integer.
 _MAX_EXPONENT = 30
@@ -49,6 +63,8 @@ class QuantityError(ValueError):
 
 def parse_quantity(value: object) -> Fraction:
     """Parse a quantity given as a JSON string or number into an exact Fraction."""
+    if isinstance(value, str):
+        return _parse_text(value)
     if isinstance(value, bool):
         raise QuantityError(f"expected a quantity, got a boolean {value!r}")
     if isinstance(value, int):
@@ -57,8 +73,10 @@ def parse_quantity(value: object) -> Fraction:
         if value != value or value in (float("inf"), float("-inf")):
             raise QuantityError(f"expected a finite quantity, got {value!r}")
         return Fraction(value)
-    if not isinstance(value, str):
-        raise QuantityError(f"expected a quantity string, got {type(value).__name__}")
+    raise QuantityError(f"expected a quantity string, got {type(value).__name__}")
+
+
+def _parse_text(value: str) -> Fraction:
     text = value.strip()
     if len(text) > 64:
         raise QuantityError("quantity is too long")
@@ -78,7 +96,21 @@ def parse_quantity(value: object) -> Fraction:
 
 def parse_bytes(value: object) -> int:
     """A memory quantity as a whole number of bytes."""
-    amount = parse_quantity(value)
+    if type(value) is int:
+        return value  # exactly what the Fraction round trip gives, without it
+    if isinstance(value, str):
+        return _bytes_text(value)
+    return _whole_bytes(value, parse_quantity(value))
+
+
+def _bytes_text(value: str) -> int:
+    match = _WHOLE.fullmatch(value)
+    if match is not None and match[2] != "m":
+        return int(match[1]) * _WHOLE_UNITS[match[2] or ""]
+    return _whole_bytes(value, _parse_text(value))
+
+
+def _whole_bytes(value: object, amount: Fraction) -> int:
     if amount.denominator != 1:
         raise QuantityError(f"{value!r} is not a whole number of bytes")
     return int(amount)
@@ -86,7 +118,23 @@ def parse_bytes(value: object) -> int:
 
 def parse_millicores(value: object) -> int:
     """A CPU quantity in millicores; Kubernetes itself rounds sub-milli values up."""
-    amount = parse_quantity(value) * 1000
+    if type(value) is int:
+        return value * 1000
+    if isinstance(value, str):
+        return _millicores_text(value)
+    return _millicores(parse_quantity(value))
+
+
+def _millicores_text(value: str) -> int:
+    match = _WHOLE.fullmatch(value)
+    if match is not None:
+        whole = int(match[1])
+        return whole if match[2] == "m" else whole * 1000 * _WHOLE_UNITS[match[2] or ""]
+    return _millicores(_parse_text(value))
+
+
+def _millicores(quantity: Fraction) -> int:
+    amount = quantity * 1000
     whole = amount.numerator // amount.denominator
     return whole if whole == amount else whole + 1
 

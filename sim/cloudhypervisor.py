@@ -345,14 +345,22 @@ class VmmModel:
         """Cloud Hypervisor's figure. From v52: boot size minus the balloon plus what
         virtio-mem has plugged, the boot size while no VM runs. Before: boot size plus
         the *requested* hotplug amount, minus the balloon while a VM runs."""
-        if self.config is None:
+        # Read on every simulated kubelet step for every pod: the properties it would
+        # otherwise go through (_boot_memory, _balloon, booted) are inlined.
+        config = self.config
+        if config is None:
             return 0
-        boot = self._boot_memory
-        hotplugged = self.config["memory"].get("hotplugged_size") or 0
+        memory = config["memory"]
+        boot = int(memory["size"])
+        booted = self.state in _BOOTED
         if not self.knobs.plugged_memory_actual_size:
-            return boot + hotplugged - (self._balloon if self.booted else 0)
-        if not self.booted:
+            hotplugged = memory.get("hotplugged_size") or 0
+            return boot + hotplugged - (self._balloon if booted else 0)
+        if not booted:
             return boot
+        balloon = config.get("balloon")
+        if balloon is None:
+            return boot + self._plugged
         return max(0, boot - self._balloon) + self._plugged
 
     @property
@@ -620,8 +628,10 @@ class VmmModel:
         state = self.state
         if state is VmState.SHUTDOWN and not self.knobs.report_shutdown_state:
             state = VmState.CREATED
+        # No copy of the config: the answer is serialised at once (_dispatch), so
+        # nothing can alias the model's state through it.
         info: dict[str, Any] = {
-            "config": copy.deepcopy(self.config),
+            "config": self.config,
             "state": state.value,
             "device_tree": {} if self.booted else None,
         }

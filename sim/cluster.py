@@ -187,6 +187,27 @@ class Dist:
         normal = math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2)
         return self.a * math.exp(self.b * normal)
 
+    def sampler(self, rng: Rng) -> Callable[[], float]:
+        """``lambda: self.sample(rng)`` with the kind decided once: the simulation draws
+        a latency for nearly every event. The arithmetic is :meth:`sample`'s, operation
+        for operation, so both give the same numbers from the same generator."""
+        kind, a, b, random = self.kind, self.a, self.b, rng.random
+        if kind == "const":
+            return lambda: a
+        if kind == "uniform":
+            span = b - a
+            return lambda: a + span * random()
+        log = math.log
+        if kind == "exp":
+            return lambda: -a * log(1.0 - random())
+        sqrt, cos, exp, two_pi = math.sqrt, math.cos, math.exp, 2.0 * math.pi
+
+        def lognormal() -> float:
+            u1, u2 = random(), random()
+            return a * exp(b * (sqrt(-2.0 * log(1.0 - u1)) * cos(two_pi * u2)))
+
+        return lognormal
+
     def __str__(self) -> str:
         if self.kind in ("uniform", "lognormal"):
             return f"{self.kind}:{self.a:g},{self.b:g}"
@@ -509,6 +530,8 @@ class Cluster:
         self._seq = 0
         self._rv = 0
         self._vmm_latency_zero = config.vmm_latency == Dist("const", 0.0)
+        self._api_latency = config.api_latency.sampler(rng)
+        self._watch_delay = config.watch_delay.sampler(rng)
         self.controller = _Actor("controller", config.controller_workers)
         self.nodes: list[_Node] = []
         self.node_by_name: dict[str, _Node] = {}
@@ -586,7 +609,7 @@ class Cluster:
         return self._rv
 
     def _latency(self) -> float:
-        return self.cfg.api_latency.sample(self.rng)
+        return self._api_latency()
 
     def _commit_vm(self, s: _Slot, vm: Vm) -> None:
         s.vm = vm
@@ -615,14 +638,14 @@ class Cluster:
         node, dmn = s.node, s.dmn
         if node is not None and dmn is not None:
             self.at(self._arrival(dmn), self._deliver_pod, node.daemon, s, dmn, version)
-            t = max(s.kubelet_watch_at, self.now + self.cfg.watch_delay.sample(self.rng))
+            t = max(s.kubelet_watch_at, self.now + self._watch_delay())
             s.kubelet_watch_at = t
             self.at(t, self._kubelet_sees, node, s, version)
 
     def _arrival(self, cache: _Cache) -> float:
         """When a write made now reaches this cache: after a sampled delay, and never
         before an earlier write of the same object (a watch delivers in order)."""
-        t = max(cache.watch_at, self.now + self.cfg.watch_delay.sample(self.rng))
+        t = max(cache.watch_at, self.now + self._watch_delay())
         cache.watch_at = t
         return t
 

@@ -277,10 +277,13 @@ def _list_json(cpu: int | None, memory: int | None) -> dict[str, str]:
 
 
 def _requests(resources: Mapping[str, Resources]) -> _Totals:
-    total = _Totals()
+    # Summed as plain ints: admission sums this over every pod of the node, and a
+    # _Totals per term was most of that cost.
+    cpu = memory = 0
     for r in resources.values():
-        total = total + _Totals(r.cpu_request or 0, r.memory_request or 0)
-    return total
+        cpu += r.cpu_request or 0
+        memory += r.memory_request or 0
+    return _Totals(cpu, memory)
 
 
 def _pod_memory_limit(resources: Mapping[str, Resources]) -> int | None:
@@ -541,6 +544,8 @@ class _Pod:
     delete_sent_at: float | None = None
     last_written: dict[str, Any] | None = None
     foreign_conditions: list[dict[str, Any]] = field(factory=list)
+    # The last status rendered and what it was rendered from (see Kubelet._rendered).
+    rendered: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
     @property
     def ref(self) -> str:
@@ -551,7 +556,11 @@ class _Pod:
         allocated and actuated, per resource (the kubelet's fit check does the same)."""
         if self.stage is not _Stage.RUNNING:
             return _Totals()
-        return _requests(self.allocated).max(_requests(self.actuated)) + self.overhead
+        allocated, actuated = _requests(self.allocated), _requests(self.actuated)
+        return _Totals(
+            max(allocated.cpu, actuated.cpu) + self.overhead.cpu,
+            max(allocated.memory, actuated.memory) + self.overhead.memory,
+        )
 
 
 @frozen
@@ -570,6 +579,8 @@ class _Observed:
     desired: dict[str, Resources] = field(eq=False, hash=False)
     overhead: _Totals
     status: Mapping[str, Any] = field(eq=False, hash=False)
+    # The status's conditions the kubelet does not own, to be preserved on every write.
+    foreign: tuple[Mapping[str, Any], ...] = field(default=(), eq=False, hash=False)
 
     @property
     def ref(self) -> str:
@@ -628,6 +639,7 @@ def _observe(pod: Mapping[str, Any]) -> _Observed:
         )
     generation = meta.get("generation")
     priority = spec.get("priority")
+    status = pod.get("status") or {}
     return _Observed(
         uid=uid,
         namespace=str(meta.get("namespace") or ""),
@@ -640,7 +652,12 @@ def _observe(pod: Mapping[str, Any]) -> _Observed:
         images=images,
         desired=desired,
         overhead=_overhead(spec, where),
-        status=pod.get("status") or {},
+        status=status,
+        foreign=tuple(
+            c
+            for c in status.get("conditions") or ()
+            if isinstance(c, Mapping) and c.get("type") not in _OWNED_CONDITIONS
+        ),
     )
 
 
@@ -672,6 +689,8 @@ class Kubelet:
         self.config = config
         self._pods: dict[str, _Pod] = {}
         self._retry_at: float | None = None  # next periodic retry of pending resizes
+        # uid -> (resourceVersion, what was read from that version); see _observe_pod.
+        self._observed: dict[str, tuple[str, _Observed]] = {}
 
     # -- queries ---------------------------------------------------------------------
 
@@ -717,10 +736,12 @@ class Kubelet:
 
     def free(self) -> tuple[int, int]:
         """Allocatable minus what admitted pods hold: (millicores, bytes)."""
-        used = _Totals()
+        cpu, memory = self.config.cpu, self.config.memory
         for p in self._pods.values():
-            used = used + p.holds()
-        return self.config.cpu - used.cpu, self.config.memory - used.memory
+            holds = p.holds()
+            cpu -= holds.cpu
+            memory -= holds.memory
+        return cpu, memory
 
     # -- feedback --------------------------------------------------------------------
 
@@ -743,11 +764,14 @@ class Kubelet:
         and return what a kubelet would do at time ``now``."""
         run = _Run(self, now, usage or {})
         observed: dict[str, _Observed] = {}
+        node_name = self.config.node_name
         for pod in pods:
-            if (pod.get("spec") or {}).get("nodeName") != self.config.node_name:
+            if (pod.get("spec") or {}).get("nodeName") != node_name:
                 continue
-            obs = _observe(pod)
+            obs = self._observe_pod(pod)
             observed[obs.uid] = obs
+        if len(self._observed) > len(observed):
+            self._observed = {uid: seen for uid, seen in self._observed.items() if uid in observed}
         run.forget_vanished(observed)
         run.terminate_deleting(observed)
         run.admit_new(observed)
@@ -762,6 +786,27 @@ class Kubelet:
                 break
         run.write_statuses(observed)
         return Output(tuple(run.effects), self._wake_at(now))
+
+    def _observe_pod(self, pod: Mapping[str, Any]) -> _Observed:
+        """``_observe(pod)``, reused while the pod's resourceVersion stays the same.
+
+        The caller hands over every pod on every step, and reading one (its quantities
+        above all) was most of a step's cost. An API server gives a changed object a new
+        resourceVersion, so an unchanged one is the same object: what was read from it
+        still holds. A pod without a resourceVersion is read afresh every time.
+        """
+        meta = pod.get("metadata")
+        if type(meta) is not dict and not isinstance(meta, Mapping):
+            return _observe(pod)
+        rv, uid = meta.get("resourceVersion"), meta.get("uid")
+        if type(rv) is not str or not rv or type(uid) is not str:
+            return _observe(pod)
+        seen = self._observed.get(uid)
+        if seen is not None and seen[0] == rv:
+            return seen[1]
+        obs = _observe(pod)
+        self._observed[obs.uid] = (rv, obs)
+        return obs
 
     def _wake_at(self, now: float) -> float | None:
         times: list[float] = []
@@ -859,7 +904,7 @@ class _Run:
             p.overhead = obs.overhead
             p.priority = obs.priority
             p.generation = obs.generation
-            p.foreign_conditions = _foreign_conditions(obs.status)
+            p.foreign_conditions = _foreign_conditions(obs)
             p.scheduled_at = _condition_time(obs.status, _SCHEDULED) or self.ts
             want = _requests(allocated).max(_requests(actuated)) + obs.overhead
             failure = self._fit_failure(want, exclude=obs.uid) if adopted is None else None
@@ -886,23 +931,21 @@ class _Run:
             self.retry_trigger = True  # pods_added
 
     def handle_updates(self, observed: Mapping[str, _Observed]) -> None:
-        changed = sorted(
-            (
-                o
-                for o in observed.values()
-                if not o.deleting
-                and o.uid in self.pods
-                and self.pods[o.uid].stage is _Stage.RUNNING
-                and self.pods[o.uid].evaluated != (o.generation, o.desired)
-            ),
-            key=lambda o: (o.created, o.namespace, o.name),
-        )
+        # One pass: which pods changed is judged on stage and evaluated, which the
+        # bookkeeping below leaves alone.
+        changed: list[_Observed] = []
         for obs in observed.values():
+            if obs.deleting:
+                continue
             p = self.pods.get(obs.uid)
-            if p is not None and not obs.deleting:
-                p.generation = obs.generation
-                p.priority = obs.priority
-                p.foreign_conditions = _foreign_conditions(obs.status)
+            if p is None:
+                continue
+            if p.stage is _Stage.RUNNING and p.evaluated != (obs.generation, obs.desired):
+                changed.append(obs)
+            p.generation = obs.generation
+            p.priority = obs.priority
+            p.foreign_conditions = _foreign_conditions(obs)
+        changed.sort(key=lambda o: (o.created, o.namespace, o.name))
         for obs in changed:
             p = self.pods[obs.uid]
             if self._resize(p, obs.desired, obs.generation):
@@ -967,13 +1010,15 @@ class _Run:
     def _fit_failure(self, own: _Totals, exclude: str) -> tuple[str, str] | None:
         """The admission predicate (cpu checked before memory, like the scheduler's fit),
         against what every other admitted pod holds."""
-        used = _Totals()
+        used_cpu = used_memory = 0
         for uid, other in self.pods.items():
             if uid != exclude:
-                used = used + other.holds()
+                holds = other.holds()
+                used_cpu += holds.cpu
+                used_memory += holds.memory
         for resource, requested, in_use, capacity in (
-            ("cpu", own.cpu, used.cpu, self.cfg.cpu),
-            ("memory", own.memory, used.memory, self.cfg.memory),
+            ("cpu", own.cpu, used_cpu, self.cfg.cpu),
+            ("memory", own.memory, used_memory, self.cfg.memory),
         ):
             if requested + in_use > capacity:
                 return resource, (
@@ -1081,9 +1126,9 @@ class _Run:
 
     def write_statuses(self, observed: Mapping[str, _Observed]) -> None:
         for uid, p in list(self.pods.items()):
-            status = self._render(p)
+            status = self._rendered(p)
             never_ran = p.stage is _Stage.TERMINATED and not p.started_at
-            if status != p.last_written and not never_ran:
+            if status is not p.last_written and status != p.last_written and not never_ran:
                 p.last_written = status
                 self.effects.append(WritePodStatus(p.namespace, p.name, p.uid, status))
             if p.stage is _Stage.TERMINATED and uid in observed:
@@ -1091,6 +1136,37 @@ class _Run:
                 if due:
                     p.delete_sent_at = self.now
                     self.effects.append(DeletePod(p.namespace, p.name, p.uid))
+
+    def _rendered(self, p: _Pod) -> dict[str, Any]:
+        """``_render(p)``, reused while nothing it reads has changed.
+
+        Most pods on a node are at rest in most steps; rebuilding their status only to
+        find it equal to the last write was a large part of a step. The key holds every
+        input of ``_render`` that can change (the configuration cannot), by value.
+        """
+        key = (
+            p.stage,
+            p.generation,
+            p.rejection,
+            p.started_at,
+            p.scheduled_at,
+            p.terminated_at,
+            p.pending,
+            p.in_progress,
+            p.actuate_at is not None,
+            p.containers,
+            tuple(p.images.items()),
+            tuple(p.allocated.items()),
+            tuple(p.actuated.items()),
+            tuple(p.foreign_conditions),
+            "" if p.started_at else self.ts,
+        )
+        cached = p.rendered
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        status = self._render(p)
+        p.rendered = (key, status)
+        return status
 
     def _render(self, p: _Pod) -> dict[str, Any]:
         gen = self.cfg.report_observed_generation
@@ -1197,12 +1273,9 @@ def _resize_message(
     return f"Pod resize {what}: " + json.dumps(body, separators=(",", ":"))
 
 
-def _foreign_conditions(status: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [
-        dict(c)
-        for c in status.get("conditions") or ()
-        if isinstance(c, Mapping) and c.get("type") not in _OWNED_CONDITIONS
-    ]
+def _foreign_conditions(obs: _Observed) -> list[dict[str, Any]]:
+    # Copies: the pod's own condition objects are not the kubelet's to hand on.
+    return [dict(c) for c in obs.foreign]
 
 
 def _condition_time(status: Mapping[str, Any], type_: str) -> str | None:

@@ -202,3 +202,42 @@ def test_any_text_parses_or_is_a_quantity_error(text: str) -> None:
 def test_decimal_text_parses_exactly(number: object, suffix: str) -> None:
     scale = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": KiB, "Mi": MiB, "Gi": GiB}
     assert parse_quantity(f"{number}{suffix}") == Fraction(str(number)) * scale[suffix]
+
+
+_SUFFIXES = ["", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u"]
+
+
+def _general(parse: object, text: str) -> object:
+    """What the exact Fraction path answers for ``text`` (or the error it raises)."""
+    try:
+        amount = parse_quantity(text)
+    except QuantityError as exc:
+        return type(exc)
+    if parse is parse_bytes:
+        return int(amount) if amount.denominator == 1 else QuantityError
+    scaled = amount * 1000
+    whole = scaled.numerator // scaled.denominator
+    return whole if whole == scaled else whole + 1
+
+
+def _answer(parse: object, text: str) -> object:
+    try:
+        return parse(text)  # type: ignore[operator]
+    except QuantityError as exc:
+        return type(exc)
+
+
+@given(
+    st.one_of(
+        st.integers(min_value=0, max_value=10**20).map(str),
+        st.from_regex(r"[0-9]{1,20}(\.[0-9]{0,3})?", fullmatch=True),
+        st.text(alphabet="0123456789 .-+e", max_size=22),
+    ),
+    st.sampled_from(_SUFFIXES),
+    st.sampled_from([parse_bytes, parse_millicores]),
+)
+def test_the_whole_number_fast_path_agrees_with_the_exact_path(
+    number: str, suffix: str, parse: object
+) -> None:
+    text = number + suffix
+    assert _answer(parse, text) == _general(parse, text)
