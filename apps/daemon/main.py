@@ -50,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.setup(args.log_level)
     kube = Kube(load_api_client(args.kubeconfig))
-    vms = Informer(kube, f"/apis/{API_GROUP}/{API_VERSION}/{PLURAL}", name="vms")
+    # Only this node's VMs: the controller records status.nodeName as soon as it sees
+    # the pod bound, before the VM can need anything from a daemon (ADR 0004 addendum).
+    vms = Informer(
+        kube,
+        f"/apis/{API_GROUP}/{API_VERSION}/{PLURAL}",
+        field_selector=f"status.nodeName={args.node_name}",
+        name="node-vms",
+    )
     pods = Informer(
         kube,
         "/api/v1/pods",
