@@ -667,18 +667,26 @@ def test_legacy_status_resize_deferred_is_a_deferred_resize() -> None:
     assert rig.reasons().count("VMPodResizeDeferred") == 1
 
 
-@pytest.mark.parametrize("legacy", ["Proposed", "InProgress"])
-def test_a_legacy_kubelet_that_has_not_finished_is_not_done(legacy: str) -> None:
-    """Regression: a shrink whose numbers already fit was declared done while an old
-    kubelet still said Proposed or InProgress."""
+def _memory_shrink_at_its_pod_step() -> Rig:
+    """8Gi -> 6Gi: the guest has given the memory back and the pod's shrink patch is
+    visible; the kubelet has not answered yet."""
     rig = Rig.running(evolve(EIGHT, memory=8 * GiB), boot=EIGHT)
     rig.set_spec(evolve(EIGHT, memory=6 * GiB))
     for _ in range(3):
         rig.controller()
         rig.daemon()
         rig.guest_settles()
-    rig.controller()  # the shrink patch is visible
-    assert rig.phase is Phase.POD_RESIZE_IN_PROGRESS and rig.pod is not None
+    assert rig.phase is Phase.POD_RESIZE_IN_PROGRESS
+    rig.controller()
+    assert rig.pod is not None
+    return rig
+
+
+@pytest.mark.parametrize("legacy", ["Proposed", "InProgress"])
+def test_a_legacy_kubelet_that_has_not_finished_is_not_done(legacy: str) -> None:
+    """Regression: a shrink whose numbers already fit was declared done while an old
+    kubelet still said Proposed or InProgress."""
+    rig = _memory_shrink_at_its_pod_step()
     rig.pod = evolve(
         rig.pod, actual=rig.pod.desired, observed_generation=None, legacy_resize_status=legacy
     )
@@ -778,15 +786,7 @@ def test_pod_resize_error_warns_once_and_keeps_waiting() -> None:
 
 def test_a_pod_that_covers_but_whose_kubelet_is_busy_is_not_done() -> None:
     """A shrink is done only when the kubelet says so, not when the numbers happen to fit."""
-    rig = Rig.running(evolve(EIGHT, memory=8 * GiB), boot=EIGHT)
-    rig.set_spec(evolve(EIGHT, memory=6 * GiB))
-    for _ in range(3):
-        rig.controller()
-        rig.daemon()
-        rig.guest_settles()
-    assert rig.phase is Phase.POD_RESIZE_IN_PROGRESS
-    rig.controller()  # patch visible
-    assert rig.pod is not None
+    rig = _memory_shrink_at_its_pod_step()
     rig.pod = evolve(rig.pod, actual=rig.pod.desired)
     rig.kubelet_admits()  # numbers already match, condition still there
     assert transitions(rig.controller()) == []
