@@ -106,11 +106,27 @@ class VmmRuntime:
         shutil.rmtree(Path(self.pods_root) / uid, ignore_errors=True)
 
     def stop_all(self) -> None:
+        """Stop every VMM at once: all are signalled, then waited for under one grace
+        period (one after the other, 250 VMMs outlasted the kubelet's own stop grace)."""
         with self._lock:
             procs = list(self._procs.values())
             self._procs.clear()
         for proc in procs:
-            self._terminate(proc)
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):
+            time.sleep(0.05)
+        for proc in procs:
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.kill()
+                proc.popen.wait(timeout=STOP_GRACE_S)
+            log.info(
+                "vmm stopped",
+                extra=kv(pod=proc.ref, pid=proc.popen.pid, exit_code=proc.popen.returncode),
+            )
 
     def running(self) -> dict[str, int]:
         with self._lock:
