@@ -9,7 +9,6 @@ reader sees either the old or the new file, never half of one.
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import os
 import tempfile
@@ -18,9 +17,11 @@ from pathlib import Path
 
 from attrs import frozen
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from adapters import pki
 
 __all__ = [
     "CA_FILE",
@@ -32,23 +33,8 @@ __all__ = [
     "write_serving_cert",
 ]
 
-VALIDITY = dt.timedelta(days=365)
-# Clocks of the API server and of this machine may differ a little.
-BACKDATE = dt.timedelta(minutes=5)
 # The names of kubernetes.io/tls Secrets, so a mounted Secret works unchanged.
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 def service_dns_names(service: str, namespace: str) -> list[str]:
@@ -87,35 +73,9 @@ class CertificateAuthority:
 
     @classmethod
     def create(cls, common_name: str = "chscale-webhook-ca") -> CertificateAuthority:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(_name(common_name))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(cert, key)
+        key = pki.new_key()
+        subject = pki.name(common_name)
+        return cls(pki.issue(subject, key, subject, key, ca=True), key)
 
     @property
     def bundle(self) -> bytes:
@@ -126,43 +86,20 @@ class CertificateAuthority:
         """A serving certificate for ``dns_names`` and ``ips`` (at least one name)."""
         if not dns_names and not ips:
             raise ValueError("a serving certificate needs at least one DNS name or IP")
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = pki.new_key()
         names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(dns_names[0] if dns_names else ips[0]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
-            )
-            .sign(self.key, hashes.SHA256())
+        cert = pki.issue(
+            pki.name(dns_names[0] if dns_names else ips[0]),
+            key,
+            self.cert.subject,
+            self.key,
+            usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            sans=names,
         )
         return ServingCert(
             cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-            key_pem=_pem_key(key),
+            key_pem=pki.key_pem(key),
             ca_pem=self.bundle,
         )
 

@@ -49,11 +49,12 @@ from typing import IO, Any
 import attrs
 import yaml  # type: ignore[import-untyped]  # PyYAML, a dependency of the kubernetes client
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from kubernetes import client as k8s
 
+from adapters import pki as pki_
 from apps.common.procs import STOP_GRACE_S, Child, tail
 from apps.controlplane.build import ControlPlaneBinaries, ensure_binaries
 
@@ -78,7 +79,6 @@ READY_TIMEOUT_S = 60.0
 CRD_TIMEOUT_S = 30.0
 POLL_S = 0.05
 PORT_ATTEMPTS = 3
-CERT_VALIDITY = dt.timedelta(days=365)
 
 
 class ControlPlaneError(RuntimeError):
@@ -136,18 +136,8 @@ class Ports:
 # --- certificates ---------------------------------------------------------------------
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    # P-256: generated in microseconds (RSA takes ~100 ms a key) and accepted everywhere
-    # here, including as the service-account signing key (ES256).
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pem = pki_.key_pem(key)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
@@ -157,56 +147,6 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _name(common_name: str, organization: str | None = None) -> x509.Name:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    if organization:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    return x509.Name(attributes)
-
-
-def _issue(
-    subject: x509.Name,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Name,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool = False,
-    usage: x509.ObjectIdentifier | None = None,
-    sans: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + CERT_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 def generate_pki(directory: Path) -> Pki:
     """A CA, the API server's serving certificate, an admin client certificate
     (O=system:masters) and a service-account key pair; kept if already there."""
@@ -214,11 +154,11 @@ def generate_pki(directory: Path) -> Pki:
     if all(path.is_file() for path in pki.files()):
         return pki
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_name = _key(), _name("chscale-local-ca")
+    ca_key, ca_name = pki_.new_key(), pki_.name("chscale-local-ca")
     _write_key(pki.ca_key, ca_key)
-    _write_cert(pki.ca_cert, _issue(ca_name, ca_key, ca_name, ca_key, ca=True))
+    _write_cert(pki.ca_cert, pki_.issue(ca_name, ca_key, ca_name, ca_key, ca=True))
 
-    serving_key = _key()
+    serving_key = pki_.new_key()
     sans: list[x509.GeneralName] = [
         x509.DNSName("localhost"),
         x509.DNSName("kubernetes"),
@@ -227,8 +167,8 @@ def generate_pki(directory: Path) -> Pki:
         x509.DNSName("kubernetes.default.svc.cluster.local"),
         x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
     ]
-    serving = _issue(
-        _name("kube-apiserver"),
+    serving = pki_.issue(
+        pki_.name("kube-apiserver"),
         serving_key,
         ca_name,
         ca_key,
@@ -238,9 +178,9 @@ def generate_pki(directory: Path) -> Pki:
     _write_key(pki.serving_key, serving_key)
     _write_cert(pki.serving_cert, serving)
 
-    admin_key = _key()
-    admin = _issue(
-        _name(ADMIN_USER, ADMIN_GROUP),
+    admin_key = pki_.new_key()
+    admin = pki_.issue(
+        pki_.name(ADMIN_USER, ADMIN_GROUP),
         admin_key,
         ca_name,
         ca_key,
@@ -249,7 +189,7 @@ def generate_pki(directory: Path) -> Pki:
     _write_key(pki.admin_key, admin_key)
     _write_cert(pki.admin_cert, admin)
 
-    sa_key = _key()
+    sa_key = pki_.new_key()
     _write_key(pki.sa_key, sa_key)
     pki.sa_pub.write_bytes(
         sa_key.public_key().public_bytes(
