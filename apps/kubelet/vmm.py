@@ -101,32 +101,15 @@ class VmmRuntime:
         with self._lock:
             proc = self._procs.pop(uid, None)
         if proc is not None:
-            self._terminate(proc)
+            self._terminate([proc])
         # The pod is gone: its directory (socket, log) goes too, as the kubelet's would.
         shutil.rmtree(Path(self.pods_root) / uid, ignore_errors=True)
 
     def stop_all(self) -> None:
-        """Stop every VMM at once: all are signalled, then waited for under one grace
-        period (one after the other, 250 VMMs outlasted the kubelet's own stop grace)."""
         with self._lock:
             procs = list(self._procs.values())
             self._procs.clear()
-        for proc in procs:
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):
-            time.sleep(0.05)
-        for proc in procs:
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.kill()
-                proc.popen.wait(timeout=STOP_GRACE_S)
-            log.info(
-                "vmm stopped",
-                extra=kv(pod=proc.ref, pid=proc.popen.pid, exit_code=proc.popen.returncode),
-            )
+        self._terminate(procs)
 
     def running(self) -> dict[str, int]:
         with self._lock:
@@ -151,16 +134,22 @@ class VmmRuntime:
             except CloudHypervisorError:
                 return None
 
-    def _terminate(self, proc: _Process) -> None:
-        popen = proc.popen
-        if popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                popen.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
-            while popen.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+    def _terminate(self, procs: list[_Process]) -> None:
+        """SIGTERM to all of them at once, then SIGKILL to whatever outlives one grace
+        period: one after the other, 250 VMMs outlasted the kubelet's own stop grace."""
+        for proc in procs:
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and any(p.popen.poll() is None for p in procs):
+            time.sleep(0.05)
+        for proc in procs:
+            popen = proc.popen
             if popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     popen.kill()
                 popen.wait(timeout=STOP_GRACE_S)
-        log.info("vmm stopped", extra=kv(pod=proc.ref, pid=popen.pid, exit_code=popen.returncode))
+            log.info(
+                "vmm stopped", extra=kv(pod=proc.ref, pid=popen.pid, exit_code=popen.returncode)
+            )
