@@ -109,13 +109,10 @@ class Child:
         self.proc.wait(timeout=5)
 
 
-def end_processes_mentioning(fragment: str, grace: float = 5.0) -> int:
-    """End (SIGTERM, then SIGKILL after ``grace``) every process whose command line
-    contains ``fragment``; returns how many there were. For processes started detached
-    on purpose (a VMM outlives its kubelet, as a container outlives a restarted real
-    kubelet) whose starter is gone: nothing else would ever stop them."""
+def processes_mentioning(fragment: str) -> list[int]:
+    """The live processes (this one aside) whose command line contains ``fragment``."""
     me = os.getpid()
-    mine: list[int] = []
+    found: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
@@ -123,19 +120,28 @@ def end_processes_mentioning(fragment: str, grace: float = 5.0) -> int:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if fragment in cmdline:
-            mine.append(int(entry.name))
+        if fragment in cmdline and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def end_processes_mentioning(fragment: str, grace: float = 5.0) -> int:
+    """End (SIGTERM, then SIGKILL after ``grace``) every process whose command line
+    contains ``fragment``; returns how many there were. For processes started detached
+    on purpose (a VMM outlives its kubelet, as a container outlives a restarted real
+    kubelet) whose starter is gone: nothing else would ever stop them."""
+    mine = processes_mentioning(fragment)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in mine:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in mine):
+        while time.monotonic() < deadline and any(alive(p) for p in mine):
             time.sleep(0.05)
     return len(mine)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -16,6 +16,7 @@ import yaml
 
 from adapters.k8s.client import Kube
 from apps.cli.vmops import Follower, apply_vm, converged, vm_url
+from apps.common.procs import alive, processes_mentioning
 from apps.localstack.stack import NodeSpec, Stack
 
 pytestmark = pytest.mark.integration
@@ -33,17 +34,6 @@ def chscale(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str
         timeout=timeout,
         check=False,
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def _descendants(pid: int) -> set[int]:
@@ -113,22 +103,10 @@ def test_up_get_down_leaves_no_process(tmp_path: Path) -> None:
         down = chscale("down", "--state-dir", str(state))
     assert down.returncode == 0, down.stdout + down.stderr
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in processes) and time.monotonic() < deadline:
+    while any(alive(p) for p in processes) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in processes if _alive(p)], "processes left behind"
+    assert not [p for p in processes if alive(p)], "processes left behind"
     assert chscale("status", "--state-dir", str(state)).returncode == 1
-
-
-def _mentioning(fragment: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if fragment in cmdline and _alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
 
 
 def test_stop_ends_the_vmms_a_killed_kubelet_left_running(
@@ -153,14 +131,14 @@ def test_stop_ends_the_vmms_a_killed_kubelet_left_running(
         }
         apply_vm(kube, vm, namespace)
         Follower(kube, namespace, "left").wait(converged, 60)
-        assert len(_mentioning(vmms)) == 1
+        assert len(processes_mentioning(vmms)) == 1
         # As a container outlives its kubelet: the VMM runs on, detached.
         stack.children["kubelet-orphan-node"].kill()
-        assert len(_mentioning(vmms)) == 1
+        assert len(processes_mentioning(vmms)) == 1
         kube.patch(vm_url(namespace, "left"), {"metadata": {"finalizers": None}})
     finally:
         stack.stop()
-    assert _mentioning(vmms) == []
+    assert processes_mentioning(vmms) == []
 
 
 # --- the deploy manifests -------------------------------------------------------------
