@@ -44,13 +44,7 @@ _QUANTITY = re.compile(
 _WHOLE = re.compile(r"([0-9]{1,18})(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?")
 _WHOLE_UNITS = {
     **_BINARY,
-    "": 1,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
+    **{suffix: int(unit) for suffix, unit in _DECIMAL.items() if unit.denominator == 1},
 }
 # Quantities beyond this are not resources anyone can allocate; refusing them keeps a
 # hostile "1e999999999" from turning into a multi-megabyte integer.
