@@ -174,23 +174,11 @@ class Dist:
         return cls(kind, *params)
 
     def sample(self, rng: Rng) -> float:
-        kind = self.kind
-        if kind == "const":
-            return self.a
-        if kind == "uniform":
-            return self.a + (self.b - self.a) * rng.random()
-        if kind == "exp":
-            return -self.a * math.log(1.0 - rng.random())
-        # lognormal by Box-Muller: two uniforms, one normal (the other is dropped so that
-        # every sample consumes the same number of draws).
-        u1, u2 = rng.random(), rng.random()
-        normal = math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2)
-        return self.a * math.exp(self.b * normal)
+        return self.sampler(rng)()
 
     def sampler(self, rng: Rng) -> Callable[[], float]:
-        """``lambda: self.sample(rng)`` with the kind decided once: the simulation draws
-        a latency for nearly every event. The arithmetic is :meth:`sample`'s, operation
-        for operation, so both give the same numbers from the same generator."""
+        """A draw from this distribution, using ``rng``, each time it is called; the kind
+        is decided once, as the simulation draws a latency for nearly every event."""
         kind, a, b, random = self.kind, self.a, self.b, rng.random
         if kind == "const":
             return lambda: a
@@ -202,6 +190,8 @@ class Dist:
             return lambda: -a * log(1.0 - random())
         sqrt, cos, exp, two_pi = math.sqrt, math.cos, math.exp, 2.0 * math.pi
 
+        # Box-Muller: two uniforms, one normal (the other is dropped so that every draw
+        # consumes the same number of uniforms).
         def lognormal() -> float:
             u1, u2 = random(), random()
             return a * exp(b * (sqrt(-2.0 * log(1.0 - u1)) * cos(two_pi * u2)))
@@ -532,6 +522,7 @@ class Cluster:
         self._vmm_latency_zero = config.vmm_latency == Dist("const", 0.0)
         self._api_latency = config.api_latency.sampler(rng)
         self._watch_delay = config.watch_delay.sampler(rng)
+        self._vmm_latency = config.vmm_latency.sampler(rng)
         self.controller = _Actor("controller", config.controller_workers)
         self.nodes: list[_Node] = []
         self.node_by_name: dict[str, _Node] = {}
@@ -911,7 +902,7 @@ class Cluster:
     def _vmm_wait(self) -> Generator[float, None, None]:
         if self._vmm_latency_zero:
             return
-        yield self.cfg.vmm_latency.sample(self.rng)
+        yield self._vmm_latency()
 
     def _view(self, s: _Slot) -> VmmView:
         """``vm.info``, as the daemon reads it on every reconcile.
