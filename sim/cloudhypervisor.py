@@ -345,22 +345,14 @@ class VmmModel:
         """Cloud Hypervisor's figure. From v52: boot size minus the balloon plus what
         virtio-mem has plugged, the boot size while no VM runs. Before: boot size plus
         the *requested* hotplug amount, minus the balloon while a VM runs."""
-        # Read on every simulated kubelet step for every pod: the properties it would
-        # otherwise go through (_boot_memory, _balloon, booted) are inlined.
-        config = self.config
-        if config is None:
+        if self.config is None:
             return 0
-        memory = config["memory"]
-        boot = int(memory["size"])
-        booted = self.state in _BOOTED
+        boot = self._boot_memory
         if not self.knobs.plugged_memory_actual_size:
-            hotplugged = memory.get("hotplugged_size") or 0
-            return boot + hotplugged - (self._balloon if booted else 0)
-        if not booted:
+            hotplugged = self.config["memory"].get("hotplugged_size") or 0
+            return boot + hotplugged - (self._balloon if self.booted else 0)
+        if not self.booted:
             return boot
-        balloon = config.get("balloon")
-        if balloon is None:
-            return boot + self._plugged
         return max(0, boot - self._balloon) + self._plugged
 
     @property
