@@ -286,6 +286,17 @@ def _requests(resources: Mapping[str, Resources]) -> _Totals:
     return _Totals(cpu, memory)
 
 
+def _held(pods: Iterable[_Pod]) -> _Totals:
+    """What ``pods`` hold of the node together (summed as plain ints: this runs over
+    every pod of the node at each admission)."""
+    cpu = memory = 0
+    for p in pods:
+        holds = p.holds()
+        cpu += holds.cpu
+        memory += holds.memory
+    return _Totals(cpu, memory)
+
+
 def _pod_memory_limit(resources: Mapping[str, Resources]) -> int | None:
     """The pod cgroup's memory limit: the sum of the containers' limits, or none at all
     when any container is unlimited."""
@@ -736,12 +747,8 @@ class Kubelet:
 
     def free(self) -> tuple[int, int]:
         """Allocatable minus what admitted pods hold: (millicores, bytes)."""
-        cpu, memory = self.config.cpu, self.config.memory
-        for p in self._pods.values():
-            holds = p.holds()
-            cpu -= holds.cpu
-            memory -= holds.memory
-        return cpu, memory
+        used = _held(self._pods.values())
+        return self.config.cpu - used.cpu, self.config.memory - used.memory
 
     # -- feedback --------------------------------------------------------------------
 
@@ -796,7 +803,7 @@ class Kubelet:
         still holds. A pod without a resourceVersion is read afresh every time.
         """
         meta = pod.get("metadata")
-        if type(meta) is not dict and not isinstance(meta, Mapping):
+        if not isinstance(meta, Mapping):
             return _observe(pod)
         rv, uid = meta.get("resourceVersion"), meta.get("uid")
         if type(rv) is not str or not rv or type(uid) is not str:
@@ -1010,15 +1017,10 @@ class _Run:
     def _fit_failure(self, own: _Totals, exclude: str) -> tuple[str, str] | None:
         """The admission predicate (cpu checked before memory, like the scheduler's fit),
         against what every other admitted pod holds."""
-        used_cpu = used_memory = 0
-        for uid, other in self.pods.items():
-            if uid != exclude:
-                holds = other.holds()
-                used_cpu += holds.cpu
-                used_memory += holds.memory
+        used = _held(other for uid, other in self.pods.items() if uid != exclude)
         for resource, requested, in_use, capacity in (
-            ("cpu", own.cpu, used_cpu, self.cfg.cpu),
-            ("memory", own.memory, used_memory, self.cfg.memory),
+            ("cpu", own.cpu, used.cpu, self.cfg.cpu),
+            ("memory", own.memory, used.memory, self.cfg.memory),
         ):
             if requested + in_use > capacity:
                 return resource, (
