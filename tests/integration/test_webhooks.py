@@ -9,9 +9,11 @@ API server's answer names the field. There is no kubelet: pods stay Pending.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -339,14 +341,13 @@ def test_a_vm_pod_of_a_missing_vm_without_resources_is_refused(webhook, kube, na
     assert f"VirtualMachine {namespace}/no-such-vm" in info.value.message
 
 
-def test_concurrent_writes_are_all_admitted_over_reused_connections(webhook, kube, namespace):
+def test_concurrent_writes_are_all_admitted_over_reused_connections(
+    webhook, kube, namespace, caplog
+):
     # Regression for ADR 0006's addendum: with INFO logging on, every review crashed its
     # log line after answering and dropped the connection; the API server, reusing it,
     # failed ~40% of writes with EOF. Dry runs still call every webhook.
-    import logging
-    from concurrent.futures import ThreadPoolExecutor
-
-    logging.getLogger("adapters.webhook.server").setLevel(logging.INFO)
+    caplog.set_level(logging.INFO, logger="adapters.webhook.server")
     before = webhook.counts["reviews"]
 
     def create(i: int) -> str | None:
