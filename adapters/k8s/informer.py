@@ -7,6 +7,9 @@ Theory of operation (client-go's reflector, in one thread per informer):
    cached objects the listing lacks are ``DELETED`` (synthetic: the watch that would
    have said so was lost). An object whose resourceVersion is newer than the listing's
    was written by us after the snapshot (:meth:`Informer.observe_write`) and is kept.
+   One the listing shows at the very version of our own write is announced as
+   ``MODIFIED`` if its watch event had not come yet: the relist replaces that event,
+   and a controller waits for it to decide again after its own write.
 2. **Watch** from the listing's resourceVersion with ``allowWatchBookmarks=true``; each
    event and each bookmark advances the resourceVersion we would resume from. The server
    ends a watch after ``timeoutSeconds`` (randomised so informers do not reconnect in
@@ -216,6 +219,9 @@ class Informer:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self._cache: dict[Key, FrozenDict] = {}
         self._tombstones: OrderedDict[Key, int] = OrderedDict()
+        # Keys whose cached version came from observe_write and has not been announced
+        # to the handlers yet (its watch event is still to come).
+        self._unannounced: set[Key] = set()
         self._lock = threading.Lock()
         self._handlers: list[Handler] = []
         self._synced = threading.Event()
@@ -288,6 +294,10 @@ class Informer:
             else:
                 self._tombstones.pop(key, None)
                 self._cache[key] = frozen
+            if notify:
+                self._unannounced.discard(key)
+            else:
+                self._unannounced.add(key)
             handlers = self._handlers
         if notify:
             self._notify(handlers, event, frozen)
@@ -377,16 +387,24 @@ class Informer:
                 if rv is not None and list_rv_int is not None and rv > list_rv_int:
                     continue  # our own write, newer than the listing: not deleted
                 del self._cache[key]
+                self._unannounced.discard(key)
                 self._bury(key, rv)
                 events.append((DELETED, obj))
             for key, obj in fresh.items():
                 current = self._cache.get(key)
+                # Our own write (observe_write) whose watch event the relist replaces is
+                # announced now: a controller that waits for the echo of its write to
+                # decide again would otherwise wait until the next resync.
+                unannounced = key in self._unannounced
                 if current is None:
                     self._cache[key] = obj
                     events.append((ADDED, obj))
-                elif newer(obj, current, strict=True):
+                elif newer(obj, current, strict=not unannounced):
                     self._cache[key] = obj
                     events.append((MODIFIED, obj))
+                else:
+                    continue  # still newer than the listing: its watch event follows
+                self._unannounced.discard(key)
             if list_rv_int is not None:
                 # The listing is the truth up to its version: older tombstones are moot.
                 for key in [k for k, rv in self._tombstones.items() if rv <= list_rv_int]:

@@ -299,7 +299,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
         if call is CallClass.WATCH:
-            self._watch(headers)
+            if rule is not None:  # the watch reaches the API server; its answer never comes
+                self._watch_lost(headers, rule.hang_s)
+            else:
+                self._watch(headers)
             return
         try:
             status, reason, resp_headers, data = self._forward(headers, body)
@@ -371,6 +374,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
     # --- watches -------------------------------------------------------------------------
+
+    def _watch_lost(self, headers: dict[str, str], hang_s: float) -> None:
+        conn = self.owner._upstream(WATCH_UPSTREAM_TIMEOUT_S)
+        try:
+            conn.request("GET", self.path, headers=headers)
+            conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+        self._cut(hang_s)
 
     def _watch(self, headers: dict[str, str]) -> None:
         owner = self.owner

@@ -154,3 +154,25 @@ def test_finalizer_patch_is_conditional_and_idempotent() -> None:
         "resourceVersion": "3",
     }
     assert finalizer_patch(vm, add=False)["metadata"]["finalizers"] == ["x"]
+
+
+def test_a_relist_announces_our_own_write_whose_watch_event_it_replaces() -> None:
+    """Fault schedule 43 (CI): the controller wrote a VM's status, a watch fault made the
+    informer relist before the write's watch event came, and the listing showed the
+    object at exactly the version observe_write had cached. Nothing was announced, the
+    watch resumed past that version, and the VM waited for the five-minute resync."""
+    inf = Informer(kube=None, path="/x")  # type: ignore[arg-type]
+    seen: list[str] = []
+    inf.add_handler(lambda ev, obj: seen.append(f"{ev}:{obj['metadata']['resourceVersion']}"))
+    inf._apply("ADDED", _obj("a", "5"))
+    inf._apply("ADDED", _obj("b", "6"))
+    inf.observe_write(_obj("a", "9"))
+    inf.observe_write(_obj("c", "12"))  # newer than the listing below: its event follows
+    inf._list = lambda: ([_obj("a", "9"), _obj("b", "6")], "10")  # type: ignore[method-assign]
+    inf._relist()
+    assert seen == ["ADDED:5", "ADDED:6", "MODIFIED:9"]
+    assert inf.get("ns", "c") is not None
+    inf._relist()  # announced once, not on every relist
+    assert seen == ["ADDED:5", "ADDED:6", "MODIFIED:9"]
+    inf._apply("ADDED", _obj("c", "12"))  # the watch event of the newer write
+    assert seen[-1] == "ADDED:12"
