@@ -24,6 +24,7 @@ from attrs import evolve
 
 from adapters.k8s.client import Conflict, Kube, NotFound, Unavailable, load_api_client
 from adapters.k8s.events import EventRecorder
+from adapters.k8s.informer import Informer
 from adapters.k8s.vms import VmApi, finalizer_patch
 from apps.cli.vmops import vm_url
 from apps.common.executor import SharedExecutor
@@ -111,6 +112,32 @@ def test_fuzz_0_22(control_plane: Any, namespace: str) -> None:
         ), conditions
     finally:
         kube.patch(vm_url(namespace, name), {"metadata": {"finalizers": None}})
+        kube.delete(vm_url(namespace, name))
+
+
+def test_schedule_43(control_plane: Any, namespace: str) -> None:
+    """A relist that comes before the watch event of our own status write announces it.
+
+    The schedule restarted the controller, which wrote a VM's status (cached at once by
+    observe_write); a watch fault then made its informer relist before that write's watch
+    event came. The listing showed the VM at exactly the cached version, so nothing was
+    announced, the watch resumed past the write, and the VM, waiting for that echo to be
+    decided again, stayed in PodResizeInProgress until the five-minute resync."""
+    kube = Kube(control_plane.api_client())
+    name = "own-write"
+    kube.create(vm_url(namespace), vm_object(namespace, name, "nowhere", 2, 2 * GiB, 6, 12 * GiB))
+    informer = Informer(kube, vm_url(namespace), name="vms")
+    seen: list[tuple[str, str]] = []
+    informer.add_handler(lambda ev, obj: seen.append((ev, obj["metadata"]["resourceVersion"])))
+    try:
+        informer._relist()  # the restarted controller's first listing
+        written = kube.patch(
+            vm_url(namespace, name) + "/status", {"status": {"phase": "PodResizeInProgress"}}
+        )
+        assert informer.observe_write(written)
+        informer._relist()  # the watch failed before the write's event came
+        assert seen[-1] == ("MODIFIED", written["metadata"]["resourceVersion"])
+    finally:
         kube.delete(vm_url(namespace, name))
 
 
