@@ -18,7 +18,8 @@ Theory of operation (client-go's reflector, in one thread per informer):
    resourceVersion fell out of the server's window: list again (step 1). Any other
    ``ERROR`` event or API refusal also relists, after a backoff. A broken connection
    resumes the watch from the last resourceVersion after a capped, jittered exponential
-   backoff (a relist is only needed if the server then says 410).
+   backoff (a relist is only needed if the server then says 410). The backoff grows only
+   over failures in a row: a watch that ran for a while before it broke starts it anew.
 
 The cache never goes backwards: an entry is replaced only by an equal or newer
 resourceVersion (compared as integers; an opaque version is trusted as the newer), and a
@@ -475,15 +476,17 @@ class Informer:
     def _run(self) -> None:
         failures = 0
         need_list = True
+        healthy_after = min(MIN_HEALTHY_WATCH_S, self.watch_timeout)
         while not self._stop.is_set():
             delay = 0.0
+            started: float | None = None
             try:
                 if need_list:
                     self._relist()
                     need_list = False
                 started = time.monotonic()
                 self._watch()
-                if time.monotonic() - started >= min(MIN_HEALTHY_WATCH_S, self.watch_timeout):
+                if time.monotonic() - started >= healthy_after:
                     failures = 0
                 else:
                     failures += 1
@@ -501,6 +504,11 @@ class Informer:
             except Exception as exc:
                 if self._stop.is_set():
                     return
+                if started is not None and time.monotonic() - started >= healthy_after:
+                    # A watch that ran well and then broke is a fresh failure, not the
+                    # next in a series: else every cut over a long life adds up and a
+                    # daemon ends up 30 s deaf after a routine network blip.
+                    failures = 0
                 failures += 1
                 delay = self._backoff(failures)
                 if isinstance(exc, _WatchError) or (

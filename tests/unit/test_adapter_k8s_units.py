@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from adapters.k8s.client import Unavailable
 from adapters.k8s.informer import Informer
 from adapters.k8s.vms import build_pod, finalizer_patch, owned_pod, same_status, status_body
 from adapters.k8s.workqueue import WorkQueue
@@ -176,3 +177,48 @@ def test_a_relist_announces_our_own_write_whose_watch_event_it_replaces() -> Non
     assert seen == ["ADDED:5", "ADDED:6", "MODIFIED:9"]
     inf._apply("ADDED", _obj("c", "12"))  # the watch event of the newer write
     assert seen[-1] == "ADDED:12"
+
+
+class _BrokenWatches:
+    """An API server whose watches each run for a minute of ``clock`` and then break,
+    until ``stop_after`` of them; lists are empty."""
+
+    def __init__(self, clock: FakeClock, informer_box: list[Informer], stop_after: int) -> None:
+        self.clock, self.box, self.stop_after, self.watches = clock, informer_box, stop_after, 0
+
+    def request(self, method: str, path: str, **_kw: object) -> dict:
+        return {"kind": "XList", "items": [], "metadata": {"resourceVersion": "1"}}
+
+    def open_watch(self, path: str, query: dict, timeout: float) -> _BrokenWatches:
+        self.watches += 1
+        return self
+
+    def __iter__(self) -> _BrokenWatches:
+        return self
+
+    def __next__(self) -> dict:
+        self.clock.t += 60.0
+        if self.watches >= self.stop_after:
+            self.box[0]._stop.set()
+        raise Unavailable(0, "WatchInterrupted", "Response ended prematurely")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_watch_that_ran_well_and_broke_backs_off_from_the_start(monkeypatch) -> None:
+    """Fault schedules 126, 128, 130, 132 took 30 s to converge: every cut watch of a
+    long-lived daemon counted toward the backoff, however long it had run, so after a
+    dozen routine cuts the daemon waited the 30 s cap before watching again."""
+    clock = FakeClock()
+    monkeypatch.setattr("adapters.k8s.informer.time.monotonic", clock)
+    box: list[Informer] = []
+    api = _BrokenWatches(clock, box, stop_after=20)
+    inf = Informer(kube=None, path="/x")  # type: ignore[arg-type]
+    inf.kube = api  # type: ignore[assignment]
+    box.append(inf)
+    series: list[int] = []
+    monkeypatch.setattr(inf, "_backoff", lambda failures: series.append(failures) or 0.0)
+    inf._run()
+    assert api.watches == 20
+    assert series == [1] * 19
