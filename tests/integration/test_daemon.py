@@ -1,5 +1,6 @@
 """The node daemon against the real API server and the Cloud Hypervisor simulator:
-VMM errors, a vCPU removal still pending in the guest (429), an unreachable VMM."""
+boot, CPU and memory growth and shrink as the VMM itself reports them, VMM errors, a vCPU
+removal still pending in the guest (429), an unreachable VMM."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from adapters.cloudhypervisor.client import CloudHypervisorClient
+from adapters.cloudhypervisor.types import VmInfo
 from adapters.k8s.client import Kube
 from apps.cli.vmops import Follower, converged, events_for, resize_vm, vm_url
 from apps.localstack.stack import NodeSpec, Stack
@@ -58,6 +61,77 @@ def make_vm(kube: Kube, namespace: str, name: str, node: str, vcpus: int = 4) ->
         },
     )
     Follower(kube, namespace, name).wait(converged, 60)
+
+
+def vmm_info(stack: Stack, kube: Kube, namespace: str, name: str, node: str) -> VmInfo:
+    """vm.info, asked of the VM's VMM over its API socket."""
+    pod = kube.get(f"/api/v1/namespaces/{namespace}/pods/vm-{name}")
+    socket = vmm_socket_path(str(stack.socket_root(node)), pod["metadata"]["uid"])
+    with CloudHypervisorClient(socket, timeout=5.0) as client:
+        return client.info()
+
+
+def resize_and_wait(
+    kube: Kube, namespace: str, name: str, vcpus: int | None, memory: str | None
+) -> dict[str, Any]:
+    resize_vm(kube, namespace, name, vcpus, memory)
+    return Follower(kube, namespace, name).wait(converged, 60)
+
+
+def test_boot_creates_and_boots_the_vmm_as_the_spec_says(
+    stack: Stack, kube: Kube, namespace: str
+) -> None:
+    make_vm(kube, namespace, "boots", SLOW, vcpus=3)
+    info = vmm_info(stack, kube, namespace, "boots", SLOW)
+    assert info.state == "Running"
+    assert (info.config.cpus.boot_vcpus, info.config.memory.size) == (3, 2 * GiB)
+    status = parse_vm(kube.get(vm_url(namespace, "boots"))).status
+    assert status.capacity is not None
+    assert status.capacity.max_vcpus == info.config.cpus.max_vcpus
+    reasons = [e["reason"] for e in events_for(kube, namespace, "boots")]
+    assert "VMStarted" in reasons, reasons
+    kube.delete(vm_url(namespace, "boots"))
+
+
+def test_grow_cpu_hotplugs_vcpus(stack: Stack, kube: Kube, namespace: str) -> None:
+    make_vm(kube, namespace, "cpu-up", SLOW, vcpus=2)
+    obj = resize_and_wait(kube, namespace, "cpu-up", 4, None)  # the default ceiling
+    assert parse_vm(obj).status.allocated.vcpus == 4  # type: ignore[union-attr]
+    assert vmm_info(stack, kube, namespace, "cpu-up", SLOW).config.cpus.boot_vcpus == 4
+    kube.delete(vm_url(namespace, "cpu-up"))
+
+
+def test_grow_memory_hotplugs_and_the_guest_plugs_it(
+    stack: Stack, kube: Kube, namespace: str
+) -> None:
+    make_vm(kube, namespace, "mem-up", SLOW)
+    obj = resize_and_wait(kube, namespace, "mem-up", None, "5Gi")
+    assert parse_vm(obj).status.allocated.memory == 5 * GiB  # type: ignore[union-attr]
+    info = vmm_info(stack, kube, namespace, "mem-up", SLOW)
+    assert info.config.memory.size + (info.config.memory.hotplugged_size or 0) == 5 * GiB
+    assert info.guest_memory == 5 * GiB
+    kube.delete(vm_url(namespace, "mem-up"))
+
+
+def test_shrink_cpu_completes_once_the_guest_ejects(
+    stack: Stack, kube: Kube, namespace: str
+) -> None:
+    make_vm(kube, namespace, "cpu-down", SLOW, vcpus=4)
+    obj = resize_and_wait(kube, namespace, "cpu-down", 1, None)
+    assert parse_vm(obj).status.allocated.vcpus == 1  # type: ignore[union-attr]
+    assert vmm_info(stack, kube, namespace, "cpu-down", SLOW).config.cpus.boot_vcpus == 1
+    kube.delete(vm_url(namespace, "cpu-down"))
+
+
+def test_shrink_memory_unplugs_before_the_vm_is_running_again(
+    stack: Stack, kube: Kube, namespace: str
+) -> None:
+    make_vm(kube, namespace, "mem-down", SLOW)
+    resize_and_wait(kube, namespace, "mem-down", None, "6Gi")
+    obj = resize_and_wait(kube, namespace, "mem-down", None, "3Gi")
+    assert parse_vm(obj).status.allocated.memory == 3 * GiB  # type: ignore[union-attr]
+    assert vmm_info(stack, kube, namespace, "mem-down", SLOW).guest_memory == 3 * GiB
+    kube.delete(vm_url(namespace, "mem-down"))
 
 
 def test_vmm_errors_give_vmresizefailed_then_recover(
