@@ -63,12 +63,16 @@ def make_vm(kube: Kube, namespace: str, name: str, node: str, vcpus: int = 4) ->
     Follower(kube, namespace, name).wait(converged, 60)
 
 
+def vmm_socket(stack: Stack, kube: Kube, namespace: str, name: str, node: str) -> str:
+    """Where the VM's VMM listens: its API socket in the pod's directory on ``node``."""
+    pod = kube.get(f"/api/v1/namespaces/{namespace}/pods/vm-{name}")
+    return vmm_socket_path(str(stack.socket_root(node)), pod["metadata"]["uid"])
+
+
 def vmm_info(stack: Stack, kube: Kube, namespace: str, name: str, node: str) -> VmInfo:
     """vm.info, asked of the VM's VMM over its API socket."""
-    pod = kube.get(f"/api/v1/namespaces/{namespace}/pods/vm-{name}")
-    socket = vmm_socket_path(str(stack.socket_root(node)), pod["metadata"]["uid"])
-    with CloudHypervisorClient(socket, timeout=5.0) as client:
-        return client.info()
+    with CloudHypervisorClient(vmm_socket(stack, kube, namespace, name, node), timeout=5.0) as c:
+        return c.info()
 
 
 def resize_and_wait(
@@ -93,12 +97,21 @@ def test_boot_creates_and_boots_the_vmm_as_the_spec_says(
     kube.delete(vm_url(namespace, "boots"))
 
 
-def test_grow_cpu_hotplugs_vcpus(stack: Stack, kube: Kube, namespace: str) -> None:
-    make_vm(kube, namespace, "cpu-up", SLOW, vcpus=2)
-    obj = resize_and_wait(kube, namespace, "cpu-up", 4, None)  # the default ceiling
-    assert parse_vm(obj).status.allocated.vcpus == 4  # type: ignore[union-attr]
-    assert vmm_info(stack, kube, namespace, "cpu-up", SLOW).config.cpus.boot_vcpus == 4
-    kube.delete(vm_url(namespace, "cpu-up"))
+@pytest.mark.parametrize(
+    ("name", "boot", "target"),
+    [
+        ("cpu-up", 2, 4),  # grow to the default ceiling (twice the boot count)
+        ("cpu-down", 4, 1),  # shrink: done only once the guest has ejected them
+    ],
+)
+def test_cpu_change_reaches_the_vmm(
+    stack: Stack, kube: Kube, namespace: str, name: str, boot: int, target: int
+) -> None:
+    make_vm(kube, namespace, name, SLOW, vcpus=boot)
+    obj = resize_and_wait(kube, namespace, name, target, None)
+    assert parse_vm(obj).status.allocated.vcpus == target  # type: ignore[union-attr]
+    assert vmm_info(stack, kube, namespace, name, SLOW).config.cpus.boot_vcpus == target
+    kube.delete(vm_url(namespace, name))
 
 
 def test_grow_memory_hotplugs_and_the_guest_plugs_it(
@@ -111,16 +124,6 @@ def test_grow_memory_hotplugs_and_the_guest_plugs_it(
     assert info.config.memory.size + (info.config.memory.hotplugged_size or 0) == 5 * GiB
     assert info.guest_memory == 5 * GiB
     kube.delete(vm_url(namespace, "mem-up"))
-
-
-def test_shrink_cpu_completes_once_the_guest_ejects(
-    stack: Stack, kube: Kube, namespace: str
-) -> None:
-    make_vm(kube, namespace, "cpu-down", SLOW, vcpus=4)
-    obj = resize_and_wait(kube, namespace, "cpu-down", 1, None)
-    assert parse_vm(obj).status.allocated.vcpus == 1  # type: ignore[union-attr]
-    assert vmm_info(stack, kube, namespace, "cpu-down", SLOW).config.cpus.boot_vcpus == 1
-    kube.delete(vm_url(namespace, "cpu-down"))
 
 
 def test_shrink_memory_unplugs_before_the_vm_is_running_again(
@@ -170,8 +173,7 @@ def test_unreachable_vmm_gives_a_condition_not_a_crash(
     stack: Stack, kube: Kube, namespace: str
 ) -> None:
     make_vm(kube, namespace, "lost", SLOW, vcpus=2)
-    pod = kube.get(f"/api/v1/namespaces/{namespace}/pods/vm-lost")
-    sock = vmm_socket_path(str(stack.socket_root(SLOW)), pod["metadata"]["uid"])
+    sock = vmm_socket(stack, kube, namespace, "lost", SLOW)
     os.rename(sock, f"{sock}.away")
     try:
         # Touch the VM so the daemon looks now rather than at its next resync.
@@ -193,7 +195,6 @@ def test_unreachable_vmm_gives_a_condition_not_a_crash(
         return cond is not None and cond.status == "True"
 
     Follower(kube, namespace, "lost").wait(reachable, 30)
-    resize_vm(kube, namespace, "lost", None, "3Gi")
-    obj = Follower(kube, namespace, "lost").wait(converged, 60)
+    obj = resize_and_wait(kube, namespace, "lost", None, "3Gi")
     assert parse_vm(obj).status.allocated.memory == 3 * GiB  # type: ignore[union-attr]
     kube.delete(vm_url(namespace, "lost"))
