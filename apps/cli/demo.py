@@ -19,10 +19,10 @@ from apps.cli.vmops import (
     Follower,
     apply_vm,
     converged,
-    events_for,
     resize_refused,
     resize_vm,
     summary,
+    wait_for_events,
 )
 from apps.localstack.stack import Stack
 
@@ -39,6 +39,10 @@ STEPS: list[tuple[str, int | None, str | None, bool]] = [
     ("shrink: 12 -> 8 vCPUs, 8Gi -> 6Gi (guest first, then pod)", 8, "6Gi", False),
     ("infeasible: 18Gi on a 16Gi node (refused, VM keeps running)", None, "18Gi", True),
 ]
+# The controller records an Event after the status write it belongs to, so a step can be
+# over (as the VM's status shows) before its Event exists; the timeline waits for these.
+CLOSING_EVENTS = ("VMResizeCompleted", "VMPodResizeInfeasible")
+EVENT_WAIT_S = 10.0
 
 
 def _load_example() -> dict[str, Any]:
@@ -131,7 +135,7 @@ def _print_timeline(
         held = f"{(nxt - t) * 1000:7.0f} ms" if nxt else "        -"
         print(f"  {_ts(t)}  +{t - start:6.2f}s  {phase:<20} {held}  {text}")
     print("\nEvents recorded on the VM (in order):")
-    for ev in events_for(kube, NAMESPACE, NAME):
+    for ev in wait_for_events(kube, NAMESPACE, NAME, CLOSING_EVENTS, EVENT_WAIT_S):
         count = ev.get("count") or 1
         print(f"  {ev.get('type'):<8} {ev.get('reason'):<24} x{count}  {ev.get('message')}")
     print("\nResize durations (spec change -> Running with allocated == spec):")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from adapters.k8s.client import Kube, NotFound
@@ -12,6 +12,7 @@ from core.constants import API_GROUP, API_VERSION, KIND, PLURAL
 from core.kernel import RESIZED
 from core.quantity import format_bytes, parse_bytes
 
+EVENT_POLL_S = 0.1
 VM_COLLECTION = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{{ns}}/{PLURAL}"
 
 
@@ -136,6 +137,20 @@ def events_for(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     items = listing.get("items") or []
     # resourceVersions grow with every write: creation order, finer than timestamps.
     return sorted(items, key=lambda e: int(e["metadata"].get("resourceVersion") or 0))
+
+
+def wait_for_events(
+    kube: Kube, namespace: str, name: str, reasons: Iterable[str], timeout: float
+) -> list[dict[str, Any]]:
+    """The VM's Events once every reason in ``reasons`` is among them, or after ``timeout``
+    whatever is there: Events are best effort and must not hang a caller."""
+    wanted = set(reasons)
+    deadline = time.monotonic() + timeout
+    while True:
+        events = events_for(kube, namespace, name)
+        if wanted <= {e.get("reason") for e in events} or time.monotonic() >= deadline:
+            return events
+        time.sleep(EVENT_POLL_S)
 
 
 def memory_arg(value: str) -> str:

@@ -13,7 +13,14 @@ import pytest
 from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.cloudhypervisor.types import VmInfo
 from adapters.k8s.client import Kube
-from apps.cli.vmops import Follower, converged, events_for, resize_vm, vm_url
+from apps.cli.vmops import (
+    Follower,
+    converged,
+    events_for,
+    resize_vm,
+    vm_url,
+    wait_for_events,
+)
 from apps.localstack.stack import NodeSpec, Stack
 from core import parse_vm
 from core.constants import API_GROUP, API_VERSION, GiB
@@ -92,7 +99,8 @@ def test_boot_creates_and_boots_the_vmm_as_the_spec_says(
     status = parse_vm(kube.get(vm_url(namespace, "boots"))).status
     assert status.capacity is not None
     assert status.capacity.max_vcpus == info.config.cpus.max_vcpus
-    reasons = [e["reason"] for e in events_for(kube, namespace, "boots")]
+    # The Event follows the status write that made the VM Running.
+    reasons = [e["reason"] for e in wait_for_events(kube, namespace, "boots", ("VMStarted",), 10)]
     assert "VMStarted" in reasons, reasons
     kube.delete(vm_url(namespace, "boots"))
 

@@ -25,6 +25,7 @@ from apps.cli.vmops import (
     resize_refused,
     resize_vm,
     vm_url,
+    wait_for_events,
 )
 from apps.localstack.stack import NodeSpec, Stack
 from core import parse_vm
@@ -132,13 +133,9 @@ def reasons(kube: Kube, namespace: str, name: str) -> list[str]:
 def wait_event(
     kube: Kube, namespace: str, name: str, reason: str, timeout: float = 10
 ) -> list[dict[str, Any]]:
-    """Events are written after the status they describe: give them a moment."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in events_for(kube, namespace, name) if e["reason"] == reason]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+    """The VM's Events of ``reason``; they are written after the status they describe."""
+    events = wait_for_events(kube, namespace, name, (reason,), timeout)
+    return [e for e in events if e["reason"] == reason]
 
 
 def vmm_client(stack: Stack, pod_obj: dict[str, Any]) -> CloudHypervisorClient:
