@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -126,8 +126,30 @@ def assert_pod_matches_seed_formula(pod_obj: dict[str, Any], vcpus: int, memory:
             assert parse_bytes(resources[kind]["memory"]) == memory + POD_MEMORY_OVERHEAD
 
 
-def reasons(kube: Kube, namespace: str, name: str) -> list[str]:
-    return [e["reason"] for e in events_for(kube, namespace, name)]
+def reasons(kube: Kube, namespace: str, name: str, component: str | None = None) -> list[str]:
+    return [
+        e["reason"]
+        for e in events_for(kube, namespace, name)
+        if component is None or (e.get("source") or {}).get("component") == component
+    ]
+
+
+def wait_reasons(
+    kube: Kube,
+    namespace: str,
+    name: str,
+    ok: Callable[[list[str]], bool],
+    timeout: float = 10,
+    component: str | None = None,
+) -> list[str]:
+    """The VM's Event reasons in order (only ``component``'s, if given), once ``ok`` holds
+    for them; they are written after the status they describe, so a test that saw the
+    status waits for them."""
+    deadline = time.monotonic() + timeout
+    while not ok(found := reasons(kube, namespace, name, component)):
+        assert time.monotonic() < deadline, " ".join(found)
+        time.sleep(0.05)
+    return found
 
 
 def wait_event(
@@ -157,13 +179,21 @@ def pod_resize_requests(stack: Stack, controller: str = "controller-0") -> float
 # --- the seed's examples --------------------------------------------------------------
 
 
-GROWTH_EVENTS = [
-    "VMResizeInitiated",  # resize detected
-    "VMResizePodInitiated",  # pod resize accepted
-    "VMResizeInProgress",  # pod step done, VMM step begins
-    "VMResizeInitiated",  # VMM resize called
-    "VMResizeCompleted",
-]
+# A growth's Events, in order, per component. Each component writes an Event after the
+# status write it belongs to, so across components only causality orders them: the
+# controller's VMResizeInProgress and the daemon's VMM-side VMResizeInitiated both follow
+# the same status write and may land either way round.
+GROWTH_EVENTS = {
+    "chscale-controller": [
+        "VMResizeInitiated",  # resize detected
+        "VMResizePodInitiated",  # pod resize accepted
+        "VMResizeInProgress",  # pod step done, VMM step begins
+    ],
+    "chscale-daemon": [
+        "VMResizeInitiated",  # VMM resize called
+        "VMResizeCompleted",
+    ],
+}
 
 
 def _in_order(sub: list[str], seq: list[str]) -> bool:
@@ -181,7 +211,7 @@ def test_seed_example(
 ) -> None:
     create_vm(kube, namespace, vms, "seed", BIG)
     wait_converged(kube, namespace, "seed")
-    before = len(reasons(kube, namespace, "seed"))
+    before = {c: len(reasons(kube, namespace, "seed", c)) for c in GROWTH_EVENTS}
     kube.patch(
         vm_url(namespace, "seed"),
         {
@@ -208,11 +238,16 @@ def test_seed_example(
     info = vmm_client(stack, pod(kube, namespace, "seed")).info()
     assert info.config.cpus.boot_vcpus == sockets * cores
     assert info.guest_memory == parse_bytes(memory)
-    wait_event(kube, namespace, "seed", "VMResizeCompleted")
-    deadline = time.monotonic() + 10
-    while not _in_order(GROWTH_EVENTS, after := reasons(kube, namespace, "seed")[before:]):
-        assert time.monotonic() < deadline, after
-        time.sleep(0.05)
+    for component, expected in GROWTH_EVENTS.items():
+        skip = before[component]
+        # Called before the loop moves on: binding the loop variables late is safe here.
+        wait_reasons(
+            kube,
+            namespace,
+            "seed",
+            lambda found: _in_order(expected, found[skip:]),  # noqa: B023
+            component=component,
+        )
 
 
 # --- refusals -------------------------------------------------------------------------
@@ -291,20 +326,30 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         client = vmm_client(self.stack, pod(self.kube, self.namespace, self.name))
         while not self.stopped.is_set():
-            try:
-                info = client.info()
-                limit = parse_bytes(
-                    container_resources(pod(self.kube, self.namespace, self.name))[1]["limits"][
-                        "memory"
-                    ]
-                )
-                info_after = client.info()
-            except (CloudHypervisorError, NotFound, KeyError, StopIteration):
-                continue
-            requested = info.config.memory.size + (info.config.memory.hotplugged_size or 0)
-            # The most the guest held around the pod read: conservative for the check.
-            guest = max(requested, info.guest_memory, info_after.guest_memory)
-            self.samples.append((time.monotonic(), limit, guest))
+            self._sample(client)
+        # One sample taken wholly after the stop request, so the end state is among them:
+        # the pod's final drop can land just before the VM reads Running, inside the
+        # sample that was running when the test saw Running.
+        for _ in range(10):
+            if self._sample(client):
+                return
+
+    def _sample(self, client: CloudHypervisorClient) -> bool:
+        try:
+            info = client.info()
+            limit = parse_bytes(
+                container_resources(pod(self.kube, self.namespace, self.name))[1]["limits"][
+                    "memory"
+                ]
+            )
+            info_after = client.info()
+        except (CloudHypervisorError, NotFound, KeyError, StopIteration):
+            return False
+        requested = info.config.memory.size + (info.config.memory.hotplugged_size or 0)
+        # The most the guest held around the pod read: conservative for the check.
+        guest = max(requested, info.guest_memory, info_after.guest_memory)
+        self.samples.append((time.monotonic(), limit, guest))
+        return True
 
 
 def test_memory_shrink_shrinks_the_guest_before_the_pod(
@@ -331,9 +376,12 @@ def test_memory_shrink_shrinks_the_guest_before_the_pod(
     guest_done = next(t for t, _, guest in samples if guest == 4 * GiB)
     assert guest_done <= first_pod_drop
     assert parse_vm(obj).status.allocated.memory == 4 * GiB  # type: ignore[union-attr]
-    order = reasons(kube, namespace, "shrinker")
-    last = order[len(order) - 1 - order[::-1].index("VMResizeInitiated") - 1 :]
-    assert "VMResizeCompleted" in last
+
+    def last_resize_completed(order: list[str]) -> bool:
+        last = order[len(order) - 1 - order[::-1].index("VMResizeInitiated") :]
+        return "VMResizeCompleted" in last
+
+    wait_reasons(kube, namespace, "shrinker", last_resize_completed)
 
 
 # --- spec changes mid-resize ----------------------------------------------------------
