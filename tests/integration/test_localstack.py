@@ -3,6 +3,7 @@ columns work with kubectl, and the deploy manifests are valid for a real API ser
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from adapters.k8s.client import Kube
+from adapters.k8s.client import Kube, load_api_client
 from apps.cli.vmops import Follower, apply_vm, converged, vm_url
 from apps.common.procs import alive, processes_mentioning
 from apps.localstack.stack import NodeSpec, Stack
@@ -49,6 +50,46 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _kubectl_get_vm(kubectl: str, kubeconfig: Path) -> tuple[list[str], list[str]]:
+    """Apply the example with kubectl, and once it runs, ``kubectl get vm``'s header and
+    row."""
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    applied = subprocess.run(
+        [kubectl, "apply", "-f", str(ROOT / "examples" / "vm.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    deadline = time.monotonic() + 60
+    while True:
+        got = subprocess.run(
+            [kubectl, "get", "vm"], env=env, capture_output=True, text=True, check=False, timeout=60
+        )
+        lines = got.stdout.splitlines()
+        if (len(lines) == 2 and "Running" in lines[1]) or time.monotonic() > deadline:
+            assert len(lines) == 2, got.stdout + got.stderr
+            return lines[0].split(), lines[1].split()
+        time.sleep(0.5)
+
+
+def _table_row(kube: Kube, name: str) -> tuple[list[str], list[str]]:
+    """The API server's Table for the VM, as ``kubectl get`` would print it."""
+    api = kube.api_client
+    response = api.call_api(
+        "GET",
+        f"{kube.host}{vm_url('default', name)}",
+        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
+    )
+    response.read()
+    table = json.loads(response.data)
+    columns = [c["name"].upper() for c in table["columnDefinitions"]]
+    (row,) = table["rows"]
+    return columns, [str(cell) for cell in row["cells"]]
+
+
 def test_up_get_down_leaves_no_process(tmp_path: Path) -> None:
     state = tmp_path / "stack"
     up = chscale("up", "--state-dir", str(state), "--nodes", "1", "--node-memory", "8Gi")
@@ -61,44 +102,26 @@ def test_up_get_down_leaves_no_process(tmp_path: Path) -> None:
         status = chscale("status", "--state-dir", str(state))
         assert status.returncode == 0, status.stdout
         assert "controller-0" in status.stdout and "kubelet-node-a" in status.stdout
-        vm = (ROOT / "examples" / "vm.yaml").read_text()
+        kubeconfig = state / "kubeconfig"
         kubectl = shutil.which("kubectl")
-        if kubectl is not None:
-            env = {**os.environ, "KUBECONFIG": str(state / "kubeconfig")}
-            applied = subprocess.run(
-                [kubectl, "apply", "-f", "-"],
-                input=vm,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=60,
-            )
-            assert applied.returncode == 0, applied.stderr
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                got = subprocess.run(
-                    [kubectl, "get", "vm"],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                    timeout=60,
-                )
-                if "Running" in got.stdout:
-                    break
-                time.sleep(0.5)
-            header = got.stdout.splitlines()[0].split()
-            assert header[:7] == [
-                "NAME",
-                "PHASE",
-                "VCPUS",
-                "ALLOC-VCPUS",
-                "MEMORY",
-                "ALLOC-MEMORY",
-                "NODE",
-            ], got.stdout
-            assert "my-vm" in got.stdout and "Running" in got.stdout and "node-a" in got.stdout
+        if kubectl is None:
+            # Without kubectl, the same server-side printing kubectl asks for.
+            kube = Kube(load_api_client(str(kubeconfig)))
+            apply_vm(kube, yaml.safe_load((ROOT / "examples" / "vm.yaml").read_text()))
+            Follower(kube, "default", "my-vm").wait(converged, 60)
+            columns, cells = _table_row(kube, "my-vm")
+        else:
+            columns, cells = _kubectl_get_vm(kubectl, kubeconfig)
+        assert columns[:7] == [
+            "NAME",
+            "PHASE",
+            "VCPUS",
+            "ALLOC-VCPUS",
+            "MEMORY",
+            "ALLOC-MEMORY",
+            "NODE",
+        ], columns
+        assert cells[:7] == ["my-vm", "Running", "8", "8", "4Gi", "4Gi", "node-a"], cells
     finally:
         down = chscale("down", "--state-dir", str(state))
     assert down.returncode == 0, down.stdout + down.stderr
