@@ -19,6 +19,7 @@ from apps.cli.vmops import (
     Follower,
     apply_vm,
     converged,
+    event_reasons,
     resize_refused,
     resize_vm,
     summary,
@@ -43,6 +44,10 @@ STEPS: list[tuple[str, int | None, str | None, bool]] = [
 # over (as the VM's status shows) before its Event exists; the timeline waits for these.
 CLOSING_EVENTS = ("VMResizeCompleted", "VMPodResizeInfeasible")
 EVENT_WAIT_S = 10.0
+
+
+def _steps_closed(events: list[dict[str, Any]]) -> bool:
+    return set(CLOSING_EVENTS) <= set(event_reasons(events))
 
 
 def _load_example() -> dict[str, Any]:
@@ -135,7 +140,7 @@ def _print_timeline(
         held = f"{(nxt - t) * 1000:7.0f} ms" if nxt else "        -"
         print(f"  {_ts(t)}  +{t - start:6.2f}s  {phase:<20} {held}  {text}")
     print("\nEvents recorded on the VM (in order):")
-    for ev in wait_for_events(kube, NAMESPACE, NAME, CLOSING_EVENTS, EVENT_WAIT_S):
+    for ev in wait_for_events(kube, NAMESPACE, NAME, _steps_closed, EVENT_WAIT_S):
         count = ev.get("count") or 1
         print(f"  {ev.get('type'):<8} {ev.get('reason'):<24} x{count}  {ev.get('message')}")
     print("\nResize durations (spec change -> Running with allocated == spec):")

@@ -139,16 +139,30 @@ def events_for(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     return sorted(items, key=lambda e: int(e["metadata"].get("resourceVersion") or 0))
 
 
+def event_reasons(events: Iterable[dict[str, Any]], component: str | None = None) -> list[str]:
+    """The reasons of ``events``, in their order; only ``component``'s, if given (the
+    ``source.component`` each of our recorders sets)."""
+    return [
+        e.get("reason") or ""
+        for e in events
+        if component is None or (e.get("source") or {}).get("component") == component
+    ]
+
+
 def wait_for_events(
-    kube: Kube, namespace: str, name: str, reasons: Iterable[str], timeout: float
+    kube: Kube,
+    namespace: str,
+    name: str,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float,
 ) -> list[dict[str, Any]]:
-    """The VM's Events once every reason in ``reasons`` is among them, or after ``timeout``
-    whatever is there: Events are best effort and must not hang a caller."""
-    wanted = set(reasons)
+    """The VM's Events once ``done`` holds for them, or after ``timeout`` whatever is
+    there: Events are best effort and must not hang a caller. They are written after the
+    status they describe, so one who saw the status may have to wait for them."""
     deadline = time.monotonic() + timeout
     while True:
         events = events_for(kube, namespace, name)
-        if wanted <= {e.get("reason") for e in events} or time.monotonic() >= deadline:
+        if done(events) or time.monotonic() >= deadline:
             return events
         time.sleep(EVENT_POLL_S)
 

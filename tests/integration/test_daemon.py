@@ -16,6 +16,7 @@ from adapters.k8s.client import Kube
 from apps.cli.vmops import (
     Follower,
     converged,
+    event_reasons,
     events_for,
     resize_vm,
     vm_url,
@@ -100,8 +101,10 @@ def test_boot_creates_and_boots_the_vmm_as_the_spec_says(
     assert status.capacity is not None
     assert status.capacity.max_vcpus == info.config.cpus.max_vcpus
     # The Event follows the status write that made the VM Running.
-    reasons = [e["reason"] for e in wait_for_events(kube, namespace, "boots", ("VMStarted",), 10)]
-    assert "VMStarted" in reasons, reasons
+    events = wait_for_events(
+        kube, namespace, "boots", lambda evs: "VMStarted" in event_reasons(evs), 10
+    )
+    assert "VMStarted" in event_reasons(events), event_reasons(events)
     kube.delete(vm_url(namespace, "boots"))
 
 

@@ -21,6 +21,7 @@ from adapters.k8s.client import Kube, NotFound
 from apps.cli.vmops import (
     Follower,
     converged,
+    event_reasons,
     events_for,
     resize_refused,
     resize_vm,
@@ -127,11 +128,7 @@ def assert_pod_matches_seed_formula(pod_obj: dict[str, Any], vcpus: int, memory:
 
 
 def reasons(kube: Kube, namespace: str, name: str, component: str | None = None) -> list[str]:
-    return [
-        e["reason"]
-        for e in events_for(kube, namespace, name)
-        if component is None or (e.get("source") or {}).get("component") == component
-    ]
+    return event_reasons(events_for(kube, namespace, name), component)
 
 
 def wait_reasons(
@@ -143,20 +140,22 @@ def wait_reasons(
     component: str | None = None,
 ) -> list[str]:
     """The VM's Event reasons in order (only ``component``'s, if given), once ``ok`` holds
-    for them; they are written after the status they describe, so a test that saw the
-    status waits for them."""
-    deadline = time.monotonic() + timeout
-    while not ok(found := reasons(kube, namespace, name, component)):
-        assert time.monotonic() < deadline, " ".join(found)
-        time.sleep(0.05)
+    for them."""
+    events = wait_for_events(
+        kube, namespace, name, lambda evs: ok(event_reasons(evs, component)), timeout
+    )
+    found = event_reasons(events, component)
+    assert ok(found), " ".join(found)
     return found
 
 
 def wait_event(
     kube: Kube, namespace: str, name: str, reason: str, timeout: float = 10
 ) -> list[dict[str, Any]]:
-    """The VM's Events of ``reason``; they are written after the status they describe."""
-    events = wait_for_events(kube, namespace, name, (reason,), timeout)
+    """The VM's Events of ``reason``, once there is one."""
+    events = wait_for_events(
+        kube, namespace, name, lambda evs: reason in event_reasons(evs), timeout
+    )
     return [e for e in events if e["reason"] == reason]
 
 
