@@ -20,6 +20,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from apps.controlplane.launcher import CRD_PATH
+from tests.integration.tables import server_table
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,6 @@ CONTAINER = "vm-manager"
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
 
 SEED_VM: dict[str, Any] = {
     "apiVersion": f"{GROUP}/{VERSION}",
@@ -194,16 +194,10 @@ def test_crd_is_served_with_status_subresource_and_printer_columns(
     ]
 
     # What `kubectl get vm` shows: the server renders the printer columns as a Table.
-    response = api_client.call_api(
-        "GET",
-        f"{api_client.configuration.host}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
-        header_params={"Accept": TABLE},
+    columns, (row,) = server_table(
+        api_client, f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
     )
-    response.read()
-    table = json.loads(response.data)
-    columns = [c["name"] for c in table["columnDefinitions"]]
-    (row,) = table["rows"]
-    cells = dict(zip(columns, row["cells"], strict=True))
+    cells = dict(zip(columns, row, strict=True))
     assert cells["Phase"] == "Running"
     assert (cells["vCPUs"], cells["Alloc-vCPUs"]) == (8, 8)
     assert (cells["Memory"], cells["Alloc-Memory"], cells["Node"]) == ("4Gi", "4Gi", node)

@@ -3,7 +3,6 @@ columns work with kubectl, and the deploy manifests are valid for a real API ser
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from adapters.k8s.client import Kube, load_api_client
 from apps.cli.vmops import Follower, apply_vm, converged, vm_url
 from apps.common.procs import alive, processes_mentioning
 from apps.localstack.stack import NodeSpec, Stack
+from tests.integration.tables import server_table
 
 pytestmark = pytest.mark.integration
 
@@ -75,21 +75,6 @@ def _kubectl_get_vm(kubectl: str, kubeconfig: Path) -> tuple[list[str], list[str
         time.sleep(0.5)
 
 
-def _table_row(kube: Kube, name: str) -> tuple[list[str], list[str]]:
-    """The API server's Table for the VM, as ``kubectl get`` would print it."""
-    api = kube.api_client
-    response = api.call_api(
-        "GET",
-        f"{kube.host}{vm_url('default', name)}",
-        header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
-    )
-    response.read()
-    table = json.loads(response.data)
-    columns = [c["name"].upper() for c in table["columnDefinitions"]]
-    (row,) = table["rows"]
-    return columns, [str(cell) for cell in row["cells"]]
-
-
 def test_up_get_down_leaves_no_process(tmp_path: Path) -> None:
     state = tmp_path / "stack"
     up = chscale("up", "--state-dir", str(state), "--nodes", "1", "--node-memory", "8Gi")
@@ -109,7 +94,8 @@ def test_up_get_down_leaves_no_process(tmp_path: Path) -> None:
             kube = Kube(load_api_client(str(kubeconfig)))
             apply_vm(kube, yaml.safe_load((ROOT / "examples" / "vm.yaml").read_text()))
             Follower(kube, "default", "my-vm").wait(converged, 60)
-            columns, cells = _table_row(kube, "my-vm")
+            names, (row,) = server_table(kube.api_client, vm_url("default", "my-vm"))
+            columns, cells = [n.upper() for n in names], [str(cell) for cell in row]
         else:
             columns, cells = _kubectl_get_vm(kubectl, kubeconfig)
         assert columns[:7] == [
