@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 controlplane: $(STAMP)
-	$(PY) -m apps.controlplane.build
+	$(PY) -m testbed.controlplane.build
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

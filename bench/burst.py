@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from adapters.k8s.client import Kube, Unavailable
-from apps.cli.vmops import apply_vm, converged, resize_vm, vm_url
-from apps.localstack.stack import NodeSpec, Stack
+from adapters.k8s.vms import vm_path
+from apps.cli.vmops import apply_vm, converged, resize_vm
 from core import parse_vm
+from testbed.localstack.stack import NodeSpec, Stack
 
 NAMESPACE = "default"
 BEFORE = (1, "256Mi")
@@ -96,7 +97,7 @@ def _wait_all(
     deadline = started + timeout
     left = len(names)
     while True:
-        items = kube.get(vm_url(NAMESPACE)).get("items") or []
+        items = kube.get(vm_path(NAMESPACE)).get("items") or []
         done = 0
         for obj in items:
             if obj["metadata"]["name"] not in names or not converged(obj):

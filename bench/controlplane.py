@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from apps.controlplane.build import cache_dir, ensure_binaries, read_timings
-from apps.controlplane.launcher import ControlPlane
+from testbed.controlplane.build import cache_dir, ensure_binaries, read_timings
+from testbed.controlplane.launcher import ControlPlane
 
 WARM_READY_GOAL_S = 10.0
 

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from adapters.k8s.client import Kube
-from apps.cli.vmops import Follower, apply_vm, converged, resize_vm, vm_url
-from apps.localstack.stack import Stack
+from adapters.k8s.vms import vm_path
+from apps.cli.vmops import Follower, apply_vm, converged, resize_vm
 from core import parse_vm
 from core.quantity import parse_bytes
+from testbed.localstack.stack import Stack
 
 NAMESPACE = "default"
 VM_NAME = "bench-e2e"
@@ -52,7 +53,7 @@ def vm_object(vcpus: int, memory: str) -> dict[str, Any]:
 def wait_resized(kube: Kube, vcpus: int, memory: int, poll: float) -> dict[str, Any]:
     """Poll until the VM is Running/Paused with allocated == spec == (vcpus, memory)."""
     deadline = time.monotonic() + CONVERGE_TIMEOUT_S
-    url = vm_url(NAMESPACE, VM_NAME)
+    url = vm_path(NAMESPACE, VM_NAME)
     while True:
         obj = kube.get(url)
         vm = parse_vm(obj)
@@ -82,7 +83,7 @@ def run(stack: Stack, resizes: int, poll: float) -> list[float]:
         resize_vm(kube, NAMESPACE, VM_NAME, vcpus, memory)
         wait_resized(kube, vcpus, parse_bytes(memory), poll)
         latencies.append(time.perf_counter() - started)
-    kube.delete(vm_url(NAMESPACE, VM_NAME))
+    kube.delete(vm_path(NAMESPACE, VM_NAME))
     return latencies
 
 

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from apps.common import logs
-from apps.faults.fuzz import run_fuzz
-from apps.faults.runner import Harness, ScheduleResult
-from apps.faults.schedule import GeneratorConfig
+from testbed.faults.fuzz import run_fuzz
+from testbed.faults.runner import Harness, ScheduleResult
+from testbed.faults.schedule import GeneratorConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""chscale's pure kernel: no I/O, no clock, no globals (import-linter enforces it).
+"""chscale's pure kernel: no I/O, no clock, no globals; anything may import it, it imports
+nothing of chscale's but itself (import-linter enforces both).
 
 Public surface: :func:`decide`, the model values, the actions, and the pure helpers
 ``pod_resources``, ``vmm_config``, ``validate_vm`` and the wire conversions.

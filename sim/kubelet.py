@@ -87,7 +87,6 @@ __all__ = [
     "pod_requests",
     "rfc3339",
     "selects_node",
-    "vmm_socket_path",
 ]
 
 # --- constants --------------------------------------------------------------------------
@@ -126,9 +125,6 @@ EV_RESIZE_INFEASIBLE = "ResizeInfeasible"
 EV_RESIZE_ERROR = "ResizeError"
 EV_OUT_OF = "OutOf"  # + resource name, the reason of an admission rejection
 
-# The layout of a kubelet's pods directory: an emptyDir volume named "vmm" per pod.
-_VMM_SOCKET_SUFFIX = "volumes/kubernetes.io~empty-dir/vmm/ch.sock"
-
 
 class ResizeStatus(enum.StrEnum):
     """``status.resize`` of kubelets before 1.33 (``Proposed`` came from the API server)."""
@@ -141,21 +137,6 @@ class ResizeStatus(enum.StrEnum):
 
 class KubeletInputError(ValueError):
     """The caller handed the model something a real API server would never send."""
-
-
-# --- the one place that knows where a pod's VMM socket lives ------------------------------
-
-
-def vmm_socket_path(pods_root: str, pod_uid: str) -> str:
-    """Where the VMM of pod ``pod_uid`` listens: ``<pods_root>/<uid>/volumes/
-    kubernetes.io~empty-dir/vmm/ch.sock``, the path an emptyDir named ``vmm`` has under a
-    kubelet's pods directory (``<state-dir>/kubelet/pods`` by default). The simulated
-    kubelet starts the VMM there and the node daemon connects there."""
-    if not pod_uid or "/" in pod_uid or pod_uid in (".", ".."):
-        raise KubeletInputError(f"pod uid {pod_uid!r} cannot name a directory")
-    if not pods_root:
-        raise KubeletInputError("the pods root directory is empty")
-    return f"{pods_root.rstrip('/')}/{pod_uid}/{_VMM_SOCKET_SUFFIX}"
 
 
 # --- time -------------------------------------------------------------------------------

@@ -19,13 +19,10 @@ from core.constants import (
     VM_UID_LABEL,
 )
 from core.model import Resources, VmStatus
+from core.podlayout import VMM_MOUNT_PATH, VMM_VOLUME, vmm_socket_in_pod
 from core.quantity import format_bytes, format_millicores
 from core.wire import render_status
 
-# Where the VMM's API socket lives inside the pod; the node daemon finds the same
-# directory under the kubelet's pods directory (an emptyDir named "vmm").
-VMM_VOLUME = "vmm"
-VMM_MOUNT_PATH = "/var/run/chscale"
 DEFAULT_VMM_IMAGE = "ghcr.io/chscale/vm-manager:0.1.0"
 
 
@@ -33,8 +30,11 @@ def pod_name(vm_name: str) -> str:
     return f"vm-{vm_name}"
 
 
-def vm_path(namespace: str, name: str, subresource: str = "") -> str:
-    path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+def vm_path(namespace: str, name: str = "", subresource: str = "") -> str:
+    """The namespace's VM collection, or one VM (and a subresource of it)."""
+    path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
+    if name:
+        path = f"{path}/{name}"
     return f"{path}/{subresource}" if subresource else path
 
 
@@ -59,7 +59,7 @@ def build_pod(vm_obj: dict[str, Any], resources: Resources, image: str) -> dict[
             {
                 "name": VM_CONTAINER,
                 "image": image,
-                "args": ["--api-socket", f"path={VMM_MOUNT_PATH}/ch.sock"],
+                "args": ["--api-socket", f"path={vmm_socket_in_pod()}"],
                 "resources": {
                     "requests": resource_list(resources),
                     "limits": resource_list(resources),

@@ -25,7 +25,7 @@ from apps.cli.vmops import (
     summary,
     wait_for_events,
 )
-from apps.localstack.stack import Stack
+from testbed.localstack.stack import Stack
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vm.yaml"
 NAMESPACE = "default"
@@ -64,7 +64,7 @@ def run_demo(keep: bool = False, state_dir: str | None = None) -> int:
     progress = Progress()
     progress.step("chscale demo: resize a running VM in place, on a real kube-apiserver")
     progress.step("building the control plane if needed (the first run takes a few minutes)")
-    from apps.controlplane.build import ensure_binaries
+    from testbed.controlplane.build import ensure_binaries
 
     ensure_binaries()
     tmp = None

@@ -43,14 +43,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         (state / stale).unlink(missing_ok=True)
     progress = Progress()
     progress.step("building the control plane (first run only)")
-    from apps.controlplane.build import ensure_binaries
+    from testbed.controlplane.build import ensure_binaries
 
     ensure_binaries()
     progress.step("starting the stack")
     argv = [
         sys.executable,
         "-m",
-        "apps.localstack.supervisor",
+        "testbed.localstack.supervisor",
         "--state-dir",
         str(state),
         "--nodes",

@@ -7,24 +7,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from adapters.k8s.client import Kube, NotFound
+from adapters.k8s.vms import vm_path
 from core import Phase, parse_vm
-from core.constants import API_GROUP, API_VERSION, KIND, PLURAL
+from core.constants import API_GROUP, API_VERSION, KIND
 from core.kernel import RESIZED
 from core.quantity import format_bytes, parse_bytes
 
 EVENT_POLL_S = 0.1
-VM_COLLECTION = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{{ns}}/{PLURAL}"
-
-
-def vm_url(namespace: str, name: str = "") -> str:
-    base = VM_COLLECTION.format(ns=namespace)
-    return f"{base}/{name}" if name else base
 
 
 def apply_vm(kube: Kube, obj: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
     obj = {**obj, "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND}
     obj["metadata"] = {**obj.get("metadata", {}), "namespace": namespace}
-    return kube.create(vm_url(namespace), obj)
+    return kube.create(vm_path(namespace), obj)
 
 
 def split_vcpus(vcpus: int, sockets: int) -> tuple[int, int]:
@@ -37,7 +32,7 @@ def split_vcpus(vcpus: int, sockets: int) -> tuple[int, int]:
 def resize_vm(
     kube: Kube, namespace: str, name: str, vcpus: int | None, memory: str | None
 ) -> dict[str, Any]:
-    current = kube.get(vm_url(namespace, name))
+    current = kube.get(vm_path(namespace, name))
     cpu = ((current.get("spec") or {}).get("instance") or {}).get("cpu") or {}
     patch: dict[str, Any] = {}
     if vcpus is not None:
@@ -47,7 +42,7 @@ def resize_vm(
         patch["memory"] = {"size": memory}
     # A merge patch of just these fields, like `kubectl patch`: status writes by chscale
     # bump the resourceVersion all the time, and nothing else here can be clobbered.
-    return kube.patch(vm_url(namespace, name), {"spec": {"instance": patch}})
+    return kube.patch(vm_path(namespace, name), {"spec": {"instance": patch}})
 
 
 def summary(obj: dict[str, Any]) -> str:
@@ -97,7 +92,7 @@ class Follower:
 
     def poll(self) -> dict[str, Any] | None:
         try:
-            obj = self.kube.get(vm_url(self.namespace, self.name))
+            obj = self.kube.get(vm_path(self.namespace, self.name))
         except NotFound:
             return None
         phase = (obj.get("status") or {}).get("phase") or "-"

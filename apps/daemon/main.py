@@ -24,7 +24,7 @@ from apps.common.runtime import (
 from apps.daemon.daemon import Daemon
 from apps.daemon.vmm import BootDefaults, Vmm
 from core.constants import API_GROUP, API_VERSION, PLURAL, VM_NAME_LABEL
-from sim.kubelet import vmm_socket_path
+from core.podlayout import DEFAULT_PODS_ROOT, vmm_socket_path
 
 log = logging.getLogger("chscale.daemon")
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--node-name", required=True)
     parser.add_argument(
         "--vmm-socket-root",
-        default="/var/lib/kubelet/pods",
+        default=DEFAULT_PODS_ROOT,
         help="the kubelet's pods directory; sockets are <root>/<pod-uid>/volumes/"
         "kubernetes.io~empty-dir/vmm/ch.sock",
     )

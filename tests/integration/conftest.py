@@ -4,7 +4,7 @@
   CRD installed and one Ready node, ``NODE`` (``NODE_CPU`` CPUs, ``NODE_MEMORY``). There
   is no scheduler, kubelet or kube-controller-manager: a test that needs a running pod
   binds it and writes its status itself, or starts the local stack on this control plane
-  (``apps.localstack.stack.Stack(control_plane=...)``). Add nodes with
+  (``testbed.localstack.stack.Stack(control_plane=...)``). Add nodes with
   ``control_plane.add_node(name, cpu="16", memory="32Gi", pods=110, labels=None)``
   (a Ready Node, capacity = allocatable); they stay for the rest of the session,
   so give them names no other test uses.
@@ -30,9 +30,9 @@ import pytest
 from kubernetes import client as k8s
 
 from adapters.k8s.client import Kube
-from apps.controlplane.build import BuildError, ControlPlaneBinaries, ensure_binaries
-from apps.controlplane.launcher import ControlPlane
-from apps.localstack.stack import Stack
+from testbed.controlplane.build import BuildError, ControlPlaneBinaries, ensure_binaries
+from testbed.controlplane.launcher import ControlPlane
+from testbed.localstack.stack import Stack
 
 NODE = "node-a"
 NODE_CPU = "16"

@@ -19,7 +19,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from apps.controlplane.launcher import CRD_PATH
+from testbed.controlplane.launcher import CRD_PATH
 from tests.integration.tables import server_table
 
 pytestmark = pytest.mark.integration

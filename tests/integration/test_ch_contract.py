@@ -63,7 +63,7 @@ def _sim_argv(sock: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "apps.chsim.main",
+        "testbed.chsim.main",
         "--api-socket",
         f"path={sock}",
         "--sim-eject-delay",

@@ -13,25 +13,25 @@ import pytest
 from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.cloudhypervisor.types import VmInfo
 from adapters.k8s.client import Kube
+from adapters.k8s.vms import vm_path
 from apps.cli.vmops import (
     Follower,
     converged,
     event_reasons,
     events_for,
     resize_vm,
-    vm_url,
     wait_for_events,
 )
-from apps.localstack.stack import NodeSpec, Stack
 from core import parse_vm
 from core.constants import API_GROUP, API_VERSION, GiB
 from core.kernel import VMM_REACHABLE
-from sim.kubelet import vmm_socket_path
+from core.podlayout import vmm_socket_path
+from testbed.localstack.stack import NodeSpec, Stack
 
 pytestmark = pytest.mark.integration
 
 FLAKY, SLOW = "d-flaky", "d-slow"
-SIM = "python -m apps.chsim.main"
+SIM = "python -m testbed.chsim.main"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def stack(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def make_vm(kube: Kube, namespace: str, name: str, node: str, vcpus: int = 4) -> None:
     kube.create(
-        vm_url(namespace),
+        vm_path(namespace),
         {
             "apiVersion": f"{API_GROUP}/{API_VERSION}",
             "kind": "VirtualMachine",
@@ -97,7 +97,7 @@ def test_boot_creates_and_boots_the_vmm_as_the_spec_says(
     info = vmm_info(stack, kube, namespace, "boots", SLOW)
     assert info.state == "Running"
     assert (info.config.cpus.boot_vcpus, info.config.memory.size) == (3, 2 * GiB)
-    status = parse_vm(kube.get(vm_url(namespace, "boots"))).status
+    status = parse_vm(kube.get(vm_path(namespace, "boots"))).status
     assert status.capacity is not None
     assert status.capacity.max_vcpus == info.config.cpus.max_vcpus
     # The Event follows the status write that made the VM Running.
@@ -105,7 +105,7 @@ def test_boot_creates_and_boots_the_vmm_as_the_spec_says(
         kube, namespace, "boots", lambda evs: "VMStarted" in event_reasons(evs), 10
     )
     assert "VMStarted" in event_reasons(events), event_reasons(events)
-    kube.delete(vm_url(namespace, "boots"))
+    kube.delete(vm_path(namespace, "boots"))
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_cpu_change_reaches_the_vmm(
     obj = resize_and_wait(kube, namespace, name, target, None)
     assert parse_vm(obj).status.allocated.vcpus == target  # type: ignore[union-attr]
     assert vmm_info(stack, kube, namespace, name, SLOW).config.cpus.boot_vcpus == target
-    kube.delete(vm_url(namespace, name))
+    kube.delete(vm_path(namespace, name))
 
 
 def test_grow_memory_hotplugs_and_the_guest_plugs_it(
@@ -134,7 +134,7 @@ def test_grow_memory_hotplugs_and_the_guest_plugs_it(
     info = vmm_info(stack, kube, namespace, "mem-up", SLOW)
     assert info.config.memory.size + (info.config.memory.hotplugged_size or 0) == 5 * GiB
     assert info.guest_memory == 5 * GiB
-    kube.delete(vm_url(namespace, "mem-up"))
+    kube.delete(vm_path(namespace, "mem-up"))
 
 
 def test_shrink_memory_unplugs_before_the_vm_is_running_again(
@@ -145,7 +145,7 @@ def test_shrink_memory_unplugs_before_the_vm_is_running_again(
     obj = resize_and_wait(kube, namespace, "mem-down", None, "3Gi")
     assert parse_vm(obj).status.allocated.memory == 3 * GiB  # type: ignore[union-attr]
     assert vmm_info(stack, kube, namespace, "mem-down", SLOW).guest_memory == 3 * GiB
-    kube.delete(vm_url(namespace, "mem-down"))
+    kube.delete(vm_path(namespace, "mem-down"))
 
 
 def test_vmm_errors_give_vmresizefailed_then_recover(
@@ -160,7 +160,7 @@ def test_vmm_errors_give_vmresizefailed_then_recover(
     failed = [e for e in events_for(kube, namespace, "flaky") if e["reason"] == "VMResizeFailed"]
     assert failed, "a 50% error rate over three resizes produced no VMResizeFailed event"
     assert all(e["type"] == "Warning" for e in failed)
-    kube.delete(vm_url(namespace, "flaky"))
+    kube.delete(vm_path(namespace, "flaky"))
 
 
 def test_vcpu_change_while_a_removal_is_pending_is_a_quiet_retry(
@@ -177,7 +177,7 @@ def test_vcpu_change_while_a_removal_is_pending_is_a_quiet_retry(
     assert "kind=Busy" in log, "the VMM never answered 429"
     reasons = [e["reason"] for e in events_for(kube, namespace, "slow")]
     assert "VMResizeFailed" not in reasons, "a 429 is not a failure"
-    kube.delete(vm_url(namespace, "slow"))
+    kube.delete(vm_path(namespace, "slow"))
 
 
 def test_unreachable_vmm_gives_a_condition_not_a_crash(
@@ -188,7 +188,7 @@ def test_unreachable_vmm_gives_a_condition_not_a_crash(
     os.rename(sock, f"{sock}.away")
     try:
         # Touch the VM so the daemon looks now rather than at its next resync.
-        kube.patch(vm_url(namespace, "lost"), {"metadata": {"annotations": {"poke": "1"}}})
+        kube.patch(vm_path(namespace, "lost"), {"metadata": {"annotations": {"poke": "1"}}})
         follower = Follower(kube, namespace, "lost")
 
         def unreachable(obj: dict[str, Any]) -> bool:
@@ -208,4 +208,4 @@ def test_unreachable_vmm_gives_a_condition_not_a_crash(
     Follower(kube, namespace, "lost").wait(reachable, 30)
     obj = resize_and_wait(kube, namespace, "lost", None, "3Gi")
     assert parse_vm(obj).status.allocated.memory == 3 * GiB  # type: ignore[union-attr]
-    kube.delete(vm_url(namespace, "lost"))
+    kube.delete(vm_path(namespace, "lost"))

@@ -18,6 +18,7 @@ import pytest
 from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.cloudhypervisor.errors import CloudHypervisorError
 from adapters.k8s.client import Kube, NotFound
+from adapters.k8s.vms import vm_path
 from apps.cli.vmops import (
     Follower,
     converged,
@@ -25,15 +26,14 @@ from apps.cli.vmops import (
     events_for,
     resize_refused,
     resize_vm,
-    vm_url,
     wait_for_events,
 )
-from apps.localstack.stack import NodeSpec, Stack
 from core import parse_vm
 from core.constants import API_GROUP, API_VERSION, POD_MEMORY_OVERHEAD, VM_CONTAINER, GiB
 from core.kernel import RESIZED
+from core.podlayout import vmm_socket_path
 from core.quantity import parse_bytes, parse_millicores
-from sim.kubelet import vmm_socket_path
+from testbed.localstack.stack import NodeSpec, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def stack(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         # A little actuation time, and a guest that (un)plugs at 8 GiB/s, so that every
         # phase is observable by a sampling test; still well under a second per resize.
         resize_delay=0.2,
-        vmm_command="python -m apps.chsim.main --sim-plug-rate 8G --sim-eject-delay 0.2",
+        vmm_command="python -m testbed.chsim.main --sim-plug-rate 8G --sim-eject-delay 0.2",
     )
     s.start()
     yield s
@@ -66,12 +66,12 @@ def vms(kube: Kube, namespace: str) -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        kube.delete(vm_url(namespace, name))
+        kube.delete(vm_path(namespace, name))
     deadline = time.monotonic() + 60
     for name in names:
         while time.monotonic() < deadline:
             try:
-                kube.get(vm_url(namespace, name))
+                kube.get(vm_path(namespace, name))
             except NotFound:
                 break
             time.sleep(0.1)
@@ -100,7 +100,7 @@ def create_vm(
             "nodeSelector": {HOSTNAME: node},
         },
     }
-    created = kube.create(vm_url(namespace), obj)
+    created = kube.create(vm_path(namespace), obj)
     names.append(name)
     return created
 
@@ -212,7 +212,7 @@ def test_seed_example(
     wait_converged(kube, namespace, "seed")
     before = {c: len(reasons(kube, namespace, "seed", c)) for c in GROWTH_EVENTS}
     kube.patch(
-        vm_url(namespace, "seed"),
+        vm_path(namespace, "seed"),
         {
             "spec": {
                 "instance": {
@@ -282,7 +282,7 @@ def test_infeasible_is_refused_once_and_the_pod_restored(
     assert pod_resize_requests(stack) - calls_before == 2
     time.sleep(3)
     assert pod_resize_requests(stack) - calls_before == 2
-    assert parse_vm(kube.get(vm_url(namespace, "huge"))).status.phase == "Running"
+    assert parse_vm(kube.get(vm_path(namespace, "huge"))).status.phase == "Running"
     # A new spec generation is tried again, and a feasible one succeeds.
     resize_vm(kube, namespace, "huge", None, "8Gi")
     wait_converged(kube, namespace, "huge")
@@ -305,7 +305,7 @@ def test_deferred_completes_when_room_is_made(
     obj = follower.wait(deferred, 30)
     assert parse_vm(obj).status.phase == "PodResizeInProgress"
     assert wait_event(kube, namespace, "grower", "VMPodResizeDeferred")
-    kube.delete(vm_url(namespace, "squatter"))  # make room; no user action on grower
+    kube.delete(vm_path(namespace, "squatter"))  # make room; no user action on grower
     obj = follower.wait(converged, 60)
     assert parse_vm(obj).status.allocated.memory == 10 * GiB  # type: ignore[union-attr]
 

@@ -1,6 +1,6 @@
 """Fault injection end to end (issue 7, ADR 0008): nothing is lost.
 
-One harness (apps.faults.runner) on the session's control plane: fault proxies in front
+One harness (testbed.faults.runner) on the session's control plane: fault proxies in front
 of the API server for the controller and each daemon, two simulated nodes, four VMs.
 Seeded schedules kill processes (also right at phase boundaries), fail and time out API
 calls, delay, duplicate, reorder and cut watch events, hang VMMs and take their sockets
@@ -25,13 +25,8 @@ from attrs import evolve
 from adapters.k8s.client import Conflict, Kube, NotFound, Unavailable, load_api_client
 from adapters.k8s.events import EventRecorder
 from adapters.k8s.informer import Informer
-from adapters.k8s.vms import VmApi, finalizer_patch
-from apps.cli.vmops import vm_url
+from adapters.k8s.vms import VmApi, finalizer_patch, vm_path
 from apps.common.executor import SharedExecutor
-from apps.faults.fuzz import run_fuzz
-from apps.faults.proxy import ApiProxy
-from apps.faults.runner import Harness, ScheduleResult, vm_object
-from apps.faults.schedule import CallClass
 from core import (
     AddFinalizer,
     Owner,
@@ -43,6 +38,10 @@ from core import (
     parse_vm,
 )
 from core.constants import GiB
+from testbed.faults.fuzz import run_fuzz
+from testbed.faults.proxy import ApiProxy
+from testbed.faults.runner import Harness, ScheduleResult, vm_object
+from testbed.faults.schedule import CallClass
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +60,7 @@ def test_schedule_14(control_plane: Any, namespace: str) -> None:
     kube = Kube(control_plane.api_client())
     name = "stale-record"
     obj = kube.create(
-        vm_url(namespace), vm_object(namespace, name, "nowhere", 3, 2 * GiB, 6, 12 * GiB)
+        vm_path(namespace), vm_object(namespace, name, "nowhere", 3, 2 * GiB, 6, 12 * GiB)
     )
     try:
         executor = SharedExecutor(VmApi(kube, EventRecorder(kube, "test")), lambda _obj: None)
@@ -83,12 +82,12 @@ def test_schedule_14(control_plane: Any, namespace: str) -> None:
             vmm_requested=False,
         )
         executor.write_status(obj, parse_vm(obj), (SetResizeTarget(shrink, owner=Owner.DAEMON),))
-        stored = parse_vm(kube.get(vm_url(namespace, name))).status.resize
+        stored = parse_vm(kube.get(vm_path(namespace, name))).status.resize
         assert stored is not None
         assert (stored.step, stored.generation) == (Step.POD_SHRINK, 9)
         assert (stored.pod_generation, stored.attempts, stored.vmm_requested) == (None, 0, False)
     finally:
-        kube.delete(vm_url(namespace, name))
+        kube.delete(vm_path(namespace, name))
 
 
 def test_fuzz_0_22(control_plane: Any, namespace: str) -> None:
@@ -97,22 +96,22 @@ def test_fuzz_0_22(control_plane: Any, namespace: str) -> None:
     name = "many-sockets"
     body = vm_object(namespace, name, "nowhere", 2, 2 * GiB, 6, 12 * GiB)
     body["spec"]["instance"]["cpu"] = {"sockets": 2**62, "coresPerSocket": 2}
-    kube.create(vm_url(namespace), body)
+    kube.create(vm_path(namespace), body)
     executor = SharedExecutor(VmApi(kube, EventRecorder(kube, "test")), lambda _obj: None)
     try:
         for _ in range(3):  # finalizer, then status: as the controller's reconciles do
-            obj = kube.get(vm_url(namespace, name))
+            obj = kube.get(vm_path(namespace, name))
             actions = owned_by(decide(parse_vm(obj), None), Owner.CONTROLLER)
             obj = executor.write_status(obj, parse_vm(obj), actions)
             if any(isinstance(a, AddFinalizer) for a in actions):
-                kube.patch(vm_url(namespace, name), finalizer_patch(obj, True))
-        conditions = (kube.get(vm_url(namespace, name)).get("status") or {}).get("conditions")
+                kube.patch(vm_path(namespace, name), finalizer_patch(obj, True))
+        conditions = (kube.get(vm_path(namespace, name)).get("status") or {}).get("conditions")
         assert any(
             c.get("type") == "SpecValid" and c.get("status") == "False" for c in conditions or ()
         ), conditions
     finally:
-        kube.patch(vm_url(namespace, name), {"metadata": {"finalizers": None}})
-        kube.delete(vm_url(namespace, name))
+        kube.patch(vm_path(namespace, name), {"metadata": {"finalizers": None}})
+        kube.delete(vm_path(namespace, name))
 
 
 def test_schedule_43(control_plane: Any, namespace: str) -> None:
@@ -125,20 +124,20 @@ def test_schedule_43(control_plane: Any, namespace: str) -> None:
     decided again, stayed in PodResizeInProgress until the five-minute resync."""
     kube = Kube(control_plane.api_client())
     name = "own-write"
-    kube.create(vm_url(namespace), vm_object(namespace, name, "nowhere", 2, 2 * GiB, 6, 12 * GiB))
-    informer = Informer(kube, vm_url(namespace), name="vms")
+    kube.create(vm_path(namespace), vm_object(namespace, name, "nowhere", 2, 2 * GiB, 6, 12 * GiB))
+    informer = Informer(kube, vm_path(namespace), name="vms")
     seen: list[tuple[str, str]] = []
     informer.add_handler(lambda ev, obj: seen.append((ev, obj["metadata"]["resourceVersion"])))
     try:
         informer._relist()  # the restarted controller's first listing
         written = kube.patch(
-            vm_url(namespace, name) + "/status", {"status": {"phase": "PodResizeInProgress"}}
+            vm_path(namespace, name) + "/status", {"status": {"phase": "PodResizeInProgress"}}
         )
         assert informer.observe_write(written)
         informer._relist()  # the watch failed before the write's event came
         assert seen[-1] == ("MODIFIED", written["metadata"]["resourceVersion"])
     finally:
-        kube.delete(vm_url(namespace, name))
+        kube.delete(vm_path(namespace, name))
 
 
 # --- the proxy does what it is told ----------------------------------------------------

@@ -22,15 +22,16 @@ from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.cloudhypervisor.errors import VmmUnreachable
 from adapters.cloudhypervisor.types import VmmPing
 from adapters.k8s.client import Kube, NotFound, load_api_client
-from apps.kubelet.agent import LEASE_NAMESPACE, KubeletAgent
-from apps.kubelet.vmm import VmmRuntime
 from core.constants import GiB, MiB
+from core.podlayout import vmm_socket_path
 from core.quantity import parse_bytes, parse_millicores
-from sim.kubelet import HOSTNAME_LABEL, KubeletConfig, vmm_socket_path
+from sim.kubelet import HOSTNAME_LABEL, KubeletConfig
+from testbed.kubelet.agent import LEASE_NAMESPACE, KubeletAgent
+from testbed.kubelet.vmm import VmmRuntime
 
 pytestmark = pytest.mark.integration
 
-VMM = (sys.executable, "-m", "apps.chsim.main")
+VMM = (sys.executable, "-m", "testbed.chsim.main")
 CONTAINER = "vm-manager"
 NODE_CPU, NODE_MEMORY = 4000, 8 * GiB
 TIMEOUT_S = 30.0

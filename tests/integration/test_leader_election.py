@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from adapters.k8s.client import Kube, NotFound
-from apps.cli.vmops import Follower, converged, resize_vm, vm_url
-from apps.localstack.stack import NodeSpec, Stack
+from adapters.k8s.vms import vm_path
+from apps.cli.vmops import Follower, converged, resize_vm
 from core.constants import API_GROUP, API_VERSION
+from testbed.localstack.stack import NodeSpec, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def test_only_the_leader_acts_and_the_other_takes_over(stack: Stack, namespace: 
             "nodeSelector": {"kubernetes.io/hostname": "le-node"},
         },
     }
-    kube.create(vm_url(namespace), vm)
+    kube.create(vm_path(namespace), vm)
     follow = Follower(kube, namespace, "ha")
     follow.wait(converged, 60)
     resize_vm(kube, namespace, "ha", 4, "4Gi")
@@ -90,4 +91,4 @@ def test_only_the_leader_acts_and_the_other_takes_over(stack: Stack, namespace: 
     assert _leader(kube) == follower_name
     assert _metric(stack, follower_name, reconciles) > 0
     assert took < 30, f"takeover and resize took {took:.1f}s"
-    kube.delete(vm_url(namespace, "ha"))
+    kube.delete(vm_path(namespace, "ha"))

@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from adapters.k8s.client import Kube, load_api_client
-from apps.cli.vmops import Follower, apply_vm, converged, vm_url
-from apps.common.procs import alive, processes_mentioning
-from apps.localstack.stack import NodeSpec, Stack
+from adapters.k8s.vms import vm_path
+from apps.cli.vmops import Follower, apply_vm, converged
+from testbed.localstack.stack import NodeSpec, Stack
+from testbed.procs import alive, processes_mentioning
 from tests.integration.tables import server_table
 
 pytestmark = pytest.mark.integration
@@ -94,7 +95,7 @@ def test_up_get_down_leaves_no_process(tmp_path: Path) -> None:
             kube = Kube(load_api_client(str(kubeconfig)))
             apply_vm(kube, yaml.safe_load((ROOT / "examples" / "vm.yaml").read_text()))
             Follower(kube, "default", "my-vm").wait(converged, 60)
-            names, (row,) = server_table(kube.api_client, vm_url("default", "my-vm"))
+            names, (row,) = server_table(kube.api_client, vm_path("default", "my-vm"))
             columns, cells = [n.upper() for n in names], [str(cell) for cell in row]
         else:
             columns, cells = _kubectl_get_vm(kubectl, kubeconfig)
@@ -144,7 +145,7 @@ def test_stop_ends_the_vmms_a_killed_kubelet_left_running(
         # As a container outlives its kubelet: the VMM runs on, detached.
         stack.children["kubelet-orphan-node"].kill()
         assert len(processes_mentioning(vmms)) == 1
-        kube.patch(vm_url(namespace, "left"), {"metadata": {"finalizers": None}})
+        kube.patch(vm_path(namespace, "left"), {"metadata": {"finalizers": None}})
     finally:
         stack.stop()
     assert processes_mentioning(vmms) == []

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apps.faults.proxy import classify
-from apps.faults.schedule import (
+from core.constants import POD_MEMORY_OVERHEAD, GiB, MiB
+from testbed.faults.proxy import classify
+from testbed.faults.schedule import (
     CONTROLLER,
     CallClass,
     Fault,
@@ -22,7 +23,6 @@ from apps.faults.schedule import (
     default_pool,
     generate,
 )
-from core.constants import POD_MEMORY_OVERHEAD, GiB, MiB
 
 POOL = default_pool()
 seeds = st.integers(min_value=0, max_value=2**63)
@@ -193,7 +193,7 @@ def test_the_proxy_tells_calls_apart(method: str, path: str, query: str, call: C
 
 
 def test_the_checker_knows_the_phase_graph() -> None:
-    from apps.faults.checker import PHASE_EDGES
+    from testbed.faults.checker import PHASE_EDGES
 
     assert "PodResizeInProgress" in PHASE_EDGES["Running"]
     assert "ResizeInProgress" in PHASE_EDGES["PodResizeInProgress"]
@@ -204,7 +204,7 @@ def test_the_checker_knows_the_phase_graph() -> None:
 
 
 def test_the_checker_reads_enforced_and_asked_limits_apart() -> None:
-    from apps.faults.checker import pod_limits
+    from testbed.faults.checker import pod_limits
 
     def resources(cpu: str, memory: str) -> dict:
         return {"limits": {"cpu": cpu, "memory": memory}}

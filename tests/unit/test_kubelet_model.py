@@ -31,7 +31,6 @@ from sim.kubelet import (
     pod_requests,
     rfc3339,
     selects_node,
-    vmm_socket_path,
 )
 
 GiB = 1 << 30
@@ -771,14 +770,6 @@ def test_requests_default_to_limits():
 )
 def test_rfc3339_agrees_with_datetime(t):
     assert rfc3339(t) == datetime.fromtimestamp(int(t // 1), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def test_vmm_socket_path_mirrors_the_kubelet_pods_directory():
-    path = vmm_socket_path("/var/lib/chscale/kubelet/pods/", "0f3c")
-    assert path == "/var/lib/chscale/kubelet/pods/0f3c/volumes/kubernetes.io~empty-dir/vmm/ch.sock"
-    for bad in ("", "..", "a/b"):
-        with pytest.raises(KubeletInputError):
-            vmm_socket_path("/pods", bad)
 
 
 def _pending_pod(name, selector=None, cpu="1", memory="1Gi", **spec):

@@ -39,14 +39,14 @@ from attrs import frozen
 from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.cloudhypervisor.errors import CloudHypervisorError
 from adapters.k8s.client import ApiError, Gone, Kube, NotFound
-from apps.cli.vmops import vm_url
+from adapters.k8s.vms import vm_path
 from apps.common.logs import kv
 from core import parse_vm
 from core.constants import MILLICORES_PER_VCPU, POD_MEMORY_OVERHEAD, VM_CONTAINER
 from core.model import Phase
+from core.podlayout import vmm_socket_path
 from core.quantity import QuantityError, parse_bytes, parse_millicores
 from core.table import RETURN, TRANSITIONS
-from sim.kubelet import vmm_socket_path
 
 log = logging.getLogger("chscale.faults.checker")
 
@@ -280,7 +280,7 @@ class Checker:
     # --- invariant 3: the phase graph ---------------------------------------------------
 
     def _watch_loop(self) -> None:
-        collection = vm_url(self.namespace)
+        collection = vm_path(self.namespace)
         version: str | None = None
         while not self._stop.is_set():
             try:
@@ -350,7 +350,7 @@ class Checker:
     def converged(self, vm: str) -> str | None:
         """None when ``vm`` has converged; else what is still off."""
         try:
-            obj = self.kube.get(vm_url(self.namespace, vm))
+            obj = self.kube.get(vm_path(self.namespace, vm))
             pod = self.kube.get(pod_path(self.namespace, vm))
         except NotFound as exc:
             return f"gone: {exc.message}"

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from apps.common import logs
-from apps.localstack.stack import Stack
+from testbed.localstack.stack import Stack
 
 log = logging.getLogger("chscale.stack")
 

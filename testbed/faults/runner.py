@@ -1,5 +1,5 @@
 """The fault harness: one local stack behind fault proxies, a pool of VMs, and the loop
-that plays schedules (:mod:`apps.faults.schedule`) while the checker watches.
+that plays schedules (:mod:`testbed.faults.schedule`) while the checker watches.
 
 :class:`Harness` starts (or joins) a control plane, puts an :class:`ApiProxy` in front
 of the API server for the controller and for each node's daemon, starts the stack with
@@ -36,12 +36,15 @@ from typing import Any
 from attrs import define, field
 
 from adapters.k8s.client import ApiError, Kube, NotFound
-from apps.cli.vmops import vm_url
+from adapters.k8s.vms import vm_path
 from apps.common.logs import kv
-from apps.controlplane.launcher import ControlPlane
-from apps.faults.checker import Checker, Trigger, Violation
-from apps.faults.proxy import ApiProxy
-from apps.faults.schedule import (
+from core.constants import API_GROUP, API_VERSION, KIND
+from core.podlayout import vmm_socket_path
+from core.quantity import format_bytes
+from testbed.controlplane.launcher import ControlPlane
+from testbed.faults.checker import Checker, Trigger, Violation
+from testbed.faults.proxy import ApiProxy
+from testbed.faults.schedule import (
     CONTROLLER,
     DAEMON_PREFIX,
     CallClass,
@@ -53,10 +56,7 @@ from apps.faults.schedule import (
     default_pool,
     generate,
 )
-from apps.localstack.stack import NodeSpec, Stack
-from core.constants import API_GROUP, API_VERSION, KIND
-from core.quantity import format_bytes
-from sim.kubelet import vmm_socket_path
+from testbed.localstack.stack import NodeSpec, Stack
 
 log = logging.getLogger("chscale.faults")
 
@@ -168,7 +168,7 @@ class Harness:
         self.faults_injected = 0
         self.schedules = 0
         # Restarts run on one thread that lives as long as the harness: a child dies with
-        # the thread that forked it (PR_SET_PDEATHSIG, apps.common.procs).
+        # the thread that forked it (PR_SET_PDEATHSIG, testbed.procs).
         self._restarts: queue.Queue[tuple[float, str] | None] = queue.Queue()
         self._restarter: threading.Thread | None = None
         self._restart_lock = threading.Lock()
@@ -220,7 +220,7 @@ class Harness:
         self.progress(f"creating {len(self.pool.vms)} VMs in namespace {self.namespace}")
         for vm in self.pool.vms:
             self.kube.create(
-                vm_url(self.namespace),
+                vm_path(self.namespace),
                 vm_object(
                     self.namespace,
                     vm.name,
@@ -243,7 +243,7 @@ class Harness:
             raise RuntimeError(f"the pool's VMs did not start: {pending}")
 
     def _vmm_command(self, error_rate: float) -> str:
-        argv = [sys.executable, "-m", "apps.chsim.main", *VMM_FLAGS]
+        argv = [sys.executable, "-m", "testbed.chsim.main", *VMM_FLAGS]
         if error_rate:
             argv += ["--sim-error-rate", str(error_rate), "--sim-error-seed", "7"]
         return shlex.join(argv)
@@ -278,12 +278,12 @@ class Harness:
         for proxy in self.proxies.values():
             proxy.clear()
         with contextlib.suppress(ApiError):
-            for item in self.kube.get(vm_url(self.namespace)).get("items") or ():
-                self.kube.delete(vm_url(self.namespace, item["metadata"]["name"]))
+            for item in self.kube.get(vm_path(self.namespace)).get("items") or ():
+                self.kube.delete(vm_path(self.namespace, item["metadata"]["name"]))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if not self.kube.get(vm_url(self.namespace)).get("items"):
+                if not self.kube.get(vm_path(self.namespace)).get("items"):
                     return
             except ApiError:
                 return
@@ -476,7 +476,7 @@ class Harness:
     # --- actions ------------------------------------------------------------------------
 
     def _resize(self, vm: str, vcpus: int, memory: int) -> None:
-        self._kube().patch(vm_url(self.namespace, vm), size_patch(vcpus, memory))
+        self._kube().patch(vm_path(self.namespace, vm), size_patch(vcpus, memory))
 
     def _kill_and_restart(self, component: str, after: float) -> None:
         """SIGKILL now; start again ``after`` s later, off the caller's thread (a phase

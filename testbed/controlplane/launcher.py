@@ -55,8 +55,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from kubernetes import client as k8s
 
 from adapters import pki as pki_
-from apps.common.procs import STOP_GRACE_S, Child, tail
-from apps.controlplane.build import ControlPlaneBinaries, ensure_binaries
+from testbed.controlplane.build import ControlPlaneBinaries, ensure_binaries
+from testbed.procs import STOP_GRACE_S, Child, tail
 
 log = logging.getLogger(__name__)
 

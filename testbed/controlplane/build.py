@@ -1,4 +1,4 @@
-"""Build kube-apiserver and etcd from the pinned Go modules in ``controlplane/go``, once.
+"""Build kube-apiserver and etcd from the pinned Go modules in ``testbed/controlplane/go``, once.
 
 The binaries are cached as ``<cache>/controlplane/<name>-<version>`` where the cache is
 ``$CHSCALE_CACHE_DIR``, else ``$XDG_CACHE_HOME/chscale``, else ``~/.cache/chscale``. The
@@ -7,7 +7,7 @@ upgrade. A binary is built only when missing, into a temporary name renamed into
 when complete (a killed build leaves nothing that looks finished), under an exclusive
 lock (two processes asking at once build once). See ADR 0002.
 
-``python -m apps.controlplane.build`` (``make controlplane``) builds what is missing.
+``python -m testbed.controlplane.build`` (``make controlplane``) builds what is missing.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from typing import IO
 
 import attrs
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GO_MODULES = REPO_ROOT / "controlplane" / "go"
+GO_MODULES = Path(__file__).resolve().parent / "go"
 TIMINGS_FILE = "build-times.json"
 LOCK_FILE = ".build.lock"
 # Where Go's own installer puts it; non-login shells often lack it on PATH.
@@ -350,8 +349,8 @@ def ensure_binaries(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m apps.controlplane.build",
-        description="Build kube-apiserver and etcd from controlplane/go (only if missing).",
+        prog="python -m testbed.controlplane.build",
+        description="Build kube-apiserver and etcd from testbed/controlplane/go (only if missing).",
     )
     parser.add_argument("--print-paths", action="store_true", help="print the binary paths")
     args = parser.parse_args(argv)

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field, frozen
 
 from adapters.k8s.client import ApiError, NotFound
-from apps.cli.vmops import vm_url
+from adapters.k8s.vms import vm_path
 from core.constants import API_GROUP, API_VERSION, KIND
 
 if TYPE_CHECKING:
-    from apps.faults.runner import Harness
+    from testbed.faults.runner import Harness
 
 SPEC_VALID = "SpecValid"
 NOWHERE = "fuzz-nowhere"  # a node that does not exist: valid fuzz VMs stay Scheduling
@@ -183,7 +183,7 @@ def run_fuzz(harness: Harness, count: int, seed: int = 0) -> FuzzResult:
         if case.spec is not None:
             body["spec"] = case.spec
         try:
-            kube.create(vm_url(namespace), body)
+            kube.create(vm_path(namespace), body)
         except ApiError as exc:
             if exc.status in (400, 422):
                 result.rejected += 1
@@ -193,18 +193,20 @@ def run_fuzz(harness: Harness, count: int, seed: int = 0) -> FuzzResult:
         written.append(case)
     # A running VM whose spec breaks on update: flagged, still running, then repaired.
     pool_vm = harness.pool.vms[0].name
-    kube.patch(vm_url(namespace, pool_vm), {"spec": {"instance": {"memory": {"size": "\u2153Gi"}}}})
+    kube.patch(
+        vm_path(namespace, pool_vm), {"spec": {"instance": {"memory": {"size": "\u2153Gi"}}}}
+    )
     _wait(
-        lambda: spec_valid(kube.get(vm_url(namespace, pool_vm))) == "False",
+        lambda: spec_valid(kube.get(vm_path(namespace, pool_vm))) == "False",
         result,
         f"{pool_vm}: a running VM's broken spec was not flagged SpecValid=False",
     )
-    running = (kube.get(vm_url(namespace, pool_vm)).get("status") or {}).get("phase")
+    running = (kube.get(vm_path(namespace, pool_vm)).get("status") or {}).get("phase")
     if running not in ("Running", "Paused"):
         result.failures.append(f"{pool_vm}: phase {running} after its spec broke (want Running)")
     # Meanwhile the pool still converges: repair and resize, then judge every fuzz VM.
     vm = harness.pool.vms[1]
-    kube.patch(vm_url(namespace, pool_vm), {"spec": {"instance": {"memory": {"size": "1Gi"}}}})
+    kube.patch(vm_path(namespace, pool_vm), {"spec": {"instance": {"memory": {"size": "1Gi"}}}})
     harness._resize(vm.name, vm.max_vcpus, vm.boot_memory * 2)
     pending = harness.wait_converged(ANSWER_TIMEOUT_S * 2)
     for name, why in pending.items():
@@ -227,7 +229,7 @@ def _judge(harness: Harness, case: FuzzCase, result: FuzzResult) -> None:
     kube, namespace = harness._kube(), harness.namespace
     deadline = time.monotonic() + ANSWER_TIMEOUT_S
     while True:
-        obj = kube.get(vm_url(namespace, case.name))
+        obj = kube.get(vm_path(namespace, case.name))
         valid = spec_valid(obj)
         phase = (obj.get("status") or {}).get("phase")
         if valid == "False":
@@ -257,12 +259,12 @@ def _wait(done: Callable[[], bool], result: FuzzResult, failure: str) -> None:
 def _cleanup(harness: Harness, written: list[FuzzCase]) -> None:
     kube, namespace = harness._kube(), harness.namespace
     for case in written:
-        kube.delete(vm_url(namespace, case.name))
+        kube.delete(vm_path(namespace, case.name))
     deadline = time.monotonic() + ANSWER_TIMEOUT_S
     for case in written:
         while time.monotonic() < deadline:
             try:
-                kube.get(vm_url(namespace, case.name))
+                kube.get(vm_path(namespace, case.name))
             except NotFound:
                 break
             time.sleep(0.1)

@@ -24,12 +24,12 @@ from pathlib import Path
 from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.cloudhypervisor.errors import CloudHypervisorError
 from apps.common.logs import kv
-from sim.kubelet import vmm_socket_path
+from core.podlayout import vmm_socket_path
 
 log = logging.getLogger(__name__)
 
 # The default VMM: the Cloud Hypervisor simulator, which takes cloud-hypervisor's flags.
-DEFAULT_VMM_COMMAND = (sys.executable, "-m", "apps.chsim.main")
+DEFAULT_VMM_COMMAND = (sys.executable, "-m", "testbed.chsim.main")
 # sun_path holds 108 bytes including the terminating NUL (Linux).
 MAX_SOCKET_PATH = 107
 _UID_LENGTH = 36  # a Kubernetes UID is a UUID

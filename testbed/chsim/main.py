@@ -26,10 +26,10 @@ from typing import Any
 
 import attrs
 
-from apps.chsim.server import ChSimServer, FaultPlan, SocketInUse
 from apps.common import logs
 from apps.common.logs import kv
 from sim.cloudhypervisor import LATEST_API_VERSION, Knobs, VmmModel
+from testbed.chsim.server import ChSimServer, FaultPlan, SocketInUse
 
 log = logging.getLogger("chscale.chsim")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apps.common.procs import Child, end_processes_mentioning, python_module
-from apps.controlplane.launcher import ControlPlane
+from testbed.controlplane.launcher import ControlPlane
+from testbed.procs import Child, end_processes_mentioning, python_module
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Stack:
             args += ["--vmm-command", vmm_command]
         name = f"kubelet-{node}"
         self.children[name] = Child(
-            name, python_module("apps.kubelet.main", *args), self.logs / f"{name}.log"
+            name, python_module("testbed.kubelet.main", *args), self.logs / f"{name}.log"
         )
         self.start_daemon(node)
 

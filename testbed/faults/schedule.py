@@ -63,7 +63,7 @@ VMM_FAULTS = frozenset({FaultKind.VMM_HANG, FaultKind.VMM_SOCKET_GONE})
 
 
 class CallClass(enum.StrEnum):
-    """API calls the proxy can pick out (see :func:`apps.faults.proxy.classify`)."""
+    """API calls the proxy can pick out (see :func:`testbed.faults.proxy.classify`)."""
 
     POD_RESIZE = "pod-resize"  # PATCH pods/<name>/resize
     VM_STATUS = "vm-status"  # PUT/PATCH virtualmachines/<name>/status

@@ -15,8 +15,6 @@ import sys
 from adapters.k8s.client import Kube, load_api_client
 from apps.common import logs
 from apps.common.runtime import wait_for_signal
-from apps.kubelet.agent import KubeletAgent
-from apps.kubelet.vmm import DEFAULT_VMM_COMMAND, SocketPathTooLong, VmmRuntime
 from core.quantity import QuantityError, parse_bytes, parse_millicores
 from sim.kubelet import (
     DEFAULT_DEFERRED_RETRY_S,
@@ -24,6 +22,8 @@ from sim.kubelet import (
     KubeletConfig,
     KubeletInputError,
 )
+from testbed.kubelet.agent import KubeletAgent
+from testbed.kubelet.vmm import DEFAULT_VMM_COMMAND, SocketPathTooLong, VmmRuntime
 
 # Short on purpose: the socket path under it (<state-dir>/kubelet/pods/<uid>/volumes/
 # kubernetes.io~empty-dir/vmm/ch.sock) must fit the 107 bytes of a Unix socket path.

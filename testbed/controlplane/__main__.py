@@ -1,4 +1,4 @@
-"""``python -m apps.controlplane``: start a control plane and keep it until Ctrl-C.
+"""``python -m testbed.controlplane``: start a control plane and keep it until Ctrl-C.
 
 Handy for poking at the API server by hand (``kubectl --kubeconfig ...``).
 """
@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from apps.controlplane.build import BuildError
-from apps.controlplane.launcher import ControlPlane, ControlPlaneError
+from testbed.controlplane.build import BuildError
+from testbed.controlplane.launcher import ControlPlane, ControlPlaneError
 
 
 def _node(text: str) -> tuple[str, str, str]:
@@ -26,7 +26,7 @@ def _node(text: str) -> tuple[str, str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m apps.controlplane",
+        prog="python -m testbed.controlplane",
         description="Run etcd + kube-apiserver on 127.0.0.1 with the VirtualMachine CRD.",
     )
     parser.add_argument(

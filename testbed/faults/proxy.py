@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from adapters.k8s.client import load_api_client
 from apps.common.logs import kv
-from apps.faults.schedule import CallClass
+from testbed.faults.schedule import CallClass
 
 log = logging.getLogger("chscale.faults.proxy")
 

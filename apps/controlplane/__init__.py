@@ -1,7 +1,0 @@
-"""The real control plane for tests and the local stack: kube-apiserver and etcd built
-from the Go module proxy (``apps.controlplane.build``) and run on loopback
-(``apps.controlplane.launcher``). See ADR 0002.
-
-Nothing is imported here, so that ``python -m apps.controlplane.build`` neither pays for
-the kubernetes client nor runs a module twice.
-"""
