@@ -177,7 +177,8 @@ def _object_at(
 
 
 def parse_spec(spec: object) -> tuple[VmSpec | None, tuple[FieldError, ...]]:
-    """``spec`` of a VirtualMachine; defaults of RESIZE.md §1 applied (sockets, cores = 1)."""
+    """``spec`` of a VirtualMachine; ch-vmm's defaults applied (sockets, cores = 1, memory
+    1Gi; RESIZE.md §1, ADR 0013). An explicit null counts as absent, as in the webhook."""
     errors: list[FieldError] = []
     if not isinstance(spec, dict):
         return None, (FieldError("spec", "must be an object"),)
@@ -188,8 +189,8 @@ def parse_spec(spec: object) -> tuple[VmSpec | None, tuple[FieldError, ...]]:
     sockets = _int_at(cpu, "sockets", "spec.instance.cpu", errors)
     cores = _int_at(cpu, "coresPerSocket", "spec.instance.cpu", errors)
     max_vcpus = _int_at(cpu, "maxVcpus", "spec.instance.cpu", errors)
-    dedicated = cpu.get("dedicatedCPUPlacement", False)
-    if not isinstance(dedicated, bool):
+    dedicated = cpu.get("dedicatedCPUPlacement")
+    if dedicated is not None and not isinstance(dedicated, bool):
         errors.append(
             FieldError(
                 "spec.instance.cpu.dedicatedCPUPlacement",
@@ -224,13 +225,15 @@ def parse_spec(spec: object) -> tuple[VmSpec | None, tuple[FieldError, ...]]:
 
 
 def _hugepage_size(memory: dict[str, Any], errors: list[FieldError]) -> str | None:
-    """``memory.hugepages.pageSize``; a ``hugepages`` object without one means ch-vmm's
-    default page size, 2Mi."""
+    """``memory.hugepages.pageSize``; a ``hugepages`` object without one is hugepages of
+    the smallest size."""
     path = "spec.instance.memory.hugepages"
     if memory.get("hugepages") is None:
         return None
     hugepages = _object_at(memory, "hugepages", "spec.instance.memory", errors)
-    page = hugepages.get("pageSize", HUGEPAGE_SIZES[0])
+    page = hugepages.get("pageSize")
+    if page is None:
+        page = HUGEPAGE_SIZES[0]
     if page not in HUGEPAGE_SIZES:
         errors.append(
             FieldError(

@@ -421,6 +421,10 @@ def test_dedicated_cpus_and_hugepages_are_parsed() -> None:
     assert (spec.dedicated_cpus, spec.hugepage_size) == (True, "1Gi")
     spec, errors = parse_spec({"instance": {"memory": {"size": "2Gi", "hugepages": {}}}})
     assert spec is not None and (spec.dedicated_cpus, spec.hugepage_size) == (False, "2Mi")
+    spec, errors = parse_spec(
+        {"instance": {"cpu": {"dedicatedCPUPlacement": None}, "memory": {"hugepages": None}}}
+    )
+    assert spec is not None and (spec.dedicated_cpus, spec.hugepage_size) == (False, None)
 
 
 @pytest.mark.parametrize(
