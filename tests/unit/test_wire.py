@@ -32,6 +32,7 @@ from core import (
     VmSpec,
     VmStatus,
     apply_status,
+    decide,
     parse_pod,
     parse_vm,
     render_status,
@@ -449,3 +450,14 @@ def test_the_crd_accepts_every_phase_chscale_writes_and_ch_vmms() -> None:
     enum = set(schema["properties"]["status"]["properties"]["phase"]["enum"])
     assert {str(p) for p in Phase} <= enum  # a new Phase needs the CRD too
     assert {"PodResizeDeferred", "PodResizeInfeasible", "Resumed"} <= enum
+
+
+def test_the_status_written_after_a_decision_names_the_pod_and_keeps_it() -> None:
+    vm = parse_vm(_vm_object(phase="Scheduling"))
+    pod = parse_pod(_pod_object())
+    status = apply_status(vm.status, decide(vm, pod))
+    rendered = render_status(status)
+    assert (rendered["vmPodName"], rendered["vmPodUID"]) == ("vm-my-vm", "pod-uid-1")
+    # The pod gone (deleted, node lost): the status still names the pod the VM ran in.
+    gone = apply_status(status, decide(vm.evolve(status=status), None))
+    assert (gone.pod_name, gone.pod_uid) == ("vm-my-vm", "pod-uid-1")
