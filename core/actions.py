@@ -78,11 +78,14 @@ class SetCapacity(SharedAction):
 
 @frozen
 class SetObserved(SharedAction):
-    """``status.observedGeneration``, ``status.desired`` and ``status.nodeName``."""
+    """``status.observedGeneration``, ``status.desired``, ``status.nodeName`` and the VM
+    pod's ``status.vmPodName`` / ``status.vmPodUID``."""
 
     generation: int
     desired: Allocation | None
     node_name: str | None
+    pod_name: str | None = None
+    pod_uid: str | None = None
 
 
 # --- events and scheduling hints ---

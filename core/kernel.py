@@ -364,12 +364,19 @@ def _observe(out: _Out, vm: Vm, pod: PodView | None) -> None:
     desired = vm.spec.desired if vm.spec is not None and out.spec_ok else None
     node = pod.node_name if pod is not None and pod.node_name else vm.status.node_name
     status = vm.status
-    if (status.observed_generation, status.desired, status.node_name) != (
-        vm.generation,
-        desired,
-        node,
-    ):
-        out.status.append(SetObserved(vm.generation, desired, node, owner=Owner.CONTROLLER))
+    # Like nodeName, the pod's name and uid stay once seen: a lost pod is still the one
+    # the VM ran in (ch-vmm users find it by status.vmPodName).
+    pod_name = pod.name if pod is not None and pod.name else status.pod_name
+    pod_uid = pod.uid if pod is not None and pod.uid else status.pod_uid
+    observed = (vm.generation, desired, node, pod_name, pod_uid)
+    if (
+        status.observed_generation,
+        status.desired,
+        status.node_name,
+        status.pod_name,
+        status.pod_uid,
+    ) != observed:
+        out.status.append(SetObserved(*observed, owner=Owner.CONTROLLER))
 
 
 def _deletion(out: _Out, pod: PodView | None) -> None:

@@ -90,6 +90,10 @@ class VmSpec:
     max_vcpus: int | None = None
     max_memory: int | None = None
     boot: BootSource = BootSource()
+    # ch-vmm's ``cpu.dedicatedCPUPlacement`` and ``memory.hugepages.pageSize``: both change
+    # how the pod and the VMM are sized and resized (ADR 0013).
+    dedicated_cpus: bool = False
+    hugepage_size: str | None = None
 
     @property
     def vcpus(self) -> int:
@@ -184,6 +188,9 @@ class ResizeRecord:
 class VmStatus:
     phase: Phase | None = None
     node_name: str | None = None
+    # ``status.vmPodName`` / ``status.vmPodUID``, as ch-vmm reports them: the pod last seen.
+    pod_name: str | None = None
+    pod_uid: str | None = None
     observed_generation: int | None = None
     desired: Allocation | None = None
     capacity: Capacity | None = None
@@ -255,6 +262,7 @@ class PodView:
     name: str
     generation: int = 1
     observed_generation: int | None = None
+    uid: str | None = None
     phase: PodPhase = PodPhase.PENDING
     node_name: str | None = None
     deleting: bool = False

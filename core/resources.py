@@ -1,7 +1,11 @@
 """Pure helpers the adapters share: the pod's resources, the VMM's boot configuration,
-and the admission rules of RESIZE.md section 5."""
+the admission rules of RESIZE.md section 5, and where chscale stands on each field of
+ch-vmm's VirtualMachine (its defaults, the fields chscale keeps but does not act on, the
+ones it refuses; ADR 0013)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from core.actions import BootVmm
 from core.config import DEFAULT_CONFIG, KernelConfig
@@ -10,6 +14,7 @@ from core.constants import (
     MAX_GUEST_MEMORY,
     MAX_VCPUS,
     MILLICORES_PER_VCPU,
+    GiB,
 )
 from core.model import (
     VMM_PHASES,
@@ -24,6 +29,42 @@ from core.quantity import format_bytes
 
 CPU_PATH = "spec.instance.cpu"
 MEMORY_PATH = "spec.instance.memory"
+HUGEPAGES_PATH = f"{MEMORY_PATH}.hugepages"
+DEDICATED_CPUS_PATH = f"{CPU_PATH}.dedicatedCPUPlacement"
+RUN_POLICY_PATH = "spec.runPolicy"
+
+# ch-vmm's mutating webhook defaults, kept: a missing memory.size is 1Gi, a missing
+# runPolicy Once (sockets and coresPerSocket default to 1 in core.wire.parse_spec).
+DEFAULT_MEMORY_SIZE = 1 * GiB
+DEFAULT_RUN_POLICY = "Once"
+# ch-vmm's hugepages.pageSize values; a hugepages object without one means the first.
+HUGEPAGE_SIZES = ("2Mi", "1Gi")
+
+# Fields of ch-vmm's VirtualMachine that chscale keeps as written but does not act on,
+# each with what chscale does instead; admission warns about each one a VM sets.
+KEPT_NOT_USED: tuple[tuple[str, str], ...] = (
+    (
+        "spec.instance.kernel",
+        "chscale boots the kernel, initramfs and cmdline of spec.instance.boot (paths on "
+        "the node) or the node daemon's defaults, not a kernel image",
+    ),
+    ("spec.instance.disks", "chscale attaches no disks to the VMM"),
+    ("spec.instance.interfaces", "chscale attaches no network interfaces to the VMM"),
+    ("spec.instance.fileSystems", "chscale shares no file systems with the guest"),
+    ("spec.instance.gpus", "chscale passes no GPUs through to the guest"),
+    ("spec.instance.pmem", "chscale attaches no persistent memory to the guest"),
+    ("spec.volumes", "chscale mounts no volumes into the VM pod"),
+    ("spec.networks", "chscale connects the guest to no network"),
+    (
+        "spec.livenessProbe",
+        "chscale sets no probes on the VM pod; it watches the VMM itself (condition VMMReachable)",
+    ),
+    (
+        "spec.readinessProbe",
+        "chscale sets no probes on the VM pod; it watches the VMM itself (condition VMMReachable)",
+    ),
+    ("spec.resources.claims", "chscale's VM pod claims no dynamically allocated resources"),
+)
 
 
 def pod_resources_for(allocation: Allocation, config: KernelConfig = DEFAULT_CONFIG) -> Resources:
@@ -56,6 +97,17 @@ def capacity_for(spec: VmSpec) -> Capacity:
 def spec_errors(spec: VmSpec) -> tuple[FieldError, ...]:
     """Rules that hold for any VM spec, running or not."""
     errors: list[FieldError] = []
+    if spec.hugepage_size is not None:
+        errors.append(
+            FieldError(
+                HUGEPAGES_PATH,
+                "chscale cannot run a VM on hugepages and resize it: pods/resize changes a "
+                f"pod's cpu and memory, never its hugepages-{spec.hugepage_size}, so the pod "
+                "would have to hold the whole hotplug ceiling in hugepages from the start, "
+                "and under the kubelet's memory manager every in-place resize is Infeasible; "
+                "remove hugepages to run this VM with chscale (ADR 0013)",
+            )
+        )
     if spec.sockets < 1:
         errors.append(FieldError(f"{CPU_PATH}.sockets", f"must be at least 1, got {spec.sockets}"))
     if spec.cores_per_socket < 1:
@@ -178,3 +230,38 @@ def validate_vm(new: Vm, old: Vm | None = None) -> tuple[FieldError, ...]:
         if new.spec.max_memory != old.spec.max_memory:
             errors.append(FieldError(f"{MEMORY_PATH}.maxSize", "cannot change while the VMM runs"))
     return tuple(errors)
+
+
+def _at(spec: dict[str, Any], path: str) -> object:
+    value: object = {"spec": spec}
+    for key in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def compat_warnings(spec: object) -> tuple[str, ...]:
+    """Admission warnings for the ch-vmm fields this spec sets that chscale keeps but does
+    not act on (or acts on only in part), each naming the field and what chscale does."""
+    if not isinstance(spec, dict):
+        return ()
+    warnings = [
+        f"{path} is kept but not used: {instead}"
+        for path, instead in KEPT_NOT_USED
+        if _at(spec, path) not in (None, [], {}, "")
+    ]
+    policy = spec.get("runPolicy")
+    if policy is not None and policy != DEFAULT_RUN_POLICY:
+        warnings.append(
+            f"{RUN_POLICY_PATH} {policy!r} is kept but not used: chscale runs every VM "
+            f"{DEFAULT_RUN_POLICY} (it starts the VM when created and never restarts it)"
+        )
+    if _at(spec, DEDICATED_CPUS_PATH) is True:
+        warnings.append(
+            f"{DEDICATED_CPUS_PATH}: the VM pod is Guaranteed with whole CPUs, so a kubelet "
+            "with the static CPU manager policy gives it exclusive cores; chscale pins no "
+            "vCPU threads itself, and under that policy the kubelet refuses every in-place "
+            "resize (Infeasible), which chscale reports as VMPodResizeInfeasible"
+        )
+    return tuple(warnings)

@@ -49,6 +49,7 @@ from core.quantity import (
     parse_bytes,
     parse_millicores,
 )
+from core.resources import DEFAULT_MEMORY_SIZE, HUGEPAGE_SIZES
 
 __all__ = [
     "apply_status",
@@ -176,7 +177,8 @@ def _object_at(
 
 
 def parse_spec(spec: object) -> tuple[VmSpec | None, tuple[FieldError, ...]]:
-    """``spec`` of a VirtualMachine; defaults of RESIZE.md §1 applied (sockets, cores = 1)."""
+    """``spec`` of a VirtualMachine; ch-vmm's defaults applied (sockets, cores = 1, memory
+    1Gi; RESIZE.md §1, ADR 0013). An explicit null counts as absent, as in the webhook."""
     errors: list[FieldError] = []
     if not isinstance(spec, dict):
         return None, (FieldError("spec", "must be an object"),)
@@ -187,10 +189,21 @@ def parse_spec(spec: object) -> tuple[VmSpec | None, tuple[FieldError, ...]]:
     sockets = _int_at(cpu, "sockets", "spec.instance.cpu", errors)
     cores = _int_at(cpu, "coresPerSocket", "spec.instance.cpu", errors)
     max_vcpus = _int_at(cpu, "maxVcpus", "spec.instance.cpu", errors)
+    dedicated = cpu.get("dedicatedCPUPlacement")
+    if dedicated is not None and not isinstance(dedicated, bool):
+        errors.append(
+            FieldError(
+                "spec.instance.cpu.dedicatedCPUPlacement",
+                f"must be true or false, got {dedicated!r}",
+            )
+        )
+    # ch-vmm's webhook defaults a missing size to 1Gi; the kernel reads the same default,
+    # so a VM that slipped past the webhook is sized as it would have been defaulted.
     size = _bytes_at(memory, "size", "spec.instance.memory", errors)
+    if memory.get("size") is None:
+        size = DEFAULT_MEMORY_SIZE
     max_size = _bytes_at(memory, "maxSize", "spec.instance.memory", errors)
-    if "size" not in memory and not any(e.path.startswith("spec.instance.memory") for e in errors):
-        errors.append(FieldError("spec.instance.memory.size", "is required"))
+    hugepage_size = _hugepage_size(memory, errors)
     for key in ("kernel", "initramfs", "cmdline"):
         if key in boot and not isinstance(boot[key], str):
             errors.append(FieldError(f"spec.instance.boot.{key}", "must be a string"))
@@ -204,9 +217,31 @@ def parse_spec(spec: object) -> tuple[VmSpec | None, tuple[FieldError, ...]]:
             max_vcpus=max_vcpus,
             max_memory=max_size,
             boot=BootSource(boot.get("kernel"), boot.get("initramfs"), boot.get("cmdline")),
+            dedicated_cpus=bool(dedicated),
+            hugepage_size=hugepage_size,
         ),
         (),
     )
+
+
+def _hugepage_size(memory: dict[str, Any], errors: list[FieldError]) -> str | None:
+    """``memory.hugepages.pageSize``; a ``hugepages`` object without one is hugepages of
+    the smallest size."""
+    path = "spec.instance.memory.hugepages"
+    if memory.get("hugepages") is None:
+        return None
+    hugepages = _object_at(memory, "hugepages", "spec.instance.memory", errors)
+    page = hugepages.get("pageSize")
+    if page is None:
+        page = HUGEPAGE_SIZES[0]
+    if page not in HUGEPAGE_SIZES:
+        errors.append(
+            FieldError(
+                f"{path}.pageSize", f"must be one of {', '.join(HUGEPAGE_SIZES)}, got {page!r}"
+            )
+        )
+        return None
+    return str(page)
 
 
 def parse_status(status: object) -> VmStatus:
@@ -222,10 +257,11 @@ def parse_status(status: object) -> VmStatus:
         if cond is not None:
             conditions.append(cond)
     generation = status.get("observedGeneration")
-    node = status.get("nodeName")
     return VmStatus(
         phase=phase,
-        node_name=node if isinstance(node, str) and node else None,
+        node_name=_text(status.get("nodeName")),
+        pod_name=_text(status.get("vmPodName")),
+        pod_uid=_text(status.get("vmPodUID")),
         observed_generation=generation if isinstance(generation, int) else None,
         desired=_lenient(status.get("desired"), Allocation),
         capacity=_lenient(status.get("capacity"), Capacity),
@@ -233,6 +269,10 @@ def parse_status(status: object) -> VmStatus:
         resize=_lenient(status.get("resize"), ResizeRecord),
         conditions=tuple(conditions),
     )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def parse_vm(obj: dict[str, Any]) -> Vm:
@@ -307,6 +347,7 @@ def parse_pod(obj: dict[str, Any], container: str = VM_CONTAINER) -> PodView:
         name=str(meta.get("name") or ""),
         generation=int(meta.get("generation") or 1),
         observed_generation=observed if isinstance(observed, int) else None,
+        uid=_text(meta.get("uid")),
         phase=phase,
         node_name=spec.get("nodeName") or None,
         deleting=bool(meta.get("deletionTimestamp")),
@@ -340,6 +381,8 @@ def apply_status(status: VmStatus, actions: tuple[Action, ...]) -> VmStatus:
             fields["observed_generation"] = action.generation
             fields["desired"] = action.desired
             fields["node_name"] = action.node_name
+            fields["pod_name"] = action.pod_name
+            fields["pod_uid"] = action.pod_uid
     fields["conditions"] = tuple(conditions.values())
     return VmStatus(**{**_status_fields(status), **fields})
 
@@ -348,6 +391,8 @@ def _status_fields(status: VmStatus) -> dict[str, Any]:
     return {
         "phase": status.phase,
         "node_name": status.node_name,
+        "pod_name": status.pod_name,
+        "pod_uid": status.pod_uid,
         "observed_generation": status.observed_generation,
         "desired": status.desired,
         "capacity": status.capacity,
@@ -375,6 +420,8 @@ def render_status(
     return {
         "phase": str(status.phase) if status.phase is not None else None,
         "nodeName": status.node_name,
+        "vmPodName": status.pod_name,
+        "vmPodUID": status.pod_uid,
         "observedGeneration": status.observed_generation,
         "desired": _unstructure(status.desired) if status.desired else None,
         "capacity": _unstructure(status.capacity) if status.capacity else None,

@@ -5,8 +5,9 @@ Theory of operation. The API server sends an ``admission.k8s.io/v1`` AdmissionRe
 answers 400) and returns ``request``. One function per route turns that request into a
 complete AdmissionReview response:
 
-- :func:`mutate_vm_review` (VirtualMachine CREATE/UPDATE) defaults the CPU topology and
-  keeps ``spec.resources`` equal to what the VM pod gets (requests = limits =
+- :func:`mutate_vm_review` (VirtualMachine CREATE/UPDATE) applies ch-vmm's defaults (CPU
+  topology 1 x 1, ``memory.size`` 1Gi, ``runPolicy`` Once) and keeps ``spec.resources``
+  equal to what the VM pod gets (requests = limits =
   :func:`core.resources.pod_resources`), as a JSONPatch. A spec the kernel cannot parse,
   or one the rules refuse, is left alone: the validating webhook refuses it with the
   field path, and a patch computed from a broken spec would only obscure that.
@@ -14,7 +15,8 @@ complete AdmissionReview response:
   one cause per :class:`core.model.FieldError` of ``parse_vm`` and ``validate_vm``.
   An UPDATE that leaves ``spec.instance`` as it was is admitted: the rules judge changes
   to the VM, and metadata writes (a finalizer removed on delete) must never be blocked by
-  a spec that predates the webhook.
+  a spec that predates the webhook. An admitted VM gets a warning for every ch-vmm field
+  it sets that chscale keeps but does not act on (:func:`core.resources.compat_warnings`).
 - :func:`mutate_pod_review` (Pod CREATE, VM pods only) gives container ``vm-manager``
   requests = limits and ``resizePolicy: NotRequired`` for cpu and memory. The VM spec is
   needed only when the pod does not already carry requests = limits; it comes from a
@@ -45,7 +47,13 @@ from core.quantity import (
     parse_bytes,
     parse_millicores,
 )
-from core.resources import pod_resources, validate_vm
+from core.resources import (
+    DEFAULT_MEMORY_SIZE,
+    DEFAULT_RUN_POLICY,
+    compat_warnings,
+    pod_resources,
+    validate_vm,
+)
 from core.wire import parse_vm
 
 __all__ = [
@@ -270,9 +278,10 @@ def validate_vm_review(request: dict[str, Any]) -> dict[str, Any]:
             causes=[FieldError("object", "must be a JSON object")],
         )
     what = _describe(request, obj)
+    warnings = _warnings(obj)
     old_obj = _dict(request.get("oldObject")) if operation == UPDATE else None
     if old_obj is not None and _same_instance(old_obj, obj):
-        return allow(uid)
+        return allow(uid, warnings)
     new = _parse(request, obj)
     if isinstance(new, FieldError):
         return _refuse_vm(uid, what, [new])
@@ -281,7 +290,12 @@ def validate_vm_review(request: dict[str, Any]) -> dict[str, Any]:
         parsed = _parse(request, old_obj)
         old = parsed if isinstance(parsed, Vm) else None
     errors = _judge(new, old)
-    return _refuse_vm(uid, what, errors) if errors else allow(uid)
+    return _refuse_vm(uid, what, errors) if errors else allow(uid, warnings)
+
+
+def _warnings(obj: dict[str, Any]) -> list[str]:
+    # A warning quotes at most the runPolicy the user wrote; cut it like any message.
+    return [_cut(w, MAX_MESSAGE_CHARS) for w in compat_warnings(obj.get("spec"))]
 
 
 # --- VirtualMachine: defaults ---------------------------------------------------------
@@ -339,15 +353,9 @@ def mutate_vm_review(
     vm = _parse(request, obj)
     if isinstance(vm, FieldError) or vm.spec is None or _judge(vm, None):
         return allow(uid)  # the validating webhook refuses it, naming the field
-    spec: dict[str, Any] = obj["spec"]  # parse_vm found a spec object with an instance
+    spec: dict[str, Any] = obj["spec"]  # parse_vm found a spec object
     ops: list[dict[str, Any]] = []
-    cpu = _dict(spec["instance"].get("cpu"))
-    if cpu is None:
-        _add(ops, {"sockets": 1, "coresPerSocket": 1}, "spec", "instance", "cpu")
-    else:
-        for key in ("sockets", "coresPerSocket"):
-            if cpu.get(key) is None:
-                _add(ops, 1, "spec", "instance", "cpu", key)
+    _default_ops(ops, spec)
     needed = pod_resources(vm.spec, config)
     try:
         values = resource_values(needed)
@@ -357,6 +365,31 @@ def mutate_vm_review(
         return allow(uid)
     _resource_ops(ops, spec.get("resources"), needed, values, "spec")
     return patched(uid, ops)
+
+
+def _default_ops(ops: list[dict[str, Any]], spec: dict[str, Any]) -> None:
+    """ch-vmm's defaults, written out where the user left them out (the kernel reads the
+    same values from an absent field; the patch makes them visible in the object)."""
+    topology = {"sockets": 1, "coresPerSocket": 1}
+    size = format_bytes(DEFAULT_MEMORY_SIZE)
+    instance = _dict(spec.get("instance"))
+    if instance is None:
+        _add(ops, {"cpu": topology, "memory": {"size": size}}, "spec", "instance")
+    else:
+        cpu = _dict(instance.get("cpu"))
+        if cpu is None:
+            _add(ops, topology, "spec", "instance", "cpu")
+        else:
+            for key, value in topology.items():
+                if cpu.get(key) is None:
+                    _add(ops, value, "spec", "instance", "cpu", key)
+        memory = _dict(instance.get("memory"))
+        if memory is None:
+            _add(ops, {"size": size}, "spec", "instance", "memory")
+        elif memory.get("size") is None:
+            _add(ops, size, "spec", "instance", "memory", "size")
+    if spec.get("runPolicy") is None:
+        _add(ops, DEFAULT_RUN_POLICY, "spec", "runPolicy")
 
 
 # --- the VM pod -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from adapters.k8s.client import Kube
 from testbed.controlplane.launcher import CRD_PATH
 from tests.integration.tables import server_table
 
@@ -140,6 +141,12 @@ def test_crd_is_served_with_status_subresource_and_printer_columns(
     status = {
         "phase": "Running",
         "nodeName": node,
+        # ch-vmm's status fields: the pod, and what chscale only keeps.
+        "vmPodName": "vm-my-vm",
+        "vmPodUID": "3f1c7a3e-0000-4000-8000-000000000001",
+        "powerAction": "PowerOn",
+        "migration": {"phase": "Pending"},
+        "volumeStatus": [{"name": "rootfs", "ready": True}],
         "observedGeneration": 1,
         "desired": {"vcpus": 8, "memory": "4Gi"},
         "capacity": {"maxVcpus": 16, "maxMemory": "20Gi", "bootMemory": "4Gi"},
@@ -201,6 +208,7 @@ def test_crd_is_served_with_status_subresource_and_printer_columns(
     assert cells["Phase"] == "Running"
     assert (cells["vCPUs"], cells["Alloc-vCPUs"]) == (8, 8)
     assert (cells["Memory"], cells["Alloc-Memory"], cells["Node"]) == ("4Gi", "4Gi", node)
+    assert cells["Power"] == "PowerOn"  # ch-vmm's Phase, Node and Power are all there
 
 
 def test_status_fields_clear_with_null(api_client: k8s.ApiClient, namespace: str, node: str):
@@ -244,6 +252,75 @@ def test_status_fields_clear_with_null(api_client: k8s.ApiClient, namespace: str
     assert replaced["status"] == {"phase": "Running", "allocated": {"vcpus": 4}}
     stored = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "my-vm")
     assert stored["status"] == replaced["status"]
+
+
+# Every field of ch-vmm's VirtualMachine (REALITY.md §3), as a ch-vmm user writes it.
+CH_VMM_VM: dict[str, Any] = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "VirtualMachine",
+    "metadata": {"name": "ch-vmm"},
+    "spec": {
+        "runPolicy": "RerunOnFailure",
+        "instance": {
+            "cpu": {"sockets": 1, "coresPerSocket": 2, "dedicatedCPUPlacement": True},
+            "memory": {"size": "2Gi", "hugepages": {"pageSize": "1Gi"}},
+            "kernel": {"image": "kernel:6.12", "cmdline": "console=ttyS0"},
+            "disks": [{"name": "rootfs", "readOnly": False}],
+            "interfaces": [{"name": "pod", "bridge": {}}],
+            "fileSystems": [{"name": "share"}],
+            "gpus": [{"name": "gpu0"}],
+            "pmem": {"name": "pm0"},
+        },
+        "volumes": [{"name": "rootfs", "containerDisk": {"image": "ubuntu"}}],
+        "networks": [{"name": "pod", "pod": {}}],
+        "livenessProbe": {"tcpSocket": {"port": 22}, "periodSeconds": 10},
+        "readinessProbe": {"httpGet": {"port": 80}},
+        "resources": {"claims": [{"name": "gpu"}], "requests": {"cpu": "2"}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "vms", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {}},
+    },
+}
+
+
+def test_server_side_apply_keeps_every_ch_vmm_field(api_client: k8s.ApiClient, namespace: str):
+    """The schema alone (no webhook here): nothing a ch-vmm user writes is pruned."""
+    objects = k8s.CustomObjectsApi(api_client)
+    applied = Kube(api_client).request(
+        "PATCH",
+        f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/ch-vmm",
+        CH_VMM_VM,  # JSON is YAML
+        query={"fieldManager": "ch-vmm-user", "force": "true"},
+        content_type="application/apply-patch+yaml",
+    )
+    assert applied["spec"] == CH_VMM_VM["spec"]
+    stored = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "ch-vmm")
+    assert stored["spec"] == CH_VMM_VM["spec"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"memory": {"size": "2Gi", "hugepages": {"pageSize": "4Ki"}}}, "hugepages.pageSize"),
+        ({"cpu": {"dedicatedCPUPlacement": "yes"}}, "dedicatedCPUPlacement"),
+        ({"disks": [{"readOnly": True}]}, "spec.instance.disks[0].name"),
+    ],
+)
+def test_the_schema_refuses_what_ch_vmms_refuses(
+    api_client: k8s.ApiClient, namespace: str, change: dict[str, Any], field: str
+):
+    objects = k8s.CustomObjectsApi(api_client)
+    vm = copy.deepcopy(CH_VMM_VM)
+    vm["spec"]["instance"].update(change)
+    with pytest.raises(ApiException) as refused:
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, vm)
+    assert refused.value.status == 422
+    assert field in _error_message(refused.value), _error_message(refused.value)
+    nameless = copy.deepcopy(CH_VMM_VM)
+    nameless["spec"]["networks"] = [{"pod": {}}]
+    with pytest.raises(ApiException) as refused:
+        objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, nameless)
+    assert "spec.networks[0].name" in _error_message(refused.value)
 
 
 def test_schema_leaves_value_rules_to_the_webhook(api_client: k8s.ApiClient, namespace: str):

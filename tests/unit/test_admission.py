@@ -99,6 +99,7 @@ def vm(
     phase: str | None = None,
     capacity: dict[str, Any] | None = None,
     resources: Any = None,
+    run_policy: str | None = "Once",
 ) -> dict[str, Any]:
     cpu: dict[str, Any] = {}
     if sockets is not None:
@@ -118,6 +119,8 @@ def vm(
     }
     if resources is not None:
         obj["spec"]["resources"] = resources
+    if run_policy is not None:
+        obj["spec"]["runPolicy"] = run_policy
     status: dict[str, Any] = {}
     if phase is not None:
         status["phase"] = phase
@@ -377,7 +380,6 @@ def running(obj: dict[str, Any], phase: str = "Running") -> dict[str, Any]:
         (vm(max_size="3Gi"), "spec.instance.memory.maxSize", "below memory.size"),
         (vm(sockets="two"), "spec.instance.cpu.sockets", "integer"),
         (vm(size="lots"), "spec.instance.memory.size", "not a quantity"),
-        (no_memory_size(), "spec.instance.memory.size", "required"),
         ({"metadata": {"name": "my-vm", "namespace": "ns"}, "spec": 5}, "spec", "object"),
     ],
 )
@@ -788,3 +790,83 @@ def test_metadata_or_status_of_the_wrong_type_is_refused_not_crashed(broken: dic
     status = refusal(validate_vm_review(request(obj)))
     assert status["code"] == 422 and "malformed" in status["message"]
     assert ops_of(mutate_vm_review(request(obj))) == []
+
+
+# --- ch-vmm's defaults, warnings and refusals (ADR 0013) --------------------------------
+
+
+def test_a_missing_memory_size_is_defaulted_to_1gi_as_ch_vmm_does():
+    obj = no_memory_size()
+    ops = ops_of(mutate_vm_review(request(obj)))
+    assert {"op": "add", "path": "/spec/instance/memory/size", "value": "1Gi"} in ops
+    mutated = apply_patch(obj, ops)
+    assert mutated["spec"]["resources"] == both("8", "1280Mi")  # 1Gi + 256Mi
+    assert refusal_or_none(validate_vm_review(request(mutated))) is None
+
+    no_memory = vm()
+    del no_memory["spec"]["instance"]["memory"]
+    mutated = apply_patch(no_memory, ops_of(mutate_vm_review(request(no_memory))))
+    assert mutated["spec"]["instance"]["memory"] == {"size": "1Gi"}
+
+    bare = {"metadata": {"name": "my-vm", "namespace": "ns"}, "spec": {}}
+    mutated = apply_patch(bare, ops_of(mutate_vm_review(request(bare))))
+    assert mutated["spec"]["instance"] == {
+        "cpu": {"sockets": 1, "coresPerSocket": 1},
+        "memory": {"size": "1Gi"},
+    }
+    assert mutated["spec"]["runPolicy"] == "Once"
+
+
+def test_run_policy_is_defaulted_to_once_and_a_written_one_kept():
+    ops = ops_of(mutate_vm_review(request(vm(run_policy=None))))
+    assert ops[0] == {"op": "add", "path": "/spec/runPolicy", "value": "Once"}
+    ops = ops_of(mutate_vm_review(request(vm(run_policy="Always"))))
+    assert all(op["path"] != "/spec/runPolicy" for op in ops)
+
+
+def warnings_of(response: dict[str, Any]) -> list[str]:
+    answer = response["response"]
+    assert answer["uid"] == UID and answer["allowed"] is True, answer
+    return answer.get("warnings", [])
+
+
+def test_fields_kept_but_not_used_are_admitted_with_a_warning_each():
+    obj = vm(run_policy="RerunOnFailure")
+    obj["spec"]["volumes"] = [{"name": "root", "containerDisk": {"image": "ubuntu"}}]
+    obj["spec"]["instance"]["disks"] = [{"name": "root"}]
+    obj["spec"]["livenessProbe"] = {"tcpSocket": {"port": 22}}
+    warnings = warnings_of(validate_vm_review(request(obj)))
+    assert [w.split(" ")[0] for w in warnings] == [
+        "spec.instance.disks",
+        "spec.volumes",
+        "spec.livenessProbe",
+        "spec.runPolicy",
+    ]
+    # An update that changes only the ignored fields still says so.
+    changed = copy.deepcopy(obj)
+    changed["spec"]["volumes"].append({"name": "data"})
+    assert warnings_of(validate_vm_review(request(changed, "UPDATE", obj))) == warnings
+    assert warnings_of(validate_vm_review(request(vm()))) == []
+
+
+def test_dedicated_cpus_are_admitted_with_what_chscale_does_about_them():
+    obj = vm()
+    obj["spec"]["instance"]["cpu"]["dedicatedCPUPlacement"] = True
+    (warning,) = warnings_of(validate_vm_review(request(obj)))
+    assert warning.startswith("spec.instance.cpu.dedicatedCPUPlacement")
+    assert "Infeasible" in warning
+    mutated = apply_patch(obj, ops_of(mutate_vm_review(request(obj))))
+    assert mutated["spec"]["resources"] == both("8", "4352Mi")
+
+
+def test_hugepages_are_refused_with_the_field_and_the_reason():
+    obj = vm()
+    obj["spec"]["instance"]["memory"]["hugepages"] = {"pageSize": "1Gi"}
+    assert_refused(
+        validate_vm_review(request(obj)), "spec.instance.memory.hugepages", "hugepages-1Gi"
+    )
+    assert ops_of(mutate_vm_review(request(obj))) == []
+    obj["spec"]["instance"]["memory"]["hugepages"] = {"pageSize": "3Mi"}
+    assert_refused(
+        validate_vm_review(request(obj)), "spec.instance.memory.hugepages.pageSize", "2Mi, 1Gi"
+    )

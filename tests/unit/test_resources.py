@@ -31,7 +31,13 @@ from core.constants import (
     GiB,
     MiB,
 )
-from core.resources import capacity_errors, capacity_for, spec_errors
+from core.resources import (
+    KEPT_NOT_USED,
+    capacity_errors,
+    capacity_for,
+    compat_warnings,
+    spec_errors,
+)
 
 SEED = VmSpec(sockets=2, cores_per_socket=4, memory=4 * GiB)
 
@@ -190,7 +196,9 @@ def test_capacity_is_the_recorded_one_not_the_spec_default() -> None:
         ({"instance": {"cpu": {"sockets": "two"}, "memory": {"size": "1Gi"}}}, "sockets"),
         ({"instance": {"cpu": {"sockets": True}, "memory": {"size": "1Gi"}}}, "sockets"),
         ({"instance": {"memory": {"size": "lots"}}}, "spec.instance.memory.size"),
-        ({"instance": {"memory": {}}}, "spec.instance.memory.size"),
+        ({"instance": {"cpu": {"dedicatedCPUPlacement": "yes"}}}, "dedicatedCPUPlacement"),
+        ({"instance": {"memory": {"hugepages": {"pageSize": "4Ki"}}}}, "hugepages.pageSize"),
+        ({"instance": {"memory": {"hugepages": "2Mi"}}}, "spec.instance.memory.hugepages"),
         ({"instance": {"memory": {"size": "1Gi", "maxSize": []}}}, "maxSize"),
         ({"instance": {"memory": {"size": "1Gi"}, "boot": {"kernel": 3}}}, "kernel"),
     ],
@@ -220,3 +228,69 @@ def test_the_default_vcpu_ceiling_stops_at_what_cloud_hypervisor_runs() -> None:
     assert evolve(SEED, sockets=100, cores_per_socket=2).vcpu_ceiling == MAX_VCPUS
     assert evolve(SEED, sockets=255, cores_per_socket=1).vcpu_ceiling == MAX_VCPUS
     assert SEED.vcpu_ceiling == 16
+
+
+# --- ch-vmm's fields (ADR 0013) ---------------------------------------------------------
+
+
+def test_hugepages_are_refused_saying_why() -> None:
+    errors = spec_errors(evolve(SEED, hugepage_size="2Mi"))
+    assert [e.path for e in errors] == ["spec.instance.memory.hugepages"]
+    assert "hugepages-2Mi" in errors[0].message and "resize" in errors[0].message
+    assert spec_errors(evolve(SEED, dedicated_cpus=True)) == ()
+
+
+def test_dedicated_cpus_keep_the_pod_guaranteed_with_whole_cpus() -> None:
+    # What the static CPU manager needs to grant exclusive cores: integer CPUs, and
+    # requests = limits (the webhook and the pod builder write both from this one value).
+    spec = evolve(SEED, dedicated_cpus=True)
+    assert pod_resources(spec).cpu_millis == spec.vcpus * 1000
+
+
+CH_VMM_SPEC = {
+    "runPolicy": "Always",
+    "instance": {
+        "cpu": {"sockets": 1, "coresPerSocket": 2, "dedicatedCPUPlacement": True},
+        "memory": {"size": "1Gi"},
+        "kernel": {"image": "kernel:latest", "cmdline": "console=ttyS0"},
+        "disks": [{"name": "root"}],
+        "interfaces": [{"name": "pod"}],
+        "fileSystems": [{"name": "share"}],
+        "gpus": [{"name": "gpu"}],
+        "pmem": {"name": "pm"},
+    },
+    "volumes": [{"name": "root", "containerDisk": {"image": "ubuntu"}}],
+    "networks": [{"name": "pod", "pod": {}}],
+    "livenessProbe": {"httpGet": {"port": 80}},
+    "readinessProbe": {"tcpSocket": {"port": 22}},
+    "resources": {"claims": [{"name": "gpu"}]},
+    "nodeSelector": {"kubernetes.io/hostname": "n"},
+}
+
+
+def test_every_field_kept_but_not_used_gets_a_warning_naming_it() -> None:
+    warnings = compat_warnings(CH_VMM_SPEC)
+    fields = [path for path, _ in KEPT_NOT_USED] + [
+        "spec.runPolicy",
+        "spec.instance.cpu.dedicatedCPUPlacement",
+    ]
+    assert len(warnings) == len(fields)
+    for field, warning in zip(fields, warnings, strict=True):
+        assert warning.startswith(field), (field, warning)
+        assert "chscale" in warning  # says what chscale does instead
+    assert "'Always'" in warnings[-2] and "Once" in warnings[-2]
+
+
+def test_fields_chscale_acts_on_or_left_empty_get_no_warning() -> None:
+    quiet = {
+        "runPolicy": "Once",
+        "instance": {"cpu": {"sockets": 2, "dedicatedCPUPlacement": False}, "disks": []},
+        "volumes": [],
+        "resources": {"requests": {"cpu": "2"}},
+        "nodeSelector": {"a": "b"},
+        "tolerations": [{"key": "k"}],
+        "affinity": {"nodeAffinity": {}},
+    }
+    assert compat_warnings(quiet) == ()
+    assert compat_warnings("not a spec") == ()
+    assert compat_warnings({"instance": [], "resources": "x"}) == ()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import pathlib
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,13 +32,14 @@ from core import (
     VmSpec,
     VmStatus,
     apply_status,
+    decide,
     parse_pod,
     parse_vm,
     render_status,
 )
 from core.actions import EventType, RecordEvent, Requeue, ResizePod
 from core.constants import FINALIZER, VM_CONTAINER, GiB, MiB
-from core.wire import parse_status
+from core.wire import parse_spec, parse_status
 
 C = Owner.CONTROLLER
 
@@ -69,6 +72,8 @@ statuses = st.builds(
     VmStatus,
     phase=st.none() | st.sampled_from(Phase),
     node_name=st.none() | st.text(min_size=1, max_size=10),
+    pod_name=st.none() | st.text(min_size=1, max_size=10),
+    pod_uid=st.none() | st.uuids().map(str),
     observed_generation=st.none() | small,
     desired=st.none() | allocations,
     capacity=st.none() | st.builds(Capacity, small, memory, memory),
@@ -150,6 +155,8 @@ def test_empty_status_renders_nulls_so_a_merge_patch_clears_fields() -> None:
     assert render_status(VmStatus()) == {
         "phase": None,
         "nodeName": None,
+        "vmPodName": None,
+        "vmPodUID": None,
         "observedGeneration": None,
         "desired": None,
         "capacity": None,
@@ -291,7 +298,7 @@ def _pod_object() -> dict[str, Any]:
         "limits": {"cpu": "8", "memory": "4352Mi"},
     }
     return {
-        "metadata": {"name": "vm-my-vm", "generation": 3},
+        "metadata": {"name": "vm-my-vm", "generation": 3, "uid": "pod-uid-1"},
         "spec": {
             "nodeName": "node-a",
             "containers": [
@@ -329,7 +336,7 @@ def _pod_object() -> dict[str, Any]:
 
 def test_parse_pod() -> None:
     pod = parse_pod(_pod_object())
-    assert pod.name == "vm-my-vm"
+    assert (pod.name, pod.uid) == ("vm-my-vm", "pod-uid-1")
     assert (pod.generation, pod.observed_generation) == (3, 3)
     assert pod.phase is PodPhase.RUNNING
     assert pod.node_name == "node-a"
@@ -370,3 +377,87 @@ def test_parse_pod_without_status() -> None:
     assert pod.phase is PodPhase.PENDING
     assert pod.desired is None and pod.actual is None and pod.node_name is None
     assert pod.generation == 1
+
+
+# --- ch-vmm's fields (ADR 0013) -----------------------------------------------------------
+
+
+def test_the_pod_name_and_uid_are_reported_as_ch_vmm_spells_them() -> None:
+    status = VmStatus(phase=Phase.RUNNING, pod_name="vm-my-vm", pod_uid="u-1")
+    rendered = render_status(status)
+    assert (rendered["vmPodName"], rendered["vmPodUID"]) == ("vm-my-vm", "u-1")
+    assert parse_status({"vmPodName": "vm-my-vm", "vmPodUID": "u-1"}) == VmStatus(
+        pod_name="vm-my-vm", pod_uid="u-1"
+    )
+    assert parse_status({"vmPodName": 3, "vmPodUID": ""}) == VmStatus()
+    observed = SetObserved(1, None, "n", "vm-my-vm", "u-2", owner=C)
+    assert apply_status(status, (observed,)).pod_uid == "u-2"
+
+
+def test_ch_vmm_status_fields_chscale_does_not_write_are_left_alone() -> None:
+    # A merge patch only touches the keys it names: powerAction, migration and
+    # volumeStatus (ch-vmm's) are never among them.
+    assert not {"powerAction", "migration", "volumeStatus"} & set(render_status(VmStatus()))
+
+
+def test_a_missing_memory_size_is_ch_vmms_default_of_1gi() -> None:
+    for memory in ({}, {"size": None}):
+        spec, errors = parse_spec({"instance": {"cpu": {"sockets": 2}, "memory": memory}})
+        assert errors == () and spec is not None
+        assert (spec.vcpus, spec.memory) == (2, GiB)
+    spec, errors = parse_spec({})
+    assert errors == () and spec is not None and spec.desired == Allocation(1, GiB)
+
+
+def test_dedicated_cpus_and_hugepages_are_parsed() -> None:
+    spec, errors = parse_spec(
+        {
+            "instance": {
+                "cpu": {"sockets": 1, "coresPerSocket": 2, "dedicatedCPUPlacement": True},
+                "memory": {"size": "2Gi", "hugepages": {"pageSize": "1Gi"}},
+            }
+        }
+    )
+    assert errors == () and spec is not None
+    assert (spec.dedicated_cpus, spec.hugepage_size) == (True, "1Gi")
+    spec, errors = parse_spec({"instance": {"memory": {"size": "2Gi", "hugepages": {}}}})
+    assert spec is not None and (spec.dedicated_cpus, spec.hugepage_size) == (False, "2Mi")
+    spec, errors = parse_spec(
+        {"instance": {"cpu": {"dedicatedCPUPlacement": None}, "memory": {"hugepages": None}}}
+    )
+    assert spec is not None and (spec.dedicated_cpus, spec.hugepage_size) == (False, None)
+
+
+@pytest.mark.parametrize(
+    ("instance", "path"),
+    [
+        ({"cpu": {"dedicatedCPUPlacement": "true"}}, "spec.instance.cpu.dedicatedCPUPlacement"),
+        ({"cpu": {"dedicatedCPUPlacement": 1}}, "spec.instance.cpu.dedicatedCPUPlacement"),
+        ({"memory": {"hugepages": {"pageSize": "4Ki"}}}, "spec.instance.memory.hugepages.pageSize"),
+        ({"memory": {"hugepages": []}}, "spec.instance.memory.hugepages"),
+    ],
+)
+def test_mistyped_ch_vmm_fields_are_errors_with_their_path(
+    instance: dict[str, Any], path: str
+) -> None:
+    spec, errors = parse_spec({"instance": instance})
+    assert spec is None and [e.path for e in errors] == [path], errors
+
+
+def test_the_crd_accepts_every_phase_chscale_writes_and_ch_vmms() -> None:
+    crd = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "crd" / "virtualmachines.yaml"
+    schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    enum = set(schema["properties"]["status"]["properties"]["phase"]["enum"])
+    assert {str(p) for p in Phase} <= enum  # a new Phase needs the CRD too
+    assert {"PodResizeDeferred", "PodResizeInfeasible", "Resumed"} <= enum
+
+
+def test_the_status_written_after_a_decision_names_the_pod_and_keeps_it() -> None:
+    vm = parse_vm(_vm_object(phase="Scheduling"))
+    pod = parse_pod(_pod_object())
+    status = apply_status(vm.status, decide(vm, pod))
+    rendered = render_status(status)
+    assert (rendered["vmPodName"], rendered["vmPodUID"]) == ("vm-my-vm", "pod-uid-1")
+    # The pod gone (deleted, node lost): the status still names the pod the VM ran in.
+    gone = apply_status(status, decide(vm.evolve(status=status), None))
+    assert (gone.pod_name, gone.pod_uid) == ("vm-my-vm", "pod-uid-1")
