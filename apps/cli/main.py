@@ -66,6 +66,13 @@ EXIT_CODES = """exit codes:
   130  interrupted
 """
 
+SIMULATE_EXIT_CODES = """exit codes:
+  0    every invariant held
+  1    an invariant was violated (the report lists them)
+  2    usage: bad flags or values
+  130  interrupted
+"""
+
 KUBECONFIG_HELP = (
     "kubeconfig file; default: --state-dir's if given, else $KUBECONFIG or "
     "~/.kube/config (as kubectl), else the local stack's in $CHSCALE_STATE_DIR (.chscale)"
@@ -465,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from apps.cli.simulate import add_parser as add_simulate
 
-    add_simulate(sub)
+    simulate = add_simulate(sub)
+    simulate.epilog = SIMULATE_EXIT_CODES
     return parser
 
 
