@@ -102,6 +102,9 @@ class EventSink(Protocol):
 
 
 _R = TypeVar("_R", bound=EventSink)
+# What the watch last showed of a VM: its phase, when this process saw it enter that phase
+# (None: before it watched), and its conditions as type -> (status, reason).
+_Seen = tuple[str, float | None, dict[str, tuple[str, str]]]
 
 
 class Metrics:
@@ -158,10 +161,7 @@ class Metrics:
             registry=self.registry,
         )
         self._lock = threading.Lock()
-        # Per watched VM: its phase, when this process saw it enter that phase, and its
-        # conditions as (type -> (status, reason)).
-        self._seen: dict[tuple[str, str], tuple[str, float | None, dict[str, tuple[str, str]]]]
-        self._seen = {}
+        self._seen: dict[tuple[str, str], _Seen] = {}
         if vms is not None:
             self.registry.register(_PhaseCollector(vms))
             vms.add_handler(self.on_vm)
