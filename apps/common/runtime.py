@@ -294,7 +294,7 @@ def start_metrics(
 ) -> m.BoundedServer | None:
     if not args.metrics_port:
         return None
-    return m.serve(
+    server = m.serve(
         metrics.registry,
         args.metrics_port,
         ready,
@@ -302,3 +302,14 @@ def start_metrics(
         max_connections=args.metrics_max_connections,
         deadline_s=args.metrics_deadline,
     )
+    host, port = server.address
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    log.info(
+        "metrics serving",
+        extra={
+            "url": f"http://{host}:{port}/metrics",
+            "max_connections": server.max_connections,
+            "deadline_s": server.deadline_s,
+        },
+    )
+    return server
