@@ -169,6 +169,23 @@ def test_bad_certificate_values_fail_with_the_field_named(helm: str) -> None:
     assert "webhook.certificates.caBundle: required" in no_ca.stderr
 
 
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("controller.replicas=0", "/controller/replicas"),
+        ("daemon.metrics.port=metrics", "/daemon/metrics/port"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("daemon.vmmSocketRoot=relative/path", "/daemon/vmmSocketRoot"),
+    ],
+)
+def test_bad_values_are_refused_by_the_schema_naming_the_field(
+    helm: str, value: str, named: str
+) -> None:
+    done = render(helm, "--set", value, check=False)
+    assert done.returncode != 0
+    assert named in done.stderr
+
+
 def _ensure_namespace(kube: Kube) -> None:
     try:
         kube.create("/api/v1/namespaces", {"metadata": {"name": NAMESPACE}})
