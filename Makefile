@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit property integration faults controlplane bench clean
+.PHONY: demo test lint unit property integration faults controlplane helm bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 
 controlplane: $(STAMP)
 	$(PY) -m testbed.controlplane.build
+
+# The helm CLI the chart check renders deploy/helm/chscale with (ADR 0012): built from
+# the Go module proxy once, cached beside the control plane (a cold build is minutes).
+helm: $(STAMP)
+	$(PY) -m testbed.controlplane.build --helm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -28,11 +33,11 @@ unit: $(STAMP)
 property: $(STAMP)
 	$(PY) -m pytest tests/property
 
-integration: controlplane
+integration: controlplane helm
 	$(PY) -m pytest tests/integration
 
 # Everything, the CI-sized fault run (50 seeded schedules, about 7 minutes) included.
-test: lint controlplane
+test: lint controlplane helm
 	$(PY) -m pytest tests
 
 # Only the fault schedules; CHSCALE_FAULT_SCHEDULES=N for more, CHSCALE_FAULT_SEED=S to

@@ -1,15 +1,20 @@
-"""chscale: run the local stack, resize VMs, watch the demo.
+"""chscale: resize Cloud Hypervisor VMs in place, run the local stack, watch the demo.
 
-chscale up --state-dir DIR [--nodes N] [--node-cpu C] [--node-memory Q]
-chscale status --state-dir DIR
-chscale down --state-dir DIR
-chscale resize NAME --cpus N --memory Q [--wait] (--kubeconfig K | --state-dir DIR)
-chscale demo
+Installed twice, as ``chscale`` and as ``kubectl-chscale``, so that kubectl finds it as
+a plugin: ``kubectl chscale resize my-vm --cpus 12 --wait`` is ``chscale resize ...``.
+
+  chscale resize NAME (--cpus N | --sockets S [--cores-per-socket C]) [--memory Q] [--wait]
+  chscale up --state-dir DIR [--nodes N] [--node-cpu C] [--node-memory Q]
+  chscale status --state-dir DIR
+  chscale down --state-dir DIR
+  chscale demo
+  chscale simulate [--vms N] ...
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import signal
@@ -18,16 +23,80 @@ import sys
 import time
 from pathlib import Path
 
-from adapters.k8s.client import ApiError, Kube, load_api_client
+from kubernetes.config import ConfigException
+
+from adapters.k8s.client import ApiError, Kube, NotFound, load_api_client
 from apps.cli.progress import Progress
-from apps.cli.vmops import Follower, converged, memory_arg, resize_refused, resize_vm, summary
+from apps.cli.vmops import (
+    Follower,
+    converged,
+    count_arg,
+    memory_arg,
+    resize_refused,
+    resize_vm,
+    status_report,
+    summary,
+)
 
 DEFAULT_STATE = Path(os.environ.get("CHSCALE_STATE_DIR", ".chscale"))
+PLUGIN_NAME = "kubectl-chscale"
+
+
+class Exit(enum.IntEnum):
+    """The CLI's exit codes (also in ``--help``)."""
+
+    OK = 0  # done: resized (with --wait), spec updated (without), stack up/down
+    REFUSED = 1  # the API server, the webhook or chscale refused; or a stack command failed
+    USAGE = 2  # bad flags or values (argparse's own code), or nothing to do
+    NOT_FOUND = 3  # no such VirtualMachine
+    TIMEOUT = 4  # --wait gave up after --timeout seconds; the resize may still finish
+    UNREACHABLE = 5  # no kubeconfig, or the API server could not be reached
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_CODES = """exit codes:
+  0    done: resized (with --wait) or spec updated (without); stack command succeeded
+  1    refused: by the API server or the admission webhook (the message names the
+       field), or by chscale (Resized=False: PodResizeInfeasible, ExceedsCapacity,
+       Unsupported); or a stack command (up, status) failed
+  2    usage: bad flags or values, or nothing to change
+  3    the VirtualMachine does not exist
+  4    --wait timed out; the resize goes on (watch it with kubectl get vm -w)
+  5    no usable kubeconfig, or the API server could not be reached
+  130  interrupted
+"""
+
+SIMULATE_EXIT_CODES = """exit codes:
+  0    every invariant held
+  1    an invariant was violated (the report lists them)
+  2    usage: bad flags or values
+  130  interrupted
+"""
+
+KUBECONFIG_HELP = (
+    "kubeconfig file; default: --state-dir's if given, else $KUBECONFIG or "
+    "~/.kube/config (as kubectl), else the local stack's in $CHSCALE_STATE_DIR (.chscale)"
+)
+
+
+def kubeconfig_path(args: argparse.Namespace) -> str | None:
+    """Which kubeconfig a command uses: --kubeconfig, then an explicit --state-dir, then
+    what kubectl would use ($KUBECONFIG, ~/.kube/config; None lets the client decide,
+    in-cluster included), then the default local stack's."""
+    if getattr(args, "kubeconfig", None):
+        return str(args.kubeconfig)
+    state_dir = getattr(args, "state_dir", None)
+    if state_dir:
+        return str(Path(state_dir) / "kubeconfig")
+    if os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser().exists():
+        return None
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    return str(DEFAULT_STATE / "kubeconfig")
 
 
 def _kube(args: argparse.Namespace) -> Kube:
-    kubeconfig = args.kubeconfig or str(Path(args.state_dir) / "kubeconfig")
-    return Kube(load_api_client(kubeconfig))
+    return Kube(load_api_client(kubeconfig_path(args)))
 
 
 # --- up / down / status ---------------------------------------------------------------
@@ -185,24 +254,58 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    if args.cpus is None and args.memory is None:
-        print("nothing to do: give --cpus and/or --memory", file=sys.stderr)
-        return 2
-    kube = _kube(args)
+    if (
+        args.cpus is None
+        and args.sockets is None
+        and args.cores_per_socket is None
+        and (args.memory is None)
+    ):
+        print(
+            "nothing to do: give --cpus (or --sockets/--cores-per-socket) and/or --memory",
+            file=sys.stderr,
+        )
+        return Exit.USAGE
+    if args.cpus is not None and args.cores_per_socket is not None:
+        print("give --cpus or --sockets/--cores-per-socket, not both", file=sys.stderr)
+        return Exit.USAGE
+    kubeconfig = kubeconfig_path(args)
     try:
-        obj = resize_vm(kube, args.namespace, args.name, args.cpus, args.memory)
+        kube = Kube(load_api_client(kubeconfig))
+    except (ConfigException, OSError) as exc:
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        print(f"no usable kubeconfig ({where}): {exc}", file=sys.stderr)
+        return Exit.UNREACHABLE
+    target = f"{args.namespace}/{args.name}"
+    try:
+        obj = resize_vm(
+            kube,
+            args.namespace,
+            args.name,
+            args.cpus,
+            args.memory,
+            sockets=args.sockets,
+            cores_per_socket=args.cores_per_socket,
+        )
+    except NotFound:
+        print(f"{target}: no such VirtualMachine", file=sys.stderr)
+        return Exit.NOT_FOUND
     except ApiError as exc:
-        print(f"resize refused: {exc.message}", file=sys.stderr)
-        return 1
+        print(f"{target}: resize refused: {exc.message}", file=sys.stderr)
+        return Exit.REFUSED
+    except OSError as exc:  # urllib3's connection errors are OSErrors
+        print(f"{target}: API server unreachable: {exc}", file=sys.stderr)
+        return Exit.UNREACHABLE
     generation = obj["metadata"].get("generation")
-    print(f"{args.namespace}/{args.name}: spec updated (generation {generation})")
+    print(f"{target}: spec updated (generation {generation})")
     if not args.wait:
-        return 0
+        print(status_report(obj))
+        return Exit.OK
     return follow(kube, args.namespace, args.name, args.timeout)
 
 
 def follow(kube: Kube, namespace: str, name: str, timeout: float) -> int:
-    """Show the phases of a resize until it converges; non-zero if it is refused."""
+    """Show the phases of a resize until it converges, then the final status; exit
+    code REFUSED if it was refused, TIMEOUT if it did not end in ``timeout`` s."""
     progress = Progress()
     follower = Follower(kube, namespace, name)
     seen: list[str] = []
@@ -224,13 +327,18 @@ def follow(kube: Kube, namespace: str, name: str, timeout: float) -> int:
         )
     except TimeoutError as exc:
         progress.fail(str(exc))
-        return 1
+        return Exit.TIMEOUT
+    except OSError as exc:
+        progress.fail(f"API server unreachable: {exc}")
+        return Exit.UNREACHABLE
     refused = resize_refused(obj)
     if refused and not converged(obj):
         progress.fail(f"resize refused: {refused}")
-        return 1
+        print(status_report(obj))
+        return Exit.REFUSED
     progress.done(f"resized: {summary(obj)}")
-    return 0
+    print(status_report(obj))
+    return Exit.OK
 
 
 # --- demo -----------------------------------------------------------------------------
@@ -242,50 +350,130 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, state_dir=args.state_dir)
 
 
+def _prog() -> str:
+    """``kubectl chscale`` when kubectl runs us as its plugin, else ``chscale``."""
+    return "kubectl chscale" if Path(sys.argv[0]).name == PLUGIN_NAME else "chscale"
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=text,
+        description=text,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chscale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=_prog(),
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start a local stack and leave it running")
-    up.add_argument("--state-dir", default=str(DEFAULT_STATE))
-    up.add_argument("--nodes", type=int, default=1)
-    up.add_argument("--node-cpu", default="16")
-    up.add_argument("--node-memory", default="32Gi")
-    up.add_argument("--vmm-command", help="command template for a real cloud-hypervisor")
+    rs = _sub(sub, "resize", "change a VM's vCPUs and/or memory, in place")
+    rs.add_argument("name", help="the VirtualMachine's name")
+    rs.add_argument(
+        "-n", "--namespace", default="default", help="its namespace (default: %(default)s)"
+    )
+    cpus = rs.add_mutually_exclusive_group()
+    cpus.add_argument(
+        "--cpus",
+        type=count_arg,
+        metavar="N",
+        help="total vCPUs (sockets x coresPerSocket); kept on the VM's socket count when "
+        "that divides N, else 1 socket of N cores",
+    )
+    cpus.add_argument(
+        "--sockets",
+        type=count_arg,
+        metavar="S",
+        help="spec.instance.cpu.sockets (the seed's units); with --cores-per-socket or alone",
+    )
+    rs.add_argument(
+        "--cores-per-socket",
+        type=count_arg,
+        metavar="C",
+        help="spec.instance.cpu.coresPerSocket; a missing --sockets keeps the VM's",
+    )
+    rs.add_argument(
+        "--memory",
+        type=memory_arg,
+        metavar="QUANTITY",
+        help="guest memory as a Kubernetes quantity, e.g. 8Gi or 8192Mi (a multiple of 2Mi)",
+    )
+    rs.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the phases until the guest holds the new size (or it is refused), "
+        "then print the final status",
+    )
+    rs.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="seconds --wait waits (default: %(default)s)",
+    )
+    rs.add_argument("--kubeconfig", help=KUBECONFIG_HELP)
+    rs.add_argument(
+        "--state-dir", help="a local stack's directory: use its kubeconfig (from chscale up)"
+    )
+    rs.set_defaults(func=cmd_resize)
+
+    up = _sub(sub, "up", "start a local stack and leave it running")
+    up.add_argument(
+        "--state-dir",
+        default=str(DEFAULT_STATE),
+        help="where the stack keeps its state, logs and kubeconfig (default: %(default)s)",
+    )
+    up.add_argument("--nodes", type=int, default=1, help="simulated nodes (default: %(default)s)")
+    up.add_argument("--node-cpu", default="16", help="CPUs each node offers (default: %(default)s)")
+    up.add_argument(
+        "--node-memory",
+        default="32Gi",
+        help="memory each node offers, a Kubernetes quantity (default: %(default)s)",
+    )
+    up.add_argument(
+        "--vmm-command",
+        help="command template for a real cloud-hypervisor (default: the simulator)",
+    )
     up.add_argument("--kernel", help="guest kernel for a real cloud-hypervisor")
-    up.add_argument("--timeout", type=float, default=180.0)
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="seconds to wait for the stack to be ready (default: %(default)s)",
+    )
     up.set_defaults(func=cmd_up)
 
     for name, func, text in (
         ("down", cmd_down, "stop a local stack"),
-        ("status", cmd_status, "show what a local stack runs"),
+        ("status", cmd_status, "show what a local stack runs and its VMs"),
     ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--state-dir", default=str(DEFAULT_STATE))
-        p.add_argument("--kubeconfig")
+        p = _sub(sub, name, text)
+        p.add_argument(
+            "--state-dir",
+            default=str(DEFAULT_STATE),
+            help="the stack's directory (default: %(default)s)",
+        )
+        p.add_argument("--kubeconfig", help="kubeconfig (default: the stack's)")
         p.set_defaults(func=func)
 
-    rs = sub.add_parser("resize", help="change a VM's vCPUs and/or memory")
-    rs.add_argument("name")
-    rs.add_argument("-n", "--namespace", default="default")
-    rs.add_argument("--cpus", type=int, help="total vCPUs (sockets x coresPerSocket)")
-    rs.add_argument("--memory", type=memory_arg, help="guest memory, e.g. 8Gi")
-    rs.add_argument("--wait", action="store_true", help="follow the phases until done")
-    rs.add_argument("--timeout", type=float, default=300.0)
-    rs.add_argument("--kubeconfig")
-    rs.add_argument("--state-dir", default=str(DEFAULT_STATE))
-    rs.set_defaults(func=cmd_resize)
-
-    demo = sub.add_parser("demo", help="start a stack, grow, shrink, refuse, tear down")
+    demo = _sub(sub, "demo", "start a stack, grow, shrink, refuse, tear down")
     demo.add_argument("--keep", action="store_true", help="leave the stack running")
-    demo.add_argument("--state-dir", help="default: a temporary directory")
+    demo.add_argument("--state-dir", help="where the stack runs (default: a temporary directory)")
     demo.set_defaults(func=cmd_demo)
 
     from apps.cli.simulate import add_parser as add_simulate
 
-    add_simulate(sub)
+    simulate = add_simulate(sub)
+    simulate.epilog = SIMULATE_EXIT_CODES
     return parser
 
 
@@ -294,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

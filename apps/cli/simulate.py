@@ -48,10 +48,21 @@ def _dist(text: str) -> Dist:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``chscale simulate`` (the benchmark shares them)."""
     defaults = SimConfig()
-    parser.add_argument("--nodes", type=int, default=defaults.nodes)
-    parser.add_argument("--vms", type=int, default=defaults.vms)
-    parser.add_argument("--resizes", type=int, default=defaults.resizes)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--nodes", type=int, default=defaults.nodes, help="simulated nodes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--vms", type=int, default=defaults.vms, help="VirtualMachines (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--resizes",
+        type=int,
+        default=defaults.resizes,
+        help="spec changes to make in all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of every random draw (default: %(default)s)"
+    )
     parser.add_argument(
         "--node-cpu", type=_millicores, default=defaults.node_cpu, help="allocatable, e.g. 32"
     )
@@ -70,8 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.infeasible_fraction,
         help="share of spec changes larger than any node",
     )
-    parser.add_argument("--controller-workers", type=int, default=defaults.controller_workers)
-    parser.add_argument("--daemon-workers", type=int, default=defaults.daemon_workers)
+    parser.add_argument(
+        "--controller-workers",
+        type=int,
+        default=defaults.controller_workers,
+        help="the simulated controller's parallel reconciles (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--daemon-workers",
+        type=int,
+        default=defaults.daemon_workers,
+        help="each simulated daemon's parallel reconciles (default: %(default)s)",
+    )
     for name, help_text in (
         ("api-latency", "API server write latency, seconds"),
         ("watch-delay", "watch delivery delay, seconds"),

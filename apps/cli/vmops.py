@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,14 +31,35 @@ def split_vcpus(vcpus: int, sockets: int) -> tuple[int, int]:
 
 
 def resize_vm(
-    kube: Kube, namespace: str, name: str, vcpus: int | None, memory: str | None
+    kube: Kube,
+    namespace: str,
+    name: str,
+    vcpus: int | None,
+    memory: str | None,
+    *,
+    sockets: int | None = None,
+    cores_per_socket: int | None = None,
 ) -> dict[str, Any]:
+    """Patch the VM's instance spec. ``vcpus`` is a total (split over the sockets the VM
+    has when they divide it); ``sockets``/``cores_per_socket`` are the seed's own units,
+    a missing one keeping its current value. Give ``vcpus`` or those, not both."""
+    if vcpus is not None and (sockets is not None or cores_per_socket is not None):
+        raise ValueError("give vcpus or sockets/cores_per_socket, not both")
     current = kube.get(vm_path(namespace, name))
     cpu = ((current.get("spec") or {}).get("instance") or {}).get("cpu") or {}
     patch: dict[str, Any] = {}
     if vcpus is not None:
-        sockets, cores = split_vcpus(vcpus, int(cpu.get("sockets") or 1))
-        patch["cpu"] = {"sockets": sockets, "coresPerSocket": cores}
+        new_sockets, cores = split_vcpus(vcpus, int(cpu.get("sockets") or 1))
+        patch["cpu"] = {"sockets": new_sockets, "coresPerSocket": cores}
+    elif sockets is not None or cores_per_socket is not None:
+        patch["cpu"] = {
+            "sockets": sockets if sockets is not None else int(cpu.get("sockets") or 1),
+            "coresPerSocket": (
+                cores_per_socket
+                if cores_per_socket is not None
+                else int(cpu.get("coresPerSocket") or 1)
+            ),
+        }
     if memory is not None:
         patch["memory"] = {"size": memory}
     # A merge patch of just these fields, like `kubectl patch`: status writes by chscale
@@ -163,5 +185,59 @@ def wait_for_events(
 
 
 def memory_arg(value: str) -> str:
-    parse_bytes(value)  # validate early with a clear message
+    """A Kubernetes memory quantity (``8Gi``, ``8192Mi``, ``8G``), checked before any
+    request is made so that a typo is named as such."""
+    try:
+        size = parse_bytes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a Kubernetes quantity such as 8Gi or 8192Mi ({exc})"
+        ) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value!r}")
     return value
+
+
+def count_arg(value: str) -> int:
+    """An argparse type for a count of at least 1 (vCPUs, sockets, cores)."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
+
+
+def status_report(obj: dict[str, Any]) -> str:
+    """The VM's status as a person reads it after a resize: phase, what the spec asks,
+    what the guest holds, and each condition with its reason and message."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    vm = parse_vm(obj)
+    instance = (obj.get("spec") or {}).get("instance") or {}
+    cpu = instance.get("cpu") or {}
+    allocated = status.get("allocated") or {}
+    lines = [f"{meta.get('namespace')}/{meta.get('name')}"]
+    lines.append(f"  phase:     {status.get('phase') or '-'}")
+    if vm.spec is not None:
+        lines.append(
+            f"  spec:      {vm.spec.vcpus} vCPUs ({cpu.get('sockets', 1)} sockets x "
+            f"{cpu.get('coresPerSocket', 1)} cores), memory {format_bytes(vm.spec.memory)}"
+        )
+    else:
+        lines.append("  spec:      invalid (see the SpecValid condition)")
+    if allocated:
+        lines.append(
+            f"  allocated: {allocated.get('vcpus', '?')} vCPUs, memory "
+            f"{allocated.get('memory', '?')}"
+        )
+    if status.get("nodeName"):
+        lines.append(f"  node:      {status['nodeName']}")
+    for cond in status.get("conditions") or ():
+        if isinstance(cond, dict):
+            message = f": {cond['message']}" if cond.get("message") else ""
+            lines.append(
+                f"  {cond.get('type')}={cond.get('status')} ({cond.get('reason') or '-'}){message}"
+            )
+    return "\n".join(lines)

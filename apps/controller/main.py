@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     pods = Informer(kube, "/api/v1/pods", label_selector=VM_NAME_LABEL, name="vm-pods")
     queue = WorkQueue()
     metrics = Metrics("controller", vms)
-    api = VmApi(kube, EventRecorder(kube, "chscale-controller"))
+    api = VmApi(kube, metrics.counting_events(EventRecorder(kube, "chscale-controller")))
     controller = Controller(
         api,
         vms,

@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return Vmm(vmm_socket_path(args.vmm_socket_root, uid), boot, defaults, args.vmm_timeout)
 
     daemon = Daemon(
-        VmApi(kube, EventRecorder(kube, "chscale-daemon", host=args.node_name)),
+        VmApi(
+            kube,
+            metrics.counting_events(EventRecorder(kube, "chscale-daemon", host=args.node_name)),
+        ),
         vms,
         pods,
         queue,

@@ -126,6 +126,21 @@ def components(modules: Path = GO_MODULES) -> tuple[Component, Component]:
     )
 
 
+def helm_component(modules: Path = GO_MODULES) -> Component:
+    """The helm CLI, for the chart check only (not a control-plane binary, but pinned,
+    built and cached the same way; ADR 0012)."""
+    helm_dir = modules / "helm"
+    version = required_version(helm_dir / "go.mod", "helm.sh/helm/v3")
+    return Component(
+        "helm",
+        helm_dir,
+        version,
+        "helm.sh/helm/v3/cmd/helm",
+        # Without it `helm version` says v3.x-dev, and charts' kubeVersion checks misread it.
+        f"-s -w -X helm.sh/helm/v3/internal/version.version={version}",
+    )
+
+
 def find_go() -> str:
     found = shutil.which("go")
     if found:
@@ -347,20 +362,58 @@ def ensure_binaries(
     return wanted
 
 
+def ensure_helm(directory: Path | None = None, *, out: IO[str] | None = sys.stdout) -> Path:
+    """The helm binary, built if missing (same cache, lock and record as the control
+    plane); prints ``helm_cold_build_s=<seconds>`` when it built it."""
+    directory = directory or cache_dir()
+    helm = helm_component()
+    dest = directory / helm.filename
+    if _ready(dest):
+        return dest
+    directory.mkdir(parents=True, exist_ok=True)
+    go = find_go()
+    with _exclusive(directory, out):
+        if _ready(dest):
+            return dest
+        seconds, compiled = _build_one(go, helm, dest, out)
+        _record(
+            directory,
+            {
+                helm.filename: {
+                    "seconds": round(seconds, 1),
+                    "packages_compiled": compiled,
+                    "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "go": _go_version(go),
+                }
+            },
+        )
+    if out is not None:
+        cached = " (all from Go's build cache: a relink, not a cold build)" if not compiled else ""
+        out.write(f"helm_cold_build_s={seconds:.1f}\n# {compiled} packages compiled{cached}\n")
+        out.flush()
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m testbed.controlplane.build",
         description="Build kube-apiserver and etcd from testbed/controlplane/go (only if missing).",
     )
     parser.add_argument("--print-paths", action="store_true", help="print the binary paths")
+    parser.add_argument(
+        "--helm", action="store_true", help="also the helm CLI the chart check uses (ADR 0012)"
+    )
     args = parser.parse_args(argv)
     try:
         binaries = ensure_binaries()
+        helm = ensure_helm() if args.helm else None
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.print_paths:
         print(f"kube-apiserver={binaries.apiserver}\netcd={binaries.etcd}")
+        if helm is not None:
+            print(f"helm={helm}")
     return 0
 
 
