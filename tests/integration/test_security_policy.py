@@ -9,6 +9,7 @@ forge any VM's status (a forged status made the controller shrink a pod under it
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,9 @@ import pytest
 import yaml
 
 from adapters.k8s.client import AlreadyExists, ApiError, Kube
+from adapters.k8s.vms import build_pod
 from core.constants import API_GROUP, API_VERSION, PLURAL
+from core.model import Resources
 from tests.integration.conftest import NODE
 
 pytestmark = pytest.mark.integration
@@ -36,6 +39,8 @@ _PATHS = {
     "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
     "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
     "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
     "ValidatingAdmissionPolicy": f"{ADMISSION}/validatingadmissionpolicies",
     "ValidatingAdmissionPolicyBinding": f"{ADMISSION}/validatingadmissionpolicybindings",
 }
@@ -60,14 +65,10 @@ def admin(control_plane: Any) -> Iterator[Kube]:
         yield Kube(client)
 
 
-@pytest.fixture(scope="module")
-def daemon(control_plane: Any, admin: Kube) -> Iterator[Kube]:
-    """The daemon of node ``node``, authenticated as its pod would be."""
-    control_plane.create_namespace(SYSTEM)
-    control_plane.add_node(OTHER_NODE)
-    apply(admin, DEPLOY / "daemon" / "rbac.yaml")
-    apply(admin, DEPLOY / "daemon" / "policy.yaml")
-    name = f"chscale-daemon-{uuid.uuid4().hex[:5]}"
+def as_service_account(admin: Kube, account: str) -> tuple[Kube, str]:
+    """A client for ``account`` authenticated as its pod on ``NODE`` would be (a token
+    bound to that pod), and the pod's name."""
+    name = f"{account}-{uuid.uuid4().hex[:5]}"
     pod = admin.create(
         f"/api/v1/namespaces/{SYSTEM}/pods",
         {
@@ -75,15 +76,15 @@ def daemon(control_plane: Any, admin: Kube) -> Iterator[Kube]:
             "kind": "Pod",
             "metadata": {"name": name},
             "spec": {
-                "serviceAccountName": "chscale-daemon",
+                "serviceAccountName": account,
                 "nodeName": NODE,
                 "automountServiceAccountToken": False,
-                "containers": [{"name": "daemon", "image": "chscale/chscale:test"}],
+                "containers": [{"name": "main", "image": "chscale/chscale:test"}],
             },
         },
     )
     token = admin.create(
-        f"/api/v1/namespaces/{SYSTEM}/serviceaccounts/chscale-daemon/token",
+        f"/api/v1/namespaces/{SYSTEM}/serviceaccounts/{account}/token",
         {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenRequest",
@@ -102,9 +103,32 @@ def daemon(control_plane: Any, admin: Kube) -> Iterator[Kube]:
     config = k8s.Configuration(host=source.host, ssl_ca_cert=source.ssl_ca_cert)
     config.api_key = {"BearerToken": token}
     config.api_key_prefix = {"BearerToken": "Bearer"}
-    with k8s.ApiClient(config) as client:
-        yield Kube(client)
-    admin.delete(f"/api/v1/namespaces/{SYSTEM}/pods/{name}", grace_period_seconds=0)
+    return Kube(k8s.ApiClient(config)), name
+
+
+@pytest.fixture(scope="module")
+def deployed(control_plane: Any, admin: Kube) -> None:
+    control_plane.create_namespace(SYSTEM)
+    control_plane.add_node(OTHER_NODE)
+    for component in ("daemon", "controller"):
+        apply(admin, DEPLOY / component / "rbac.yaml")
+        apply(admin, DEPLOY / component / "policy.yaml")
+
+
+@pytest.fixture(scope="module")
+def daemon(deployed: None, admin: Kube) -> Iterator[Kube]:
+    kube, pod = as_service_account(admin, "chscale-daemon")
+    yield kube
+    kube.api_client.close()
+    admin.delete(f"/api/v1/namespaces/{SYSTEM}/pods/{pod}", grace_period_seconds=0)
+
+
+@pytest.fixture(scope="module")
+def controller(deployed: None, admin: Kube) -> Iterator[Kube]:
+    kube, pod = as_service_account(admin, "chscale-controller")
+    yield kube
+    kube.api_client.close()
+    admin.delete(f"/api/v1/namespaces/{SYSTEM}/pods/{pod}", grace_period_seconds=0)
 
 
 def vm_on(admin: Kube, namespace: str, name: str, node: str) -> str:
@@ -182,3 +206,41 @@ def test_a_daemon_cannot_touch_a_vms_spec(daemon: Kube, admin: Kube, namespace: 
             content_type="application/merge-patch+json",
         )
     assert refused.value.status == 403
+
+
+def test_the_controller_creates_vm_pods_and_nothing_else(
+    controller: Kube, admin: Kube, namespace: str, node: str
+) -> None:
+    vm = admin.get(vm_on(admin, namespace, "podded", node))
+    pod = build_pod(vm, Resources(cpu_millis=2000, memory=1 << 30), "chscale/vmm:test")
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    # Bounded wait for the policy to load: a plain pod must end up refused.
+    plain = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }
+    deadline = time.monotonic() + POLICY_WAIT_S
+    while True:
+        try:
+            controller.create(pods, plain)
+        except ApiError as exc:
+            assert exc.status == 403, exc
+            break
+        admin.delete(f"{pods}/plain", grace_period_seconds=0)
+        assert time.monotonic() < deadline, "the controller created a pod that is no VM pod"
+        time.sleep(0.5)
+    for name, change in (
+        ("host", {"hostPID": True}),
+        ("sa", {"serviceAccountName": "chscale-daemon"}),
+        ("path", {"volumes": [*pod["spec"]["volumes"], {"name": "r", "hostPath": {"path": "/"}}]}),
+    ):
+        bad = copy.deepcopy(pod)
+        bad["metadata"]["name"] = f"bad-{name}"
+        bad["spec"].update(change)
+        with pytest.raises(ApiError) as refused:
+            controller.create(pods, bad)
+        assert refused.value.status == 403, (name, refused.value)
+    created = controller.create(pods, pod)
+    assert created["metadata"]["ownerReferences"][0]["uid"] == vm["metadata"]["uid"]
