@@ -23,6 +23,9 @@ webhook blocks every VirtualMachine write in the cluster. So:
   answering a request is never cut). Only when every slot is busy serving a request is
   the new connection closed. The listen backlog is :attr:`_Server.request_queue_size`,
   and the accept loop never blocks on a client (the handshake runs in the worker);
+- with a client CA (``client_ca``), only clients presenting a certificate it signed
+  complete the handshake: the API server authenticates itself to the webhook with the
+  client certificate its admission kubeconfig names (ADR 0011);
 - the certificate and key are files, re-read when either changes (checked at each new
   connection, loaded into a fresh ``SSLContext``); a half-written pair keeps the previous
   context until the pair is consistent again.
@@ -108,8 +111,8 @@ class _Conn:
 class _Certificates:
     """An SSLContext that follows the certificate and key files on disk."""
 
-    def __init__(self, cert: Path, key: Path) -> None:
-        self.cert, self.key = cert, key
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
         self._lock = threading.Lock()
         self._stamp = self._read_stamp()
         self._failed_stamp: tuple[int, ...] | None = None
@@ -127,6 +130,9 @@ class _Certificates:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["http/1.1"])
         context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self.client_ca)
         return context
 
     def context(self) -> ssl.SSLContext:
@@ -466,9 +472,12 @@ class WebhookServer:
         vm_lookup: VmLookup | None = None,
         config: KernelConfig = DEFAULT_CONFIG,
         limits: Limits = Limits(),
+        client_ca: Path | str | None = None,
     ) -> None:
         self.vm_lookup, self.config = vm_lookup, config
-        certificates = _Certificates(Path(cert_file), Path(key_file))
+        certificates = _Certificates(
+            Path(cert_file), Path(key_file), None if client_ca is None else Path(client_ca)
+        )
         self._server = _Server((host, port), certificates, self.review, limits)
         self._thread: threading.Thread | None = None
 
@@ -545,6 +554,9 @@ def start_server(
     vm_lookup: VmLookup | None = None,
     config: KernelConfig = DEFAULT_CONFIG,
     limits: Limits = Limits(),
+    client_ca: Path | str | None = None,
 ) -> WebhookServer:
     """A :class:`WebhookServer` already serving from a daemon thread; ``stop()`` it."""
-    return WebhookServer(cert_file, key_file, host, port, vm_lookup, config, limits).start()
+    return WebhookServer(
+        cert_file, key_file, host, port, vm_lookup, config, limits, client_ca
+    ).start()

@@ -107,3 +107,67 @@ def test_one_peer_holds_at_most_its_share(certs, client_context):
         finally:
             for sock in held:
                 sock.close()
+
+
+def _client_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA (PEM file) and a client certificate + key it signed (clientAuth)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "apiserver-client-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "client-ca.crt", directory / "client.crt", directory / "client.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def test_with_a_client_ca_only_the_api_server_is_answered(certs, client_context, tmp_path):
+    directory, _ = certs
+    client_ca, client_crt, client_key = _client_cert(tmp_path)
+    with start_server(directory / "tls.crt", directory / "tls.key", client_ca=client_ca) as srv:
+        anonymous_refused = False
+        try:
+            status = _review_answered(srv.port, client_context)
+        except (ssl.SSLError, OSError):
+            anonymous_refused = True
+        else:
+            anonymous_refused = status != 200
+        assert anonymous_refused, "a client without a certificate got a review answered"
+        client_context.load_cert_chain(client_crt, client_key)
+        assert _review_answered(srv.port, client_context) == 200
