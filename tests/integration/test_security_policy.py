@@ -65,9 +65,9 @@ def admin(control_plane: Any) -> Iterator[Kube]:
         yield Kube(client)
 
 
-def as_service_account(admin: Kube, account: str) -> tuple[Kube, str]:
-    """A client for ``account`` authenticated as its pod on ``NODE`` would be (a token
-    bound to that pod), and the pod's name."""
+def pod_bound_token(admin: Kube, account: str, node: str = NODE) -> tuple[str, str]:
+    """A token for ``account`` bound to a pod of its own on ``node`` (as the kubelet
+    projects one), and that pod's name."""
     name = f"{account}-{uuid.uuid4().hex[:5]}"
     pod = admin.create(
         f"/api/v1/namespaces/{SYSTEM}/pods",
@@ -77,7 +77,7 @@ def as_service_account(admin: Kube, account: str) -> tuple[Kube, str]:
             "metadata": {"name": name},
             "spec": {
                 "serviceAccountName": account,
-                "nodeName": NODE,
+                "nodeName": node,
                 "automountServiceAccountToken": False,
                 "containers": [{"name": "main", "image": "chscale/chscale:test"}],
             },
@@ -99,6 +99,13 @@ def as_service_account(admin: Kube, account: str) -> tuple[Kube, str]:
             },
         },
     )["status"]["token"]
+    return token, name
+
+
+def as_service_account(admin: Kube, account: str) -> tuple[Kube, str]:
+    """A client for ``account`` authenticated as its pod on ``NODE`` would be, and the
+    pod's name."""
+    token, name = pod_bound_token(admin, account)
     source = admin.api_client.configuration
     config = k8s.Configuration(host=source.host, ssl_ca_cert=source.ssl_ca_cert)
     config.api_key = {"BearerToken": token}
@@ -106,13 +113,19 @@ def as_service_account(admin: Kube, account: str) -> tuple[Kube, str]:
     return Kube(k8s.ApiClient(config)), name
 
 
+def deploy_rbac_and_policies(control_plane: Any, admin: Kube) -> None:
+    """deploy/'s service accounts, RBAC and policies, as shipped."""
+    control_plane.create_namespace(SYSTEM)
+    for component in ("daemon", "controller", "webhook"):
+        apply(admin, DEPLOY / component / "rbac.yaml")
+        if (DEPLOY / component / "policy.yaml").exists():
+            apply(admin, DEPLOY / component / "policy.yaml")
+
+
 @pytest.fixture(scope="module")
 def deployed(control_plane: Any, admin: Kube) -> None:
-    control_plane.create_namespace(SYSTEM)
     control_plane.add_node(OTHER_NODE)
-    for component in ("daemon", "controller"):
-        apply(admin, DEPLOY / component / "rbac.yaml")
-        apply(admin, DEPLOY / component / "policy.yaml")
+    deploy_rbac_and_policies(control_plane, admin)
 
 
 @pytest.fixture(scope="module")
