@@ -12,6 +12,9 @@ from __future__ import annotations
 VMM_VOLUME = "vmm"
 VMM_MOUNT_PATH = "/var/run/chscale"
 VMM_SOCKET_NAME = "ch.sock"
+# The VM pod's container gets its own pod uid in this variable (downward API, fieldRef
+# metadata.uid); the node daemon checks the VMM behind a socket by it (ADR 0011).
+POD_UID_ENV = "CHSCALE_POD_UID"
 # The real kubelet's default root directory is /var/lib/kubelet.
 DEFAULT_PODS_ROOT = "/var/lib/kubelet/pods"
 

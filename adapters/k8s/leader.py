@@ -17,6 +17,12 @@ collide):
   ``retry_period``; if it has not renewed for ``renew_deadline`` (< ``lease_duration``)
   it stops leading, and :meth:`is_leader` turns false at that moment even if the thread
   running :meth:`run` is stalled. Seeing another holder also ends leadership at once.
+- **No request outlives the renew deadline, and nothing outlives leadership** (ADR 0011).
+  Every lease request has a read timeout of ``request_timeout`` (a quarter of the renew
+  deadline by default), so a hung API server cannot keep :meth:`step` from noticing that
+  it stopped renewing; and a watchdog thread ends leadership (``on_stopped_leading``) the
+  moment the renew deadline passes, whatever the elector thread is doing. The controller
+  exits there, so a replica that is not certain it leads stops acting at once.
 - **Graceful stop releases the lease** (``holderIdentity`` empty,
   ``leaseDurationSeconds`` 1, a fresh ``renewTime``), so a successor takes over on its
   next retry instead of waiting out the lease.
@@ -97,6 +103,7 @@ class LeaderElector:
         on_started_leading: Callable[[], None] | None = None,
         on_stopped_leading: Callable[[], None] | None = None,
         release_on_stop: bool = True,
+        request_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _utc_now,
     ) -> None:
@@ -114,6 +121,14 @@ class LeaderElector:
                 f"LeaderElector: lease_duration ({lease_duration}) must exceed "
                 f"renew_deadline ({renew_deadline})"
             )
+        if request_timeout is None:
+            request_timeout = renew_deadline / 4
+        if not 0 < request_timeout < renew_deadline:
+            raise ValueError(
+                f"LeaderElector: request_timeout ({request_timeout}) must be > 0 and below "
+                f"renew_deadline ({renew_deadline})"
+            )
+        self.request_timeout = request_timeout
         self.kube = as_kube(api_client)
         self.namespace, self.name, self.identity = namespace, name, identity
         self.collection = resource_path(LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL, namespace)
@@ -172,6 +187,8 @@ class LeaderElector:
     def run(self) -> None:
         """Campaign and renew until :meth:`stop`; then release the lease if held (unless
         ``release_on_stop`` is false) and stop leading. Blocks: run it in a thread."""
+        watchdog = threading.Thread(target=self._watch, name="leader-watchdog", daemon=True)
+        watchdog.start()
         try:
             while not self._stop.is_set():
                 self.step()
@@ -183,6 +200,18 @@ class LeaderElector:
             if self._leading and self.release_on_stop:
                 self.release()
             self._set_leading(False)
+
+    def _watch(self) -> None:
+        """End leadership as soon as the renew deadline passes, even while the elector
+        thread is stuck in a request (``step`` would only notice on its return)."""
+        period = min(self.retry_period, self.renew_deadline / 10)
+        while not self._stop.wait(period):
+            if self._leading and not self.is_leader():
+                log.warning(
+                    "lease not renewed within the renew deadline: no longer leading",
+                    extra={"lease": f"{self.namespace}/{self.name}", "identity": self.identity},
+                )
+                self._set_leading(False)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (it releases the lease on its way out)."""
@@ -228,10 +257,10 @@ class LeaderElector:
         raises :class:`ApiError` when the API server did not let us tell."""
         for _ in range(1 + CONFLICT_RETRIES):
             try:
-                lease = self.kube.get(self.path)
+                lease = self._request("GET", self.path)
             except NotFound:
                 try:
-                    self._write(self.kube.create(self.collection, self._new_lease()), now)
+                    self._write(self._request("POST", self.collection, self._new_lease()), now)
                     return True
                 except (AlreadyExists, Conflict):
                     continue  # another candidate created it first: read theirs
@@ -242,11 +271,14 @@ class LeaderElector:
             if holder and holder != self.identity and now - self._observed_at < duration:
                 return False
             try:
-                self._write(self.kube.put(self.path, self._claimed(lease, holder)), now)
+                self._write(self._request("PUT", self.path, self._claimed(lease, holder)), now)
                 return True
             except Conflict:
                 continue  # changed since we read it: re-read and decide again
         raise Conflict(409, "Conflict", f"lease {self.namespace}/{self.name} kept changing")
+
+    def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        return self.kube.request(method, path, body, timeout=self.request_timeout)
 
     def _write(self, lease: dict[str, Any], now: float) -> None:
         self._lease = lease
@@ -296,12 +328,12 @@ class LeaderElector:
                 "renewTime": stamp,
             }
             try:
-                self._write(self.kube.put(self.path, {**lease, "spec": spec}), self.clock())
+                self._write(self._request("PUT", self.path, {**lease, "spec": spec}), self.clock())
                 released = True
                 break
             except Conflict:
                 try:
-                    lease = self.kube.get(self.path)
+                    lease = self._request("GET", self.path)
                 except ApiError:
                     break
             except ApiError as exc:

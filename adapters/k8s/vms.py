@@ -19,7 +19,7 @@ from core.constants import (
     VM_UID_LABEL,
 )
 from core.model import Resources, VmStatus
-from core.podlayout import VMM_MOUNT_PATH, VMM_VOLUME, vmm_socket_in_pod
+from core.podlayout import POD_UID_ENV, VMM_MOUNT_PATH, VMM_VOLUME, vmm_socket_in_pod
 from core.quantity import format_bytes, format_millicores
 from core.wire import render_status
 
@@ -60,6 +60,14 @@ def build_pod(vm_obj: dict[str, Any], resources: Resources, image: str) -> dict[
                 "name": VM_CONTAINER,
                 "image": image,
                 "args": ["--api-socket", f"path={vmm_socket_in_pod()}"],
+                # The node daemon checks that the VMM behind the pod's socket is this
+                # pod's by this variable (or the pod's cgroup): ADR 0011.
+                "env": [
+                    {
+                        "name": POD_UID_ENV,
+                        "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}},
+                    }
+                ],
                 "resources": {
                     "requests": resource_list(resources),
                     "limits": resource_list(resources),

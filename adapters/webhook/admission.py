@@ -437,11 +437,13 @@ class _Owner:
 
 
 def _owner(meta: dict[str, Any]) -> _Owner | None:
+    """The pod's VM by its label; its uid only from a matching ownerReference (what the
+    controller's pod carries), so a lookup is never made for a bare name (ADR 0011)."""
     labels = _dict(meta.get("labels")) or {}
     name = labels.get(VM_NAME_LABEL)
     if not isinstance(name, str) or not name:
         return None
-    uid = labels.get(VM_UID_LABEL) or None
+    uid: str | None = None
     refs = meta.get("ownerReferences")
     for ref in refs if isinstance(refs, list) else ():
         if (
@@ -449,10 +451,14 @@ def _owner(meta: dict[str, Any]) -> _Owner | None:
             and ref.get("kind") == KIND
             and str(ref.get("apiVersion") or "").startswith(f"{API_GROUP}/")
             and ref.get("name") == name
-            and ref.get("uid")
+            and isinstance(ref.get("uid"), str)
+            and ref["uid"]
         ):
             uid = ref["uid"]
-    return _Owner(name, uid if isinstance(uid, str) else None)
+    label_uid = labels.get(VM_UID_LABEL)
+    if uid is not None and label_uid and label_uid != uid:
+        uid = None  # two owners named: trust neither
+    return _Owner(name, uid)
 
 
 class _Refused(Exception):
@@ -468,11 +474,23 @@ def _vm_resources(
     lookup: VmLookup | None,
     config: KernelConfig,
 ) -> Resources:
-    """The VM's pod resources; :class:`_Refused` says why they cannot be known."""
-    namespace = str(request.get("namespace") or meta.get("namespace") or "")
+    """The VM's pod resources; :class:`_Refused` says why they cannot be known.
+
+    Only the review's own namespace and the pod's owner (name and uid) are looked up, and
+    a VM that does not exist and one whose uid is not the owner's get the same answer:
+    the webhook's read access must not become anyone's existence oracle (ADR 0011)."""
+    namespace = str(request.get("namespace") or "")
     key = f"{namespace}/{owner.name}"
     if not (_OBJECT_NAME.fullmatch(namespace) and _OBJECT_NAME.fullmatch(owner.name)):
         raise _Refused(f"label {VM_NAME_LABEL}: {key!r} cannot name a {KIND}")
+    missing = _Refused(
+        f"{KIND} {key} (label {VM_NAME_LABEL}) does not exist with the uid of the pod's "
+        f"ownerReference ({owner.uid or 'none'})",
+        404,
+        "NotFound",
+    )
+    if not owner.uid:
+        raise missing
     if lookup is None:
         raise _Refused(
             f"pod has no requests = limits for {VM_CONTAINER} and this webhook has no API "
@@ -487,19 +505,14 @@ def _vm_resources(
             f"cannot read {KIND} {key} to size its pod: {exc}", 503, "ServiceUnavailable"
         ) from None
     vm = _parse(request, obj) if isinstance(obj, dict) else None
-    if vm is None:
-        raise _Refused(f"{KIND} {key} (label {VM_NAME_LABEL}) does not exist", 404, "NotFound")
+    obj_meta = _dict(obj.get("metadata")) if isinstance(obj, dict) else None
+    if vm is None or obj_meta is None or obj_meta.get("uid") != owner.uid:
+        raise missing
     if isinstance(vm, FieldError) or vm.spec is None:
         errors = [vm] if isinstance(vm, FieldError) else list(vm.spec_errors)
         raise _Refused(
             f"{KIND} {key} has an invalid spec, its pod cannot be sized: "
             + "; ".join(map(str, errors))
-        )
-    if owner.uid and vm.uid and owner.uid != vm.uid:
-        raise _Refused(
-            f"pod belongs to an earlier {KIND} {key} (uid {owner.uid}, now {vm.uid})",
-            409,
-            "Conflict",
         )
     return pod_resources(vm.spec, config)
 

@@ -15,6 +15,17 @@ webhook blocks every VirtualMachine write in the cluster. So:
   90 s idle timeout, so that the API server, not us, closes idle connections (closing
   first races with a request already on its way). Connections beyond
   :attr:`Limits.max_connections` are closed at once instead of queueing threads;
+- nobody can starve it by holding connections (ADR 0011): a new connection must send the
+  first byte of its first request within :attr:`Limits.first_request_s` of its accept
+  (handshake included), one peer may hold at most :attr:`Limits.max_per_peer`
+  connections, and when a cap is reached a new connection takes the place of the oldest
+  *idle* one (never-used connections first, then idle keep-alives; one that is reading or
+  answering a request is never cut). Only when every slot is busy serving a request is
+  the new connection closed. The listen backlog is :attr:`_Server.request_queue_size`,
+  and the accept loop never blocks on a client (the handshake runs in the worker);
+- with a client CA (``client_ca``), only clients presenting a certificate it signed
+  complete the handshake: the API server authenticates itself to the webhook with the
+  client certificate its admission kubeconfig names (ADR 0011);
 - the certificate and key are files, re-read when either changes (checked at each new
   connection, loaded into a fresh ``SSLContext``); a half-written pair keeps the previous
   context until the pair is consistent again.
@@ -74,17 +85,34 @@ _LOG_FIELD_MAX = 253  # a DNS subdomain: longer is not a Kubernetes name
 @frozen
 class Limits:
     handshake_s: float = 5.0
+    # accept to the first byte of the first request, the handshake included: the API
+    # server sends its request as soon as the connection is up, an idle squatter does not
+    first_request_s: float = 10.0
     request_s: float = 10.0  # first byte of a request to the end of its body
     idle_s: float = 120.0  # between keep-alive requests; above Go's 90 s IdleConnTimeout
     max_connections: int = 128
+    # One address may hold this many; the API server (one address per replica) keeps a
+    # few keep-alive connections per webhook, far below it.
+    max_per_peer: int = 64
     max_body_bytes: int = MAX_BODY_BYTES
+
+
+class _Conn:
+    """What the server knows of one open connection (under ``_Server.lock``)."""
+
+    __slots__ = ("idle", "peer", "served", "since")
+
+    def __init__(self, peer: str, now: float) -> None:
+        self.peer, self.since = peer, now
+        self.idle = True  # waiting for a request (or in the handshake)
+        self.served = 0
 
 
 class _Certificates:
     """An SSLContext that follows the certificate and key files on disk."""
 
-    def __init__(self, cert: Path, key: Path) -> None:
-        self.cert, self.key = cert, key
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
         self._lock = threading.Lock()
         self._stamp = self._read_stamp()
         self._failed_stamp: tuple[int, ...] | None = None
@@ -102,6 +130,9 @@ class _Certificates:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["http/1.1"])
         context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self.client_ca)
         return context
 
     def context(self) -> ssl.SSLContext:
@@ -158,10 +189,16 @@ class _Server(ThreadingHTTPServer):
         limits: Limits,
     ) -> None:
         self.certificates, self.review, self.limits = certificates, review, limits
-        self.connections: set[socket.socket] = set()
+        self.connections: dict[socket.socket, _Conn] = {}
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
-        self.counts = {"reviews": 0, "bad_requests": 0, "rule_errors": 0, "refused_connections": 0}
+        self.counts = {
+            "reviews": 0,
+            "bad_requests": 0,
+            "rule_errors": 0,
+            "refused_connections": 0,
+            "evicted_idle": 0,
+        }
         super().__init__(address, _Handler)
 
     def count(self, key: str) -> None:
@@ -177,25 +214,60 @@ class _Server(ThreadingHTTPServer):
         )
         return wrapped, addr
 
+    def _evictable(self, peer: str | None) -> socket.socket | None:
+        """The oldest idle connection (of ``peer`` if given), never-used ones first."""
+        idle = [
+            (c.served > 0, c.since, sock)
+            for sock, c in self.connections.items()
+            if c.idle and (peer is None or c.peer == peer)
+        ]
+        return min(idle, key=lambda t: (t[0], t[1]))[2] if idle else None
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        peer = _client(client_address)["client"].rpartition(":")[0]
+        limits = self.limits
+        evicted: socket.socket | None = None
         with self.lock:
-            full = len(self.connections) >= self.limits.max_connections
-            if not full:
-                self.connections.add(request)
-            else:
+            mine = sum(1 for c in self.connections.values() if c.peer == peer)
+            full = False
+            if mine >= limits.max_per_peer:
+                evicted = self._evictable(peer)
+                full = evicted is None
+            elif len(self.connections) >= limits.max_connections:
+                evicted = self._evictable(None)
+                full = evicted is None
+            if evicted is not None:
+                del self.connections[evicted]
+                self.counts["evicted_idle"] += 1
+            if full:
                 self.counts["refused_connections"] += 1
+            else:
+                self.connections[request] = _Conn(peer, time.monotonic())
+        if evicted is not None:
+            # The plain socket's shutdown wakes its thread (blocked in a read) safely.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
+            log.info("idle connection closed for a new one", extra=_client(client_address))
         if full:
             log.warning("too many connections, closing a new one", extra=_client(client_address))
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
 
+    def set_idle(self, request: Any, idle: bool) -> None:
+        with self.lock:
+            conn = self.connections.get(request)
+            if conn is not None:
+                conn.idle = idle
+                if not idle:
+                    conn.served += 1
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self.lock:
-                self.connections.discard(request)
+                self.connections.pop(request, None)
                 self.drained.notify_all()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -240,8 +312,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         limits = self.server.limits
+        self._first_deadline = time.monotonic() + limits.first_request_s
+        self._first = True
         # settimeout bounds the whole handshake, not each recv (CPython's SSL deadline).
-        self.request.settimeout(limits.handshake_s)
+        self.request.settimeout(min(limits.handshake_s, limits.first_request_s))
         self.request.do_handshake()
         super().setup()
         self.rfile.close()
@@ -250,14 +324,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         limits = self.server.limits
-        self._reader.deadline = time.monotonic() + limits.idle_s
+        if self._first:
+            self._reader.deadline = self._first_deadline
+            self._first = False
+        else:
+            self._reader.deadline = time.monotonic() + limits.idle_s
+        self.server.set_idle(self.request, True)
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True
                 return
-        except OSError:  # TimeoutError included: an idle connection we may close
+        except (OSError, ValueError):  # timed out, evicted: an idle connection we close
             self.close_connection = True
             return
+        self.server.set_idle(self.request, False)
         self._reader.deadline = time.monotonic() + limits.request_s
         super().handle_one_request()
 
@@ -392,9 +472,12 @@ class WebhookServer:
         vm_lookup: VmLookup | None = None,
         config: KernelConfig = DEFAULT_CONFIG,
         limits: Limits = Limits(),
+        client_ca: Path | str | None = None,
     ) -> None:
         self.vm_lookup, self.config = vm_lookup, config
-        certificates = _Certificates(Path(cert_file), Path(key_file))
+        certificates = _Certificates(
+            Path(cert_file), Path(key_file), None if client_ca is None else Path(client_ca)
+        )
         self._server = _Server((host, port), certificates, self.review, limits)
         self._thread: threading.Thread | None = None
 
@@ -412,7 +495,8 @@ class WebhookServer:
 
     @property
     def counts(self) -> dict[str, int]:
-        """reviews, bad_requests, rule_errors, refused_connections since the start."""
+        """reviews, bad_requests, rule_errors, refused_connections, evicted_idle since
+        the start."""
         with self._server.lock:
             return dict(self._server.counts)
 
@@ -470,6 +554,9 @@ def start_server(
     vm_lookup: VmLookup | None = None,
     config: KernelConfig = DEFAULT_CONFIG,
     limits: Limits = Limits(),
+    client_ca: Path | str | None = None,
 ) -> WebhookServer:
     """A :class:`WebhookServer` already serving from a daemon thread; ``stop()`` it."""
-    return WebhookServer(cert_file, key_file, host, port, vm_lookup, config, limits).start()
+    return WebhookServer(
+        cert_file, key_file, host, port, vm_lookup, config, limits, client_ca
+    ).start()

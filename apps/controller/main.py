@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (vms.wait_synced(60) and pods.wait_synced(60)):
             log.error("caches did not sync")
             os._exit(1)
+        if elector is not None and not elector.is_leader():
+            # Leadership ended while the caches synced (stop_leading saw nothing started).
+            log.warning(
+                "lost leadership before starting; exiting", extra={"identity": args.identity}
+            )
+            os._exit(1)
         leading.set()
         for obj in vms.list():
             controller.on_vm("SYNC", obj)

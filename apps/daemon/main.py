@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.k8s.client import Kube, is_conflict, load_api_client
 from adapters.k8s.events import EventRecorder
 from adapters.k8s.informer import Informer
@@ -24,7 +25,7 @@ from apps.common.runtime import (
 from apps.daemon.daemon import Daemon
 from apps.daemon.vmm import BootDefaults, Vmm
 from core.constants import API_GROUP, API_VERSION, PLURAL, VM_NAME_LABEL
-from core.podlayout import DEFAULT_PODS_ROOT, vmm_socket_path
+from core.podlayout import DEFAULT_PODS_ROOT
 
 log = logging.getLogger("chscale.daemon")
 
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     def vmm_for_pod(pod: dict[str, Any], vm: dict[str, Any]) -> Vmm:
         uid = pod["metadata"]["uid"]
         boot = ((vm.get("spec") or {}).get("instance") or {}).get("boot")
-        return Vmm(vmm_socket_path(args.vmm_socket_root, uid), boot, defaults, args.vmm_timeout)
+        # Only inside the pod's own directory, only to the pod's own VMM (ADR 0011).
+        client = CloudHypervisorClient.for_pod(args.vmm_socket_root, uid, args.vmm_timeout)
+        return Vmm(client.socket_path, boot, defaults, args.vmm_timeout, client=client)
 
     daemon = Daemon(
         VmApi(

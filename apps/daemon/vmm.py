@@ -64,9 +64,10 @@ class Vmm:
         spec_boot: dict[str, Any] | None,
         defaults: BootDefaults,
         timeout: float = 5.0,
+        client: CloudHypervisorClient | None = None,
     ) -> None:
         self.socket_path = socket_path
-        self.client = CloudHypervisorClient(socket_path, timeout=timeout)
+        self.client = client or CloudHypervisorClient(socket_path, timeout=timeout)
         self.spec_boot = spec_boot
         self.defaults = defaults
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from attrs import frozen
+from attrs import evolve, frozen
 
 from adapters.k8s.client import ApiError, Conflict, Kube, NotFound, load_api_client
 from adapters.webhook.admission import LookupFailed, VmLookup
 from adapters.webhook.certs import service_dns_names, write_serving_cert
-from adapters.webhook.server import MUTATE_POD, MUTATE_VM, VALIDATE_VM, WebhookServer
+from adapters.webhook.server import MUTATE_POD, MUTATE_VM, VALIDATE_VM, Limits, WebhookServer
 from apps.common import logs
 from apps.common.runtime import kernel_config, wait_for_signal
 from core.constants import API_GROUP, API_VERSION, KIND, PLURAL, VM_NAME_LABEL
@@ -295,6 +295,24 @@ def _parser() -> argparse.ArgumentParser:
         default="256Mi",
         help="memory the VMM needs on top of guest RAM; the controller's value (RESIZE.md §2)",
     )
+    serve.add_argument(
+        "--client-ca",
+        type=Path,
+        help="accept only clients with a certificate from this CA (PEM): the one that signs "
+        "the client certificate in the API server's admission kubeconfig (ADR 0011)",
+    )
+    serve.add_argument(
+        "--first-request-timeout",
+        type=float,
+        default=Limits().first_request_s,
+        help="seconds from accepting a connection to the first byte of its first request",
+    )
+    serve.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=Limits().max_per_peer,
+        help="connections one address may hold; beyond it the oldest idle one is closed",
+    )
     serve.add_argument("--log-level", default="info")
     certs = sub.add_parser("certs", help="write a self-signed CA and a serving certificate")
     certs.add_argument("--dir", required=True, type=Path)
@@ -335,8 +353,23 @@ def _serve(args: argparse.Namespace) -> int:
             "no API access: VM pods without requests = limits will be refused",
             extra={"error": str(exc)},
         )
+    if not (args.first_request_timeout > 0 and args.max_connections_per_peer > 0):
+        log.error("--first-request-timeout and --max-connections-per-peer must be > 0")
+        return 2
+    limits = evolve(
+        Limits(),
+        first_request_s=args.first_request_timeout,
+        max_per_peer=args.max_connections_per_peer,
+    )
     server = WebhookServer(
-        args.cert, args.key, args.bind, args.port, lookup, kernel_config(args)
+        args.cert,
+        args.key,
+        args.bind,
+        args.port,
+        lookup,
+        kernel_config(args),
+        limits,
+        client_ca=args.client_ca,
     ).start()
     log.info("webhook serving", extra={"url": server.url, "cert": str(args.cert)})
     wait_for_signal(server.stop)

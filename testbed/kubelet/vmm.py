@@ -24,7 +24,7 @@ from pathlib import Path
 from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.cloudhypervisor.errors import CloudHypervisorError
 from apps.common.logs import kv
-from core.podlayout import vmm_socket_path
+from core.podlayout import POD_UID_ENV, vmm_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,13 @@ class VmmRuntime:
             with contextlib.suppress(FileNotFoundError):
                 Path(socket).unlink()  # a stale socket from a VMM that died
             argv = [*self.command, "--api-socket", f"path={socket}"]
+            # The VM pod's only downward-API env var (fieldRef metadata.uid), as a kubelet
+            # would set it: the daemon checks the VMM's identity by it (ADR 0011).
+            env = {**os.environ, POD_UID_ENV: uid}
             with open(directory / "vmm.log", "ab") as out:
                 popen = subprocess.Popen(
                     argv,
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,

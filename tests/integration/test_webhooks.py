@@ -293,10 +293,21 @@ def test_a_metadata_update_of_a_running_vm_is_admitted(webhook, kube, namespace)
 # --- the VM pod ---------------------------------------------------------------------------
 
 
-def vm_pod(vm_name: str, labelled: bool = True) -> dict[str, Any]:
+def vm_pod(vm_name: str, labelled: bool = True, uid: str | None = None) -> dict[str, Any]:
+    """A pod as the controller builds it: labelled, owned by its VM (name and uid)."""
     meta: dict[str, Any] = {"name": f"{vm_name}-{uuid.uuid4().hex[:5]}"}
     if labelled:
         meta["labels"] = {VM_NAME_LABEL: vm_name}
+    if uid:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": "VirtualMachine",
+                "name": vm_name,
+                "uid": uid,
+                "controller": True,
+            }
+        ]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -306,8 +317,10 @@ def vm_pod(vm_name: str, labelled: bool = True) -> dict[str, Any]:
 
 
 def test_a_vm_pod_gets_the_vms_resources_and_a_not_required_resize_policy(webhook, kube, namespace):
-    create_vm(kube, namespace, seed_vm())
-    pod = kube.create(f"/api/v1/namespaces/{namespace}/pods", vm_pod("my-vm"))
+    vm = create_vm(kube, namespace, seed_vm())
+    pod = kube.create(
+        f"/api/v1/namespaces/{namespace}/pods", vm_pod("my-vm", uid=vm["metadata"]["uid"])
+    )
     container = pod["spec"]["containers"][0]
     assert container["resources"] == SEED_RESOURCES
     policy = {p["resourceName"]: p["restartPolicy"] for p in container["resizePolicy"]}
@@ -336,9 +349,26 @@ def test_a_vm_pod_that_carries_requests_equal_limits_keeps_them(webhook, kube, n
 
 def test_a_vm_pod_of_a_missing_vm_without_resources_is_refused(webhook, kube, namespace):
     with pytest.raises(ApiError) as info:
-        kube.create(f"/api/v1/namespaces/{namespace}/pods", vm_pod("no-such-vm"))
+        kube.create(
+            f"/api/v1/namespaces/{namespace}/pods", vm_pod("no-such-vm", uid=str(uuid.uuid4()))
+        )
     assert info.value.status == 404
     assert f"VirtualMachine {namespace}/no-such-vm" in info.value.message
+
+
+def test_a_pod_naming_a_vm_of_another_uid_gets_the_missing_answer(webhook, kube, namespace):
+    # Issue 17 item 3: a VM that exists but is not the pod's owner (another uid) must
+    # answer as a missing one does, never with its sizes.
+    create_vm(kube, namespace, seed_vm("other-vm"))
+    answers = []
+    for name in ("other-vm", "none-such-vm"):
+        with pytest.raises(ApiError) as info:
+            kube.create(
+                f"/api/v1/namespaces/{namespace}/pods", vm_pod(name, uid="not-the-owners-uid")
+            )
+        answers.append((info.value.status, info.value.message.replace(name, "NAME")))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 404
 
 
 def test_concurrent_writes_are_all_admitted_over_reused_connections(

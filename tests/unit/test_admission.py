@@ -502,6 +502,11 @@ def pod(
             "labels": {VM_NAME_LABEL: "my-vm", VM_UID_LABEL: "vm-uid"}
             if labels is None
             else labels,
+            # As the controller's pod carries it: the webhook looks the VM up by it only.
+            "ownerReferences": [
+                {"apiVersion": "cloudhypervisor.quill.today/v1beta1", "kind": "VirtualMachine",
+                 "name": "my-vm", "uid": "vm-uid", "controller": True}
+            ],
         },
         "spec": {"containers": containers if containers is not None else [container]},
     }
@@ -635,8 +640,8 @@ def test_a_vm_pod_without_vm_manager_passes_with_a_warning():
         ({("ns", "my-vm"): vm(size="lots")}, 422, "spec.instance.memory.size"),
         (
             {("ns", "my-vm"): {**vm(), "metadata": {"name": "my-vm", "uid": "new-uid"}}},
-            409,
-            "earlier VirtualMachine ns/my-vm",
+            404,  # a VM of another uid gets the answer a missing one gets (ADR 0011)
+            "VirtualMachine ns/my-vm (label cloudhypervisor.quill.today/vm) does not",
         ),
     ],
 )

@@ -569,25 +569,37 @@ def test_reviews_share_one_keepalive_connection_and_are_logged(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_connections_beyond_the_limit_are_closed_not_queued(quick_server, client_context):
-    held = [_tls_socket(quick_server, client_context) for _ in range(QUICK.max_connections)]
-    try:
-        extra = socket.create_connection(("127.0.0.1", quick_server.port), timeout=0.2)
-        with extra:
-            assert _closed_by_server(extra, time.monotonic() + 2)
-        assert quick_server.counts["refused_connections"] >= 1
-    finally:
-        for sock in held:
-            sock.close()
-    deadline = time.monotonic() + 5
-    while True:  # the held connections' threads end, and the server serves again
+def test_connections_beyond_the_limit_are_closed_not_queued(certs, client_context):
+    # Every slot busy reading a request (idle ones would make way: ADR 0011).
+    limits = Limits(handshake_s=0.5, request_s=5.0, idle_s=1.0, max_connections=4)
+    directory, _ = certs
+    with start_server(directory / "tls.crt", directory / "tls.key", limits=limits) as srv:
+        held = [_tls_socket(srv, client_context) for _ in range(limits.max_connections)]
         try:
-            if _healthy(quick_server, client_context):
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the server never recovered its connections"
-        time.sleep(0.1)
+            for sock in held:
+                sock.sendall(b"POST /validate-vm HTTP/1.1\r\n")  # and no more, for now
+            deadline = time.monotonic() + 10
+            while not all(not c.idle for c in list(srv._server.connections.values())) or len(
+                srv._server.connections
+            ) < len(held):
+                assert time.monotonic() < deadline, "the held connections never became busy"
+                time.sleep(0.02)
+            extra = socket.create_connection(("127.0.0.1", srv.port), timeout=0.2)
+            with extra:
+                assert _closed_by_server(extra, time.monotonic() + 2)
+            assert srv.counts["refused_connections"] >= 1
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 5
+        while True:  # the held connections' threads end, and the server serves again
+            try:
+                if _healthy(srv, client_context):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server never recovered its connections"
+            time.sleep(0.1)
 
 
 def test_stop_does_not_wait_for_idle_keepalive_connections(certs, client_context):
