@@ -720,3 +720,46 @@ def test_vmrss_is_read_from_proc():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert read_vmrss(child.pid) is None  # gone
+
+
+def test_the_simulators_guest_is_what_a_memory_decrease_is_judged_by(kube, ns, socket_root):
+    """End to end with the Cloud Hypervisor simulator: its sim.guest rss (guest memory
+    held + the VMM's own) is the usage. Skipped while the simulator has no sim.guest
+    (branch chsim adds it); the stand-in tests above cover the kubelet alone."""
+    with kubelet(kube, ns, socket_root, error_retry_s=0.5) as node:
+        uid = node.create_pod("vm-a", "1", "3Gi")["metadata"]["uid"]
+        node.running("vm-a")
+        socket = vmm_socket_path(socket_root, uid)
+        answering(socket)
+        if read_sim_guest(socket) is None:
+            pytest.skip("this Cloud Hypervisor simulator does not answer sim.guest")
+        with CloudHypervisorClient(socket) as vmm:
+            vmm.create(
+                {
+                    "cpus": {"boot_vcpus": 1, "max_vcpus": 2},
+                    "memory": {
+                        "size": 512 * MiB,
+                        "hotplug_method": "VirtioMem",
+                        "hotplug_size": 2 * GiB,
+                    },
+                    "payload": {"kernel": sys.executable},
+                }
+            )
+            vmm.boot()
+            vmm.resize(desired_ram=2 * GiB)
+            deadline = time.monotonic() + TIMEOUT_S
+            while (read_sim_guest(socket) or {}).get("memory_held") != 2 * GiB:
+                assert time.monotonic() < deadline, "the guest never held 2Gi"
+                time.sleep(0.05)
+            rss = read_sim_guest(socket)["rss"]
+            assert rss > 2 * GiB  # the guest's memory plus the VMM's own
+
+            generation = node.resize("vm-a", "1", "2Gi")["metadata"]["generation"]
+            pod = node.wait("vm-a", "Error", in_error)
+            assert (
+                f"below current usage ({rss})" in condition(pod, "PodResizeInProgress")["message"]
+            )
+            assert actual(pod) == (1000, 1000, 3 * GiB, 3 * GiB)
+            vmm.resize(desired_ram=512 * MiB)  # the guest gives the memory back
+            pod = node.wait("vm-a", "resized", settled(generation))
+            assert actual(pod) == (1000, 1000, 2 * GiB, 2 * GiB)
