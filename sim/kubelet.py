@@ -5,7 +5,8 @@ Theory of operation
 :class:`Kubelet` is a sans-I/O state machine in the style of h11. The caller owns every
 clock, socket and process; the model owns every decision. The caller hands it the pods
 bound to its node (plain JSON dicts, as the API server returns them), the memory each
-pod's guest holds, and the current time; it answers with effects to carry out in order
+pod's VMM process holds (the cgroup usage: guest memory it has touched plus its own), the
+exit codes of VMMs that exited, and the current time; it answers with effects to carry out in order
 (:class:`WritePodStatus`, :class:`StartVmm`, :class:`StopVmm`, :class:`DeletePod`,
 :class:`RecordEvent`) and the time at which it wants to be called again.
 
@@ -19,31 +20,40 @@ Per pod the model keeps the three resource states of KEP-1287:
 A change flows desired -> allocated -> actuated:
 
 1. Desired != allocated (a ``pods/resize`` patch): the resize is judged as one atomic
-   request across all containers, requests and limits together. The pod's new total
-   requests above node allocatable -> ``PodResizePending`` reason ``Infeasible`` (not
-   retried until the spec changes). Fits allocatable, but not beside the other pods'
-   allocations -> ``PodResizePending`` reason ``Deferred``, retried when another pod is
-   added, removed or resized, and every ``deferred_retry_s``. Otherwise accepted:
-   allocated := desired, ``PodResizeInProgress`` (no reason) for this generation.
-2. Allocated != actuated: after ``resize_delay_s`` the resize is actuated, unless a
-   memory limit decreases below what the guest holds: then ``PodResizeInProgress``
-   keeps its generation and gets reason ``Error`` with the kubelet's message, and the
-   actuation is retried on every later call (and every ``error_retry_s``).
+   request across all containers, requests and limits together. A Guaranteed pod under
+   a static CPU or memory manager policy, or new total requests above capacity minus
+   reserved -> ``PodResizePending`` reason ``Infeasible`` (not retried until the spec
+   changes). Within that, but not within what the other pods leave of allocatable
+   (which also subtracts the hard-eviction threshold) -> ``PodResizePending`` reason
+   ``Deferred``, retried when another pod is added, removed, ends or is resized,
+   ``deferred_retry_initial_s`` after it was deferred and then every
+   ``deferred_retry_s``. Otherwise accepted: allocated := desired,
+   ``PodResizePending`` cleared, ``PodResizeInProgress`` (no reason) for this generation.
+2. Allocated != actuated: after ``resize_delay_s`` (on the next ``runtime_poll_s``
+   tick, if set) the resize is actuated, unless a memory limit decreases to or below
+   what the VMM process holds: then ``PodResizeInProgress`` keeps its generation and
+   gets reason ``Error`` with the kubelet's message, and the actuation is retried on
+   every later call (and every ``error_retry_s``, the sync period).
 3. Actuated == allocated: ``PodResizeInProgress`` is removed, ``resources`` show the
    new values.
 
 ``status.observedGeneration`` and the kubelet-owned conditions carry the generation of
 the pod the status was computed from; a resize condition carries the generation of the
-resize it describes. In legacy mode the model writes ``status.resize`` (``InProgress``,
+resize it describes. Resize events are recorded when a condition's reason or generation
+changes, not on every new message. In legacy mode the model writes ``status.resize`` (``InProgress``,
 ``Deferred``, ``Infeasible``) instead of the two conditions, as kubelets before 1.33 did.
 
 The model does not schedule. :func:`selects_node` and :func:`fits_node` are the first-fit
 rule the adapter (and the simulations) use to bind pending pods, kept here because they
 are pure and must agree with the kubelet's own admission check.
 
-Known simplifications (each stated where it lives): no init containers, no restarts, no
-probes, the VMM container gets all of the pod's memory usage, a deleted pod's VMM is
-taken to exit cleanly.
+A VMM that exits terminates the VMM container; with ``restartPolicy: Never`` (or
+``OnFailure`` and exit 0) the pod ends ``Failed`` or ``Succeeded``, otherwise the VMM is
+started again with the allocated resources.
+
+Known simplifications (each stated where it lives): no init containers, no probes, no
+restart back-off, the VMM container gets all of the pod's memory usage and its exit ends
+the other containers too, a deleted pod's VMM is taken to exit cleanly.
 """
 
 from __future__ import annotations
@@ -750,8 +760,8 @@ def _go_error_list(errors: list[str]) -> str:
 
 class Kubelet:
     """The kubelet of one node. Drive it with :meth:`step`; report failed status writes
-    with :meth:`status_write_failed`. :meth:`usage_wanted` names the pods whose guest
-    memory the next step needs (pending memory-limit decreases)."""
+    with :meth:`status_write_failed`. :meth:`usage_wanted` names the pods whose memory
+    usage the next step needs (pending memory-limit decreases)."""
 
     def __init__(self, config: KubeletConfig) -> None:
         self.config = config
@@ -763,7 +773,7 @@ class Kubelet:
     # -- queries ---------------------------------------------------------------------
 
     def usage_wanted(self, pods: Iterable[Mapping[str, Any]] = ()) -> frozenset[str]:
-        """UIDs of the pods whose guest memory the next :meth:`step` over ``pods`` needs:
+        """UIDs of the pods whose memory usage the next :meth:`step` over ``pods`` needs:
         an allocated memory-limit decrease not yet actuated, or (among ``pods``) a spec
         that lowers a memory limit below what is actuated now. Read usage for these
         before stepping, or a zero resize delay actuates the decrease unchecked."""

@@ -63,21 +63,29 @@ def read_vmrss(pid: int) -> int | None:
 def read_sim_guest(socket: str, timeout: float = INFO_TIMEOUT_S) -> dict[str, int] | None:
     """The simulator's ``sim.guest`` report, or None when the VMM does not give one
     (another status, not JSON, a field missing or not an integer, no answer)."""
+    return _sim_guest(socket, timeout)[1]
+
+
+def _sim_guest(socket: str, timeout: float) -> tuple[bool, dict[str, int] | None]:
+    """(whether the VMM answered at all, its report if it was a valid one)."""
     url = f"http+unix://{quote(socket, safe='')}{SIM_GUEST_PATH}"
     try:
         with requests_unixsocket.Session() as session:
             response = session.get(url, headers={"Accept": "application/json"}, timeout=timeout)
-        if response.status_code != 200:
-            return None
+    except requests.RequestException:
+        return False, None
+    if response.status_code != 200:
+        return True, None
+    try:
         body = response.json()
-    except (requests.RequestException, ValueError):
-        return None
-    if not isinstance(body, dict):
-        return None
+    except ValueError:
+        return True, None
     fields = ("memory_held", "vcpus_online", "rss")
-    if not all(type(body.get(key)) is int and body[key] >= 0 for key in fields):
-        return None
-    return {key: body[key] for key in fields}
+    if not isinstance(body, dict) or not all(
+        type(body.get(key)) is int and body[key] >= 0 for key in fields
+    ):
+        return True, None
+    return True, {key: body[key] for key in fields}
 
 
 class SocketPathTooLong(ValueError):
@@ -187,17 +195,15 @@ class VmmRuntime:
         if proc is None or proc.popen.poll() is not None:
             return None
         if proc.sim_guest:
-            report = read_sim_guest(proc.socket)
+            answered, report = _sim_guest(proc.socket, INFO_TIMEOUT_S)
             if report is not None:
                 return report["rss"]
-            if _answers(proc.socket):
-                proc.sim_guest = False  # a VMM without the endpoint: stop asking
+            if answered:
+                # An answer that is no report: a VMM without the endpoint (a real
+                # cloud-hypervisor); stop asking. No answer (starting, hung): ask again.
+                proc.sim_guest = False
+                log.info("vmm has no sim.guest, reading VmRSS", extra=kv(pod=proc.ref, uid=uid))
         return read_vmrss(proc.popen.pid)
-
-    def pid(self, uid: str) -> int | None:
-        with self._lock:
-            proc = self._procs.get(uid)
-        return None if proc is None else proc.popen.pid
 
     def _terminate(self, procs: list[_Process]) -> None:
         """SIGTERM to all of them at once, then SIGKILL to whatever outlives one grace
@@ -218,17 +224,3 @@ class VmmRuntime:
             log.info(
                 "vmm stopped", extra=kv(pod=proc.ref, pid=popen.pid, exit_code=popen.returncode)
             )
-
-
-def _answers(socket: str) -> bool:
-    """Whether the VMM answers its API at all (so a missing sim.guest is a fact about
-    the VMM, not a VMM still starting or hung)."""
-    url = f"http+unix://{quote(socket, safe='')}/api/v1/vmm.ping"
-    try:
-        with requests_unixsocket.Session() as session:
-            response = session.get(
-                url, headers={"Accept": "application/json"}, timeout=INFO_TIMEOUT_S
-            )
-    except requests.RequestException:
-        return False
-    return response.ok
