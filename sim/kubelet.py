@@ -40,8 +40,9 @@ A change flows desired -> allocated -> actuated:
 ``status.observedGeneration`` and the kubelet-owned conditions carry the generation of
 the pod the status was computed from; a resize condition carries the generation of the
 resize it describes. Resize events are recorded when a condition's reason or generation
-changes, not on every new message. In legacy mode the model writes ``status.resize`` (``InProgress``,
-``Deferred``, ``Infeasible``) instead of the two conditions, as kubelets before 1.33 did.
+changes, not on every new message. In legacy mode the model writes ``status.resize``
+(``InProgress``, ``Deferred``, ``Infeasible``) instead of the two conditions, as kubelets
+before 1.33 did.
 
 The model does not schedule. :func:`selects_node` and :func:`fits_node` are the first-fit
 rule the adapter (and the simulations) use to bind pending pods, kept here because they
