@@ -5,7 +5,8 @@ Theory of operation
 :class:`Kubelet` is a sans-I/O state machine in the style of h11. The caller owns every
 clock, socket and process; the model owns every decision. The caller hands it the pods
 bound to its node (plain JSON dicts, as the API server returns them), the memory each
-pod's guest holds, and the current time; it answers with effects to carry out in order
+pod's VMM process holds (the cgroup usage: guest memory it has touched plus its own), the
+exit codes of VMMs that exited, and the current time; it answers with effects to carry out in order
 (:class:`WritePodStatus`, :class:`StartVmm`, :class:`StopVmm`, :class:`DeletePod`,
 :class:`RecordEvent`) and the time at which it wants to be called again.
 
@@ -19,31 +20,41 @@ Per pod the model keeps the three resource states of KEP-1287:
 A change flows desired -> allocated -> actuated:
 
 1. Desired != allocated (a ``pods/resize`` patch): the resize is judged as one atomic
-   request across all containers, requests and limits together. The pod's new total
-   requests above node allocatable -> ``PodResizePending`` reason ``Infeasible`` (not
-   retried until the spec changes). Fits allocatable, but not beside the other pods'
-   allocations -> ``PodResizePending`` reason ``Deferred``, retried when another pod is
-   added, removed or resized, and every ``deferred_retry_s``. Otherwise accepted:
-   allocated := desired, ``PodResizeInProgress`` (no reason) for this generation.
-2. Allocated != actuated: after ``resize_delay_s`` the resize is actuated, unless a
-   memory limit decreases below what the guest holds: then ``PodResizeInProgress``
-   keeps its generation and gets reason ``Error`` with the kubelet's message, and the
-   actuation is retried on every later call (and every ``error_retry_s``).
+   request across all containers, requests and limits together. A Guaranteed pod under
+   a static CPU or memory manager policy, or new total requests above capacity minus
+   reserved -> ``PodResizePending`` reason ``Infeasible`` (not retried until the spec
+   changes). Within that, but not within what the other pods leave of allocatable
+   (which also subtracts the hard-eviction threshold) -> ``PodResizePending`` reason
+   ``Deferred``, retried when another pod is added, removed, ends or is resized,
+   ``deferred_retry_initial_s`` after it was deferred and then every
+   ``deferred_retry_s``. Otherwise accepted: allocated := desired,
+   ``PodResizePending`` cleared, ``PodResizeInProgress`` (no reason) for this generation.
+2. Allocated != actuated: after ``resize_delay_s`` (on the next ``runtime_poll_s``
+   tick, if set) the resize is actuated, unless a memory limit decreases to or below
+   what the VMM process holds: then ``PodResizeInProgress`` keeps its generation and
+   gets reason ``Error`` with the kubelet's message, and the actuation is retried on
+   every later call (and every ``error_retry_s``, the sync period).
 3. Actuated == allocated: ``PodResizeInProgress`` is removed, ``resources`` show the
    new values.
 
 ``status.observedGeneration`` and the kubelet-owned conditions carry the generation of
 the pod the status was computed from; a resize condition carries the generation of the
-resize it describes. In legacy mode the model writes ``status.resize`` (``InProgress``,
-``Deferred``, ``Infeasible``) instead of the two conditions, as kubelets before 1.33 did.
+resize it describes. Resize events are recorded when a condition's reason or generation
+changes, not on every new message. In legacy mode the model writes ``status.resize``
+(``InProgress``, ``Deferred``, ``Infeasible``) instead of the two conditions, as kubelets
+before 1.33 did.
 
 The model does not schedule. :func:`selects_node` and :func:`fits_node` are the first-fit
 rule the adapter (and the simulations) use to bind pending pods, kept here because they
 are pure and must agree with the kubelet's own admission check.
 
-Known simplifications (each stated where it lives): no init containers, no restarts, no
-probes, the VMM container gets all of the pod's memory usage, a deleted pod's VMM is
-taken to exit cleanly.
+A VMM that exits terminates the VMM container; with ``restartPolicy: Never`` (or
+``OnFailure`` and exit 0) the pod ends ``Failed`` or ``Succeeded``, otherwise the VMM is
+started again with the allocated resources.
+
+Known simplifications (each stated where it lives): no init containers, no probes, no
+restart back-off, the VMM container gets all of the pod's memory usage and its exit ends
+the other containers too, a deleted pod's VMM is taken to exit cleanly.
 """
 
 from __future__ import annotations
@@ -97,8 +108,9 @@ DEFAULT_SCHEDULER = "default-scheduler"
 # The real kubelet retries pending resizes 30 s after start and then every 3 min; the
 # simulated one defaults to a shorter period so demos and tests see it happen.
 DEFAULT_DEFERRED_RETRY_S = 60.0
-# A failed actuation is retried on the next pod sync; the pod worker backs off ~10 s.
-DEFAULT_ERROR_RETRY_S = 10.0
+# A refused actuation is retried on every pod sync; the real kubelet's come every
+# ~12-15 s, the simulated one's default is short so that tests see the retry.
+DEFAULT_ERROR_RETRY_S = 2.0
 # How often a DeletePod is repeated while the pod is still observed (a lost delete).
 DELETE_RETRY_S = 10.0
 
@@ -116,6 +128,8 @@ _CONTAINERS_READY = "ContainersReady"
 _SCHEDULED = "PodScheduled"
 _KUBELET_CONDITIONS = (_READY_TO_START, _INITIALIZED, _READY, _CONTAINERS_READY, _SCHEDULED)
 _OWNED_CONDITIONS = frozenset((*_KUBELET_CONDITIONS, PENDING, IN_PROGRESS))
+_RESTART_POLICIES = ("Always", "OnFailure", "Never")
+_TERMINAL_PHASES = ("Succeeded", "Failed")
 
 # Event reasons of pkg/kubelet/events.
 EV_RESIZE_STARTED = "ResizeStarted"
@@ -292,7 +306,9 @@ def _pod_memory_limit(resources: Mapping[str, Resources]) -> int | None:
 
 @frozen
 class KubeletConfig:
-    """One node. ``cpu`` is allocatable millicores, ``memory`` allocatable bytes."""
+    """One node. ``cpu`` is the node's capacity in millicores, ``memory`` its capacity in
+    bytes; the ``reserved_*`` amounts (system-reserved plus kube-reserved) and the
+    hard-eviction threshold are taken off to make allocatable, as the kubelet does."""
 
     node_name: str
     cpu: int
@@ -300,6 +316,9 @@ class KubeletConfig:
     labels: Mapping[str, str] = field(factory=dict, converter=dict, hash=False)
     resize_delay_s: float = 0.0
     deferred_retry_s: float = DEFAULT_DEFERRED_RETRY_S
+    # The first retry after a resize is deferred (the real kubelet: 30 s, then every
+    # 3 min); None keeps the period for both.
+    deferred_retry_initial_s: float | None = None
     error_retry_s: float = DEFAULT_ERROR_RETRY_S
     # Write ``status.resize`` instead of the PodResizePending/InProgress conditions.
     legacy_resize_status: bool = False
@@ -308,19 +327,69 @@ class KubeletConfig:
     # The container that runs the VMM; it is charged with the pod's memory usage.
     vmm_container: str = VM_CONTAINER
     host_ip: str = "127.0.0.1"
+    # --system-reserved plus --kube-reserved: off capacity for Infeasible and allocatable.
+    reserved_cpu: int = 0
+    reserved_memory: int = 0
+    # --eviction-hard memory.available: off allocatable only, so a resize inside it is
+    # Deferred for ever rather than Infeasible.
+    eviction_hard_memory: int = 0
+    # --cpu-manager-policy=static / --memory-manager-policy=Static: a Guaranteed pod's
+    # resize is Infeasible (1.33-1.35 without InPlacePodVerticalScalingExclusiveCPUs).
+    cpu_manager_static: bool = False
+    memory_manager_static: bool = False
+    # The kubelet acts on resizes on its runtime poll (PLEG relist, ~1 s): an accepted
+    # resize is actuated and reported on the first tick of this period after it is due.
+    # 0: at once.
+    runtime_poll_s: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         if not self.node_name:
             raise KubeletInputError("node_name is empty")
         if self.cpu <= 0 or self.memory <= 0:
             raise KubeletInputError(
-                f"node {self.node_name}: allocatable cpu and memory must be positive, "
+                f"node {self.node_name}: capacity cpu and memory must be positive, "
                 f"got cpu={self.cpu}m memory={self.memory}"
             )
-        for name in ("resize_delay_s", "deferred_retry_s", "error_retry_s"):
+        for name in ("reserved_cpu", "reserved_memory", "eviction_hard_memory"):
+            if getattr(self, name) < 0:
+                raise KubeletInputError(f"node {self.node_name}: {name} must not be negative")
+        if self.allocatable_cpu <= 0 or self.allocatable_memory <= 0:
+            raise KubeletInputError(
+                f"node {self.node_name}: reserved and eviction threshold leave nothing "
+                f"allocatable (cpu={self.allocatable_cpu}m memory={self.allocatable_memory})"
+            )
+        for name in ("resize_delay_s", "runtime_poll_s", "deferred_retry_s", "error_retry_s"):
             value = getattr(self, name)
-            if value < 0 or (name != "resize_delay_s" and value == 0):
+            if value < 0 or (name in ("deferred_retry_s", "error_retry_s") and value == 0):
                 raise KubeletInputError(f"node {self.node_name}: {name} must be positive")
+        initial = self.deferred_retry_initial_s
+        if initial is not None and initial <= 0:
+            raise KubeletInputError(
+                f"node {self.node_name}: deferred_retry_initial_s must be positive"
+            )
+
+    @property
+    def feasible_cpu(self) -> int:
+        """What a pod may ever ask for: capacity minus reserved (the Infeasible bound)."""
+        return self.cpu - self.reserved_cpu
+
+    @property
+    def feasible_memory(self) -> int:
+        return self.memory - self.reserved_memory
+
+    @property
+    def allocatable_cpu(self) -> int:
+        """Node allocatable, what admission and Deferred are judged against."""
+        return self.cpu - self.reserved_cpu
+
+    @property
+    def allocatable_memory(self) -> int:
+        return self.memory - self.reserved_memory - self.eviction_hard_memory
+
+    @property
+    def first_deferred_retry_s(self) -> float:
+        initial = self.deferred_retry_initial_s
+        return self.deferred_retry_s if initial is None else initial
 
 
 @frozen
@@ -445,7 +514,7 @@ def fits_node(
     config: KubeletConfig, bound_pods: Iterable[Mapping[str, Any]], pod: Mapping[str, Any]
 ) -> bool:
     """First fit: the requests of the live pods bound to this node plus this pod's stay
-    within allocatable."""
+    within allocatable (capacity minus reserved minus the eviction threshold)."""
     cpu, memory = pod_requests(pod)
     for other in bound_pods:
         if (other.get("spec") or {}).get("nodeName") != config.node_name:
@@ -457,7 +526,7 @@ def fits_node(
         other_cpu, other_memory = pod_requests(other)
         cpu += other_cpu
         memory += other_memory
-    return cpu <= config.cpu and memory <= config.memory
+    return cpu <= config.allocatable_cpu and memory <= config.allocatable_memory
 
 
 def mark_proposed(pod: dict[str, Any]) -> dict[str, Any]:
@@ -506,7 +575,8 @@ def _set_cond(
 class _Stage(enum.Enum):
     RUNNING = "running"
     REJECTED = "rejected"
-    TERMINATED = "terminated"
+    EXITED = "exited"  # the VMM exited and the restart policy keeps it down: a terminal phase
+    TERMINATED = "terminated"  # being deleted
 
 
 @define
@@ -533,6 +603,15 @@ class _Pod:
     rejection: tuple[str, str] | None = None  # (reason, message)
     vmm_started: bool = False
     terminated_at: str = ""
+    restart_policy: str = "Always"
+    # The VMM container: its exit code (None: still runs, or stopped by a deletion), how
+    # often it was restarted, its last termination, and when the current one started.
+    exit_code: int | None = None
+    restarts: int = 0
+    last_terminated: dict[str, Any] | None = None
+    vmm_started_at: str = ""
+    # A pod found already Succeeded/Failed (a restarted kubelet): its status is final.
+    status_frozen: bool = False
     delete_sent_at: float | None = None
     last_written: dict[str, Any] | None = None
     foreign_conditions: list[dict[str, Any]] = field(factory=list)
@@ -573,6 +652,7 @@ class _Observed:
     status: Mapping[str, Any] = field(eq=False, hash=False)
     # The status's conditions the kubelet does not own, to be preserved on every write.
     foreign: tuple[Mapping[str, Any], ...] = field(default=(), eq=False, hash=False)
+    restart_policy: str = "Always"
 
     @property
     def ref(self) -> str:
@@ -632,6 +712,12 @@ def _observe(pod: Mapping[str, Any]) -> _Observed:
     generation = meta.get("generation")
     priority = spec.get("priority")
     status = pod.get("status") or {}
+    restart_policy = spec.get("restartPolicy") or "Always"
+    if restart_policy not in _RESTART_POLICIES:
+        raise KubeletInputError(
+            f"{where}: spec.restartPolicy {restart_policy!r} is not one of "
+            + ", ".join(_RESTART_POLICIES)
+        )
     return _Observed(
         uid=uid,
         namespace=str(meta.get("namespace") or ""),
@@ -650,6 +736,7 @@ def _observe(pod: Mapping[str, Any]) -> _Observed:
             for c in status.get("conditions") or ()
             if isinstance(c, Mapping) and c.get("type") not in _OWNED_CONDITIONS
         ),
+        restart_policy=str(restart_policy),
     )
 
 
@@ -674,8 +761,8 @@ def _go_error_list(errors: list[str]) -> str:
 
 class Kubelet:
     """The kubelet of one node. Drive it with :meth:`step`; report failed status writes
-    with :meth:`status_write_failed`. :meth:`usage_wanted` names the pods whose guest
-    memory the next step needs (pending memory-limit decreases)."""
+    with :meth:`status_write_failed`. :meth:`usage_wanted` names the pods whose memory
+    usage the next step needs (pending memory-limit decreases)."""
 
     def __init__(self, config: KubeletConfig) -> None:
         self.config = config
@@ -687,7 +774,7 @@ class Kubelet:
     # -- queries ---------------------------------------------------------------------
 
     def usage_wanted(self, pods: Iterable[Mapping[str, Any]] = ()) -> frozenset[str]:
-        """UIDs of the pods whose guest memory the next :meth:`step` over ``pods`` needs:
+        """UIDs of the pods whose memory usage the next :meth:`step` over ``pods`` needs:
         an allocated memory-limit decrease not yet actuated, or (among ``pods``) a spec
         that lowers a memory limit below what is actuated now. Read usage for these
         before stepping, or a zero resize delay actuates the decrease unchecked."""
@@ -729,7 +816,8 @@ class Kubelet:
     def free(self) -> tuple[int, int]:
         """Allocatable minus what admitted pods hold: (millicores, bytes)."""
         used = _held(self._pods.values())
-        return self.config.cpu - used.cpu, self.config.memory - used.memory
+        cfg = self.config
+        return cfg.allocatable_cpu - used.cpu, cfg.allocatable_memory - used.memory
 
     # -- feedback --------------------------------------------------------------------
 
@@ -746,9 +834,11 @@ class Kubelet:
         now: float,
         pods: Iterable[Mapping[str, Any]],
         usage: Mapping[str, int] | None = None,
+        exits: Mapping[str, int] | None = None,
     ) -> Output:
         """Observe the pods bound to this node (others are ignored), with the memory each
-        pod's guest holds (by UID; a missing entry means unknown, which never blocks),
+        pod's VMM process holds (by UID; a missing entry means unknown, which never
+        blocks) and the exit code of each VMM that exited since the last call (by UID),
         and return what a kubelet would do at time ``now``."""
         run = _Run(self, now, usage or {})
         observed: dict[str, _Observed] = {}
@@ -762,6 +852,7 @@ class Kubelet:
             self._observed = {uid: seen for uid, seen in self._observed.items() if uid in observed}
         run.forget_vanished(observed)
         run.terminate_deleting(observed)
+        run.handle_exits(exits or {})
         run.admit_new(observed)
         run.handle_updates(observed)
         run.actuate_due()
@@ -868,10 +959,44 @@ class _Run:
                 p.terminated_at = self.ts
                 p.actuate_at = p.error_retry_at = None
                 self.retry_trigger = True  # pod_terminated
-            elif p.stage is _Stage.REJECTED:
+            elif p.stage in (_Stage.REJECTED, _Stage.EXITED):
                 p.stage = _Stage.TERMINATED
         # The status write for the terminal state goes out in write_statuses; the delete
         # must follow it, so it is queued there too.
+
+    def handle_exits(self, exits: Mapping[str, int]) -> None:
+        """VMM processes that exited: the VMM container is terminated; the restart policy
+        says whether it starts again or the pod ends (Never: Failed, or Succeeded on 0)."""
+        for uid, code in exits.items():
+            p = self.pods.get(uid)
+            if p is None or p.stage is not _Stage.RUNNING or not p.vmm_started:
+                continue
+            name = self._vmm_container(p)
+            terminated = {
+                "exitCode": code,
+                "reason": _exit_reason(code),
+                "startedAt": p.vmm_started_at or p.started_at or None,
+                "finishedAt": self.ts,
+                "containerID": f"sim://{p.uid}/{name}",
+            }
+            if p.restart_policy == "Always" or (p.restart_policy == "OnFailure" and code != 0):
+                # The new container is created with what is allocated: a refused memory
+                # decrease is in force from now on (the real kubelet's OOM loop).
+                p.restarts += 1
+                p.last_terminated = terminated
+                p.vmm_started_at = self.ts
+                p.actuated = {**p.actuated, name: p.allocated[name]}
+                if p.actuated == p.allocated:
+                    p.actuate_at = p.error_retry_at = None
+                    p.in_progress = None
+                self.effects.append(StartVmm(p.namespace, p.name, p.uid))
+                continue
+            p.stage = _Stage.EXITED
+            p.exit_code = code
+            p.terminated_at = self.ts
+            p.actuate_at = p.error_retry_at = None
+            p.pending = p.in_progress = None
+            self.retry_trigger = True  # what the pod held is free
 
     def admit_new(self, observed: Mapping[str, _Observed]) -> None:
         # Admission in creation order, as the kubelet sorts pod additions.
@@ -880,6 +1005,14 @@ class _Run:
             key=lambda o: (o.created, o.namespace, o.name),
         )
         for obs in new:
+            if obs.status.get("phase") in _TERMINAL_PHASES:
+                # Finished before this kubelet process: nothing to start, nothing to
+                # rewrite (a terminal pod is never run again).
+                p = _Pod(obs.uid, obs.namespace, obs.name, _Stage.EXITED)
+                p.containers = obs.containers
+                p.status_frozen = True
+                self.pods[obs.uid] = p
+                continue
             adopted = _adopt(obs)
             if adopted is not None:
                 allocated, actuated = adopted
@@ -892,6 +1025,7 @@ class _Run:
             p.overhead = obs.overhead
             p.priority = obs.priority
             p.generation = obs.generation
+            p.restart_policy = obs.restart_policy
             p.foreign_conditions = _foreign_conditions(obs)
             p.scheduled_at = _condition_time(obs.status, _SCHEDULED) or self.ts
             want = _requests(allocated).max(_requests(actuated)) + obs.overhead
@@ -907,9 +1041,10 @@ class _Run:
             p.actuated = actuated
             p.guaranteed = _guaranteed(obs.desired)
             p.started_at = str(obs.status.get("startTime") or self.ts) if adopted else self.ts
+            p.vmm_started_at = p.started_at
             p.evaluated = None
             if allocated != actuated:
-                p.actuate_at = self.now + self.cfg.resize_delay_s
+                p.actuate_at = self._actuation_time()
                 old = _observed_generation(obs.status, IN_PROGRESS)
                 generation = old if old is not None else obs.generation
                 p.in_progress = _Cond(IN_PROGRESS, "", "", generation, self.ts, self.ts)
@@ -932,6 +1067,7 @@ class _Run:
                 changed.append(obs)
             p.generation = obs.generation
             p.priority = obs.priority
+            p.restart_policy = obs.restart_policy
             p.foreign_conditions = _foreign_conditions(obs)
         changed.sort(key=lambda o: (o.created, o.namespace, o.name))
         for obs in changed:
@@ -948,21 +1084,29 @@ class _Run:
             p.pending = None
             return False
         own = _requests(desired) + p.overhead
-        infeasible = self._infeasible(own)
+        infeasible = self._infeasible(p, own)
         if infeasible is not None:
             self._pending(p, REASON_INFEASIBLE, infeasible, generation, desired)
             return False
         failure = self._fit_failure(own, exclude=p.uid)
         if failure is not None:
+            was = p.pending
             self._pending(p, REASON_DEFERRED, failure[1], generation, desired)
-            if self.k._retry_at is None or self.k._retry_at <= self.now:
-                self.k._retry_at = self.now + self.cfg.deferred_retry_s
+            # A newly deferred resize is retried first after the initial delay (unless
+            # a retry is due sooner), then on the period; a retry that defers it again
+            # leaves the timer to retry_pending.
+            if was is None or (was.reason, was.generation) != (REASON_DEFERRED, generation):
+                first = self.now + self.cfg.first_deferred_retry_s
+                if self.k._retry_at is None or self.k._retry_at <= self.now:
+                    self.k._retry_at = first
+                else:
+                    self.k._retry_at = min(self.k._retry_at, first)
             return False
         p.allocated = dict(desired)
         p.pending = None
         # Clear-then-set: a newly accepted resize always gets a fresh condition.
         p.in_progress = _Cond(IN_PROGRESS, "", "", generation, self.ts, self.ts)
-        p.actuate_at = self.now + self.cfg.resize_delay_s
+        p.actuate_at = self._actuation_time()
         p.error_retry_at = None
         self._event(p, "Normal", EV_RESIZE_STARTED, _resize_message("started", desired, generation))
         return True
@@ -972,26 +1116,34 @@ class _Run:
     ) -> None:
         old = p.pending
         p.pending = _set_cond(old, PENDING, reason, message, generation, self.ts)
-        if old is None or (old.reason, old.message, old.generation) != (
-            reason,
-            message,
-            generation,
-        ):
+        # The condition's message follows the node (what is used changes); the event
+        # only the reason or the generation, or every retry would add one.
+        if old is None or (old.reason, old.generation) != (reason, generation):
             event = EV_RESIZE_INFEASIBLE if reason == REASON_INFEASIBLE else EV_RESIZE_DEFERRED
             text = _resize_message(reason, desired, generation, message)
             self._event(p, "Warning", event, text)
 
-    def _infeasible(self, own: _Totals) -> str | None:
+    def _infeasible(self, p: _Pod, own: _Totals) -> str | None:
+        # A static CPU or memory manager pins a Guaranteed pod's resources; 1.33-1.35
+        # refuse to resize it at all (InPlacePodVerticalScalingExclusiveCPUs is off).
+        if p.guaranteed and self.cfg.cpu_manager_static:
+            return "Resize is infeasible for Guaranteed Pods alongside CPU Manager static policy"
+        if p.guaranteed and self.cfg.memory_manager_static:
+            return (
+                "Resize is infeasible for Guaranteed Pods alongside Memory Manager static policy"
+            )
+        # Judged against capacity minus system/kube reserved, not allocatable: a request
+        # that only the eviction threshold keeps out is Deferred, for ever.
         # The kubelet checks memory before cpu here, and reports cpu in millicores.
-        if own.memory > self.cfg.memory:
+        if own.memory > self.cfg.feasible_memory:
             return (
                 f"Node didn't have enough capacity: memory, requested: {own.memory}, "
-                f"capacity: {self.cfg.memory}"
+                f"capacity: {self.cfg.feasible_memory}"
             )
-        if own.cpu > self.cfg.cpu:
+        if own.cpu > self.cfg.feasible_cpu:
             return (
                 f"Node didn't have enough capacity: cpu, requested: {own.cpu}, "
-                f"capacity: {self.cfg.cpu}"
+                f"capacity: {self.cfg.feasible_cpu}"
             )
         return None
 
@@ -1000,8 +1152,8 @@ class _Run:
         against what every other admitted pod holds."""
         used = _held(other for uid, other in self.pods.items() if uid != exclude)
         for resource, requested, in_use, capacity in (
-            ("cpu", own.cpu, used.cpu, self.cfg.cpu),
-            ("memory", own.memory, used.memory, self.cfg.memory),
+            ("cpu", own.cpu, used.cpu, self.cfg.allocatable_cpu),
+            ("memory", own.memory, used.memory, self.cfg.allocatable_memory),
         ):
             if requested + in_use > capacity:
                 return resource, (
@@ -1020,9 +1172,9 @@ class _Run:
         periodic = self.k._retry_at is not None and self.now >= self.k._retry_at
         if not (triggered or periodic):
             return
-        # Every retry, triggered or periodic, restarts the period (the kubelet resets
-        # its ticker the same way).
-        self.k._retry_at = self.now + self.cfg.deferred_retry_s
+        # A periodic retry starts the next period; a triggered one leaves the timer.
+        if periodic or self.k._retry_at is None:
+            self.k._retry_at = self.now + self.cfg.deferred_retry_s
         for p in sorted(deferred, key=self._retry_order):
             if p.evaluated is None:
                 continue
@@ -1039,6 +1191,15 @@ class _Run:
 
     # -- actuation -------------------------------------------------------------------
 
+    def _actuation_time(self) -> float:
+        """When an accepted resize is actuated: after the resize delay, on the first
+        runtime-poll tick (ticks at whole multiples of the period) after that."""
+        due = self.now + self.cfg.resize_delay_s
+        poll = self.cfg.runtime_poll_s
+        if poll <= 0:
+            return due
+        return (due // poll + 1) * poll
+
     def actuate_due(self) -> None:
         for p in self.pods.values():
             if p.stage is not _Stage.RUNNING or p.actuate_at is None:
@@ -1054,7 +1215,9 @@ class _Run:
                     old, IN_PROGRESS, REASON_ERROR, refusal, generation, self.ts
                 )
                 p.error_retry_at = self.now + self.cfg.error_retry_s
-                if old is None or (old.reason, old.message) != (REASON_ERROR, refusal):
+                # The usage in the message moves with the guest; an event per retry
+                # would be a storm: one per reason or generation.
+                if old is None or (old.reason, old.generation) != (REASON_ERROR, generation):
                     self._event(
                         p,
                         "Warning",
@@ -1085,13 +1248,14 @@ class _Run:
             return None
         errors: list[str] = []
         old_pod, new_pod = _pod_memory_limit(p.actuated), _pod_memory_limit(p.allocated)
-        if new_pod is not None and _decreases(old_pod, new_pod) and new_pod < usage:
+        # The kubelet refuses at usage >= the new limit, not only above it.
+        if new_pod is not None and _decreases(old_pod, new_pod) and usage >= new_pod:
             errors.append(
                 f"attempting to set pod memory limit ({new_pod}) below current usage ({usage})"
             )
         name = self._vmm_container(p)
         old_c, new_c = p.actuated[name].memory_limit, p.allocated[name].memory_limit
-        if new_c is not None and _decreases(old_c, new_c) and new_c < usage:
+        if new_c is not None and _decreases(old_c, new_c) and usage >= new_c:
             errors.append(
                 f'attempting to set container "{name}" memory limit ({new_c}) '
                 f"below current usage ({usage})"
@@ -1111,7 +1275,8 @@ class _Run:
         for uid, p in list(self.pods.items()):
             status = self._rendered(p)
             never_ran = p.stage is _Stage.TERMINATED and not p.started_at
-            if status is not p.last_written and status != p.last_written and not never_ran:
+            quiet = never_ran or p.status_frozen
+            if status is not p.last_written and status != p.last_written and not quiet:
                 p.last_written = status
                 self.effects.append(WritePodStatus(p.namespace, p.name, p.uid, status))
             if p.stage is _Stage.TERMINATED and uid in observed:
@@ -1134,6 +1299,9 @@ class _Run:
             p.started_at,
             p.scheduled_at,
             p.terminated_at,
+            p.exit_code,
+            p.restarts,
+            p.vmm_started_at,
             p.pending,
             p.in_progress,
             p.actuate_at is not None,
@@ -1171,7 +1339,12 @@ class _Run:
             return status
         running = p.stage is _Stage.RUNNING
         # A deleted pod's VMM is taken to exit cleanly: the kubelet then reports Succeeded.
-        phase = "Running" if running else ("Succeeded" if p.started_at else "Failed")
+        if running:
+            phase = "Running"
+        elif p.exit_code is not None:
+            phase = "Succeeded" if p.exit_code == 0 else "Failed"
+        else:
+            phase = "Succeeded" if p.started_at else "Failed"
         conditions = list(p.foreign_conditions)
         for type_ in _KUBELET_CONDITIONS:
             ok = type_ in (_SCHEDULED, _INITIALIZED) or running
@@ -1182,7 +1355,7 @@ class _Run:
             since = p.scheduled_at if type_ == _SCHEDULED else p.started_at or self.ts
             cond["lastTransitionTime"] = p.terminated_at if not ok else since
             if not ok:
-                cond["reason"] = "PodCompleted"
+                cond["reason"] = "PodCompleted" if phase == "Succeeded" else "PodFailed"
             conditions.append(cond)
         resize: str | None = None
         if running and self.cfg.legacy_resize_status:
@@ -1213,14 +1386,22 @@ class _Run:
             "restartCount": 0,
             "lastState": {},
         }
+        vmm = name == self._vmm_container(p)
+        if vmm and p.restarts:
+            out["restartCount"] = p.restarts
+            out["lastState"] = {"terminated": p.last_terminated}
         if running:
-            out["state"] = {"running": {"startedAt": p.started_at}}
+            started = p.vmm_started_at if vmm and p.vmm_started_at else p.started_at
+            out["state"] = {"running": {"startedAt": started}}
         else:
+            # Only the VMM is a process; the other containers are taken to stop with it.
+            code = p.exit_code if vmm and p.exit_code is not None else 0
+            started = p.vmm_started_at if vmm and p.vmm_started_at else p.started_at
             out["state"] = {
                 "terminated": {
-                    "exitCode": 0,
-                    "reason": "Completed",
-                    "startedAt": p.started_at or None,
+                    "exitCode": code,
+                    "reason": _exit_reason(code),
+                    "startedAt": started or None,
                     "finishedAt": p.terminated_at,
                     "containerID": f"sim://{p.uid}/{name}",
                 }
@@ -1233,6 +1414,11 @@ class _Run:
 
     def _event(self, p: _Pod, type_: str, reason: str, message: str) -> None:
         self.effects.append(RecordEvent(p.namespace, p.name, p.uid, type_, reason, message))
+
+
+def _exit_reason(code: int) -> str:
+    # containerd's reasons: Completed for 0, Error otherwise (OOMKilled is not modelled).
+    return "Completed" if code == 0 else "Error"
 
 
 def _legacy_resize(p: _Pod) -> str | None:

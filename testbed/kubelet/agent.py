@@ -12,8 +12,10 @@ What it does, as a kubelet would:
   with a UID precondition), VMM starts and stops, events, and the grace-period-0 delete
   that confirms a terminated pod.
 
-One thread owns the model; informer handlers only wake it. The guest memory the model's
-Error rule needs is read from ``vm.info`` only for the pods it names.
+One thread owns the model; informer handlers only wake it, and so does a watcher that
+polls the VMM processes for exits. The memory usage the model's Error rule needs (what
+each VMM process holds, see :mod:`testbed.kubelet.vmm`) is read only for the pods it
+names, on every sync while a decrease waits.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ LEASE_NAMESPACE = "kube-node-lease"
 LEASE_DURATION_S = 40
 HEARTBEAT_S = 10.0  # lease renewals, as the kubelet's default nodeLeaseRenewInterval
 NODE_STATUS_S = 60.0  # full node status, as nodeStatusReportFrequency
-USAGE_POLL_S = 2.0  # how often a blocked memory decrease re-reads the guest's memory
+EXIT_POLL_S = 0.2  # how often the VMM processes are checked for exits
 RESYNC_S = 30.0
 RETRY_S = 1.0
 BIND_RETRY_S = 5.0  # a refused binding waits this long, as the scheduler's backoff would
@@ -77,7 +79,7 @@ class Runtime(Protocol):
 
     def memory_usage(self, uid: str) -> int | None: ...
 
-    def reap(self) -> None: ...
+    def poll_exits(self) -> dict[str, int]: ...
 
 
 def _stamp(t: float) -> str:
@@ -128,6 +130,9 @@ class KubeletAgent:
         )
         self._kick = threading.Event()
         self._stop = threading.Event()
+        # VMM exits seen by the watcher, not yet handed to the model (uid -> exit code).
+        self._exits: dict[str, int] = {}
+        self._exits_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         # Pods we bound whose watch event has not arrived yet: they count for first fit.
         self._bound: dict[str, dict[str, Any]] = {}
@@ -150,7 +155,8 @@ class KubeletAgent:
         for informer in (self.own, self.pending):
             if not informer.wait_synced(SYNC_TIMEOUT_S):
                 raise RuntimeError(f"node {self.config.node_name}: pod cache did not sync")
-        for target, name in ((self._loop, "sync"), (self._heartbeat, "heartbeat")):
+        threads = ((self._loop, "sync"), (self._heartbeat, "heartbeat"), (self._watch, "exits"))
+        for target, name in threads:
             thread = threading.Thread(target=target, name=f"kubelet-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -230,9 +236,14 @@ class KubeletAgent:
         since = self._ready_since if ready else stamp
         if not ready:
             self._ready_since = None
-        resources = {
+        capacity = {
             "cpu": format_millicores(self.config.cpu),
             "memory": format_bytes(self.config.memory),
+            "pods": MAX_PODS,
+        }
+        allocatable = {
+            "cpu": format_millicores(self.config.allocatable_cpu),
+            "memory": format_bytes(self.config.allocatable_memory),
             "pods": MAX_PODS,
         }
         conditions = [
@@ -263,8 +274,8 @@ class KubeletAgent:
             }
         )
         status = {
-            "capacity": resources,
-            "allocatable": resources,
+            "capacity": capacity,
+            "allocatable": allocatable,
             "conditions": conditions,
             "addresses": [
                 {"type": "InternalIP", "address": self.config.host_ip},
@@ -360,19 +371,33 @@ class KubeletAgent:
         if wake_at is not None:
             timeout = min(timeout, wake_at - self.clock())
         if self.model.usage_wanted():
-            timeout = min(timeout, USAGE_POLL_S)
+            # A refused decrease is retried on every sync: one sync period at the latest.
+            timeout = min(timeout, self.config.error_retry_s)
         return max(timeout, 0.0)
+
+    def _watch(self) -> None:
+        """Hand VMM exits to the sync loop as they happen."""
+        while not self._stop.wait(EXIT_POLL_S):
+            exits = self.runtime.poll_exits()
+            if exits:
+                with self._exits_lock:
+                    self._exits.update(exits)
+                self._kick.set()
 
     def sync_once(self) -> float | None:
         """One model step over the pods bound here; returns when to step again."""
-        self.runtime.reap()
         pods = self.own.list()
         usage = {}
         for uid in self.model.usage_wanted(pods):
             used = self.runtime.memory_usage(uid)
             if used is not None:
                 usage[uid] = used
-        out = self.model.step(self.clock(), pods, usage)
+        with self._exits_lock:
+            exits = dict(self._exits)
+        out = self.model.step(self.clock(), pods, usage, exits)
+        with self._exits_lock:
+            for uid in exits:
+                self._exits.pop(uid, None)
         retry = False
         for effect in out.effects:
             retry = not self._execute(effect) or retry

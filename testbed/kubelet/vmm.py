@@ -1,10 +1,15 @@
 """The simulated kubelet's container runtime: one VMM process per pod.
 
 Each pod's VMM is started with ``--api-socket path=<socket>`` at the path
-:func:`sim.kubelet.vmm_socket_path` gives, which is where the node daemon connects. Its
-output goes to ``vmm.log`` next to the socket. The guest memory the model's Error rule
-needs is read from ``vm.info`` (RESIZE.md section 6) with the project's Cloud Hypervisor
-client.
+:func:`core.podlayout.vmm_socket_path` gives, which is where the node daemon connects.
+Its output goes to ``vmm.log`` next to the socket.
+
+The memory usage the model's Error rule needs is what a real kubelet reads from the
+pod's cgroup: what the VMM process holds, guest memory it has touched plus its own
+overhead. The Cloud Hypervisor simulator tells it on its API socket
+(``GET /api/v1/sim.guest`` -> ``{"memory_held", "vcpus_online", "rss"}``; ``rss`` is
+the usage); a VMM that does not answer that (a real cloud-hypervisor) is measured by its
+process's resident memory, ``VmRSS`` in ``/proc/<pid>/status``.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
-from adapters.cloudhypervisor.client import CloudHypervisorClient
-from adapters.cloudhypervisor.errors import CloudHypervisorError
+import requests
+import requests_unixsocket
+
 from apps.common.logs import kv
 from core.podlayout import POD_UID_ENV, vmm_socket_path
 
@@ -35,6 +42,50 @@ MAX_SOCKET_PATH = 107
 _UID_LENGTH = 36  # a Kubernetes UID is a UUID
 STOP_GRACE_S = 5.0
 INFO_TIMEOUT_S = 2.0
+# The simulator's report of what its guest and its process hold (not a Cloud
+# Hypervisor endpoint: the real one answers 404, and VmRSS is read instead).
+SIM_GUEST_PATH = "/api/v1/sim.guest"
+
+
+def read_vmrss(pid: int) -> int | None:
+    """The resident memory of process ``pid`` in bytes, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    value, unit = line.split()[1:3]
+                    return int(value) * (1024 if unit.lower() == "kb" else 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None  # a zombie has no VmRSS line
+
+
+def read_sim_guest(socket: str, timeout: float = INFO_TIMEOUT_S) -> dict[str, int] | None:
+    """The simulator's ``sim.guest`` report, or None when the VMM does not give one
+    (another status, not JSON, a field missing or not an integer, no answer)."""
+    return _sim_guest(socket, timeout)[1]
+
+
+def _sim_guest(socket: str, timeout: float) -> tuple[bool, dict[str, int] | None]:
+    """(whether the VMM answered at all, its report if it was a valid one)."""
+    url = f"http+unix://{quote(socket, safe='')}{SIM_GUEST_PATH}"
+    try:
+        with requests_unixsocket.Session() as session:
+            response = session.get(url, headers={"Accept": "application/json"}, timeout=timeout)
+    except requests.RequestException:
+        return False, None
+    if response.status_code != 200:
+        return True, None
+    try:
+        body = response.json()
+    except ValueError:
+        return True, None
+    fields = ("memory_held", "vcpus_online", "rss")
+    if not isinstance(body, dict) or not all(
+        type(body.get(key)) is int and body[key] >= 0 for key in fields
+    ):
+        return True, None
+    return True, {key: body[key] for key in fields}
 
 
 class SocketPathTooLong(ValueError):
@@ -59,6 +110,8 @@ class _Process:
         self.popen = popen
         self.socket = socket
         self.reported_exit = False
+        # False once the VMM answered sim.guest with something else: read VmRSS directly.
+        self.sim_guest = True
 
 
 class VmmRuntime:
@@ -119,24 +172,42 @@ class VmmRuntime:
         with self._lock:
             return {uid: p.popen.pid for uid, p in self._procs.items() if p.popen.poll() is None}
 
-    def reap(self) -> None:
-        """Log VMMs that exited on their own (once each); the pod keeps its status."""
+    def poll_exits(self) -> dict[str, int]:
+        """The VMMs that exited on their own since the last call, by pod UID, with the
+        exit code as a container runtime reports it (128 + the signal when killed)."""
         with self._lock:
             procs = list(self._procs.items())
+        exits = {}
         for uid, proc in procs:
             code = proc.popen.poll()
             if code is not None and not proc.reported_exit:
                 proc.reported_exit = True
-                log.warning("vmm exited", extra=kv(pod=proc.ref, uid=uid, exit_code=code))
+                exit_code = 128 - code if code < 0 else code
+                log.warning(
+                    "vmm exited",
+                    extra=kv(pod=proc.ref, uid=uid, pid=proc.popen.pid, exit_code=exit_code),
+                )
+                exits[uid] = exit_code
+        return exits
 
     def memory_usage(self, uid: str) -> int | None:
-        """The guest memory of the pod's VM, or None when the VMM cannot tell (not
-        running, no VM created yet, unreachable): the model then does not block."""
-        with CloudHypervisorClient(self.socket_path(uid), timeout=INFO_TIMEOUT_S) as client:
-            try:
-                return client.info().guest_memory
-            except CloudHypervisorError:
-                return None
+        """What the pod's VMM process holds (the cgroup usage a kubelet compares a new
+        memory limit with): the simulator's ``rss`` from ``sim.guest``, else the
+        process's VmRSS. None when no VMM runs: the model then does not block."""
+        with self._lock:
+            proc = self._procs.get(uid)
+        if proc is None or proc.popen.poll() is not None:
+            return None
+        if proc.sim_guest:
+            answered, report = _sim_guest(proc.socket, INFO_TIMEOUT_S)
+            if report is not None:
+                return report["rss"]
+            if answered:
+                # An answer that is no report: a VMM without the endpoint (a real
+                # cloud-hypervisor); stop asking. No answer (starting, hung): ask again.
+                proc.sim_guest = False
+                log.info("vmm has no sim.guest, reading VmRSS", extra=kv(pod=proc.ref, uid=uid))
+        return read_vmrss(proc.popen.pid)
 
     def _terminate(self, procs: list[_Process]) -> None:
         """SIGTERM to all of them at once, then SIGKILL to whatever outlives one grace

@@ -67,6 +67,8 @@ class World:
         self.pods: dict[str, dict[str, Any]] = {}
         self.now = T0
         self.usage: dict[str, int] = {}
+        # VMM exits to report in the next step only (uid -> exit code).
+        self.exits: dict[str, int] = {}
         self.log: list[Any] = []
         self.last = Output()
         self._serial = 0
@@ -109,7 +111,10 @@ class World:
 
     def step(self, advance: float = 0.0) -> Output:
         self.now += advance
-        out = self.kubelet.step(self.now, copy.deepcopy(list(self.pods.values())), self.usage)
+        out = self.kubelet.step(
+            self.now, copy.deepcopy(list(self.pods.values())), self.usage, self.exits
+        )
+        self.exits = {}
         for effect in out.effects:
             self.log.append(effect)
             if isinstance(effect, WritePodStatus):
@@ -559,8 +564,8 @@ def test_only_the_vmm_container_is_charged_with_usage():
     w = World()
     uid = w.add("pod", {"vm-manager": _res("1", "2Gi"), "sidecar": _res("1", "2Gi")})
     w.step()
-    w.usage[uid] = 3 * GiB
-    # The pod limit drops 4Gi -> 3Gi (not below 3Gi usage); only the sidecar shrinks.
+    w.usage[uid] = 3 * GiB - 1
+    # The pod limit drops 4Gi -> 3Gi (above the usage); only the sidecar shrinks.
     w.resize("pod", sidecar=_res("1", "1Gi"))
     w.step(1)
     assert w.cond("pod", "PodResizeInProgress") is None
@@ -569,8 +574,8 @@ def test_only_the_vmm_container_is_charged_with_usage():
     assert w.cond("pod", "PodResizeInProgress")["message"] == (
         "cannot decrease memory limits: ["
         f"attempting to set pod memory limit ({int(2.5 * GiB)}) below current usage "
-        f'({3 * GiB}), attempting to set container "vm-manager" memory limit '
-        f"({int(1.5 * GiB)}) below current usage ({3 * GiB})]"
+        f'({3 * GiB - 1}), attempting to set container "vm-manager" memory limit '
+        f"({int(1.5 * GiB)}) below current usage ({3 * GiB - 1})]"
     )
 
 
@@ -595,7 +600,7 @@ def test_a_new_resize_replaces_an_error_with_a_fresh_in_progress():
     w = World(resize_delay_s=5.0)
     uid = w.add_vm("vm1", "2", "4Gi")
     w.step()
-    w.usage[uid] = 3 * GiB
+    w.usage[uid] = 3 * GiB - 1  # below 3Gi: the second resize's limit is above it
     w.resize("vm1", **{"vm-manager": _res("2", "2Gi")})
     w.step(1)
     w.step(5)
@@ -749,6 +754,11 @@ def test_a_pod_without_uid_is_refused():
         {"cpu": 1000, "memory": -1},
         {"cpu": 1000, "memory": GiB, "deferred_retry_s": 0},
         {"cpu": 1000, "memory": GiB, "resize_delay_s": -1},
+        {"cpu": 1000, "memory": GiB, "runtime_poll_s": -1},
+        {"cpu": 1000, "memory": GiB, "deferred_retry_initial_s": 0},
+        {"cpu": 1000, "memory": GiB, "reserved_cpu": -1},
+        {"cpu": 1000, "memory": GiB, "reserved_cpu": 1000},
+        {"cpu": 1000, "memory": GiB, "reserved_memory": GiB // 2, "eviction_hard_memory": GiB // 2},
     ],
 )
 def test_nonsense_configs_are_refused(config):
@@ -876,3 +886,328 @@ def test_random_histories_never_overcommit_and_always_report_the_generation(ops,
             resources = {cs["name"]: cs["resources"] for cs in status["containerStatuses"]}
             actuated = w.kubelet.actuated(uid)
             assert resources == {n: r.to_json() for n, r in actuated.items()}
+
+
+# --- issue 14: the kubelet as strict as the real one --------------------------------------
+
+
+def test_a_memory_decrease_to_exactly_the_usage_is_refused():
+    # The real kubelet refuses at usage >= the new limit, not only above it.
+    w = World()
+    uid = w.add_vm("vm1", "2", "4Gi")
+    w.step()
+    w.usage[uid] = 2 * GiB
+    gen = w.resize("vm1", **{"vm-manager": _res("2", "2Gi")})
+    w.step(1)
+    progress = w.cond("vm1", "PodResizeInProgress")
+    assert progress["reason"] == "Error"
+    assert progress["observedGeneration"] == gen
+    assert progress["message"] == (
+        "cannot decrease memory limits: ["
+        f"attempting to set pod memory limit ({2 * GiB}) below current usage ({2 * GiB}), "
+        f'attempting to set container "vm-manager" memory limit ({2 * GiB}) '
+        f"below current usage ({2 * GiB})]"
+    )
+    assert w.cstatus("vm1")["allocatedResources"] == {"cpu": "2", "memory": "2Gi"}
+    assert w.cstatus("vm1")["resources"] == _res("2", "4Gi")
+    w.usage[uid] = 2 * GiB - 1
+    w.step(1)
+    assert w.cond("vm1", "PodResizeInProgress") is None
+    assert w.cstatus("vm1")["resources"] == _res("2", "2Gi")
+
+
+def test_a_refused_decrease_is_retried_every_sync_period_with_one_event_per_generation():
+    w = World(error_retry_s=12.0)
+    uid = w.add_vm("vm1", "2", "4Gi")
+    w.step()
+    w.usage[uid] = 3 * GiB
+    w.resize("vm1", **{"vm-manager": _res("2", "2Gi")})
+    w.step(1)
+    assert w.last.wake_at == T0 + 1 + 12
+    # The usage moves on every retry, and so does the message; the event does not.
+    for extra in range(1, 4):
+        w.usage[uid] = 3 * GiB + extra
+        w.step(12)
+        assert (
+            f"below current usage ({3 * GiB + extra})"
+            in w.cond("vm1", "PodResizeInProgress")["message"]
+        )
+        assert w.last.wake_at == w.now + 12
+    assert len(w.events("ResizeError")) == 1
+    # A new resize that is refused too is a new generation: one more event.
+    w.resize("vm1", **{"vm-manager": _res("2", "1Gi")})
+    w.step(1)
+    assert w.cond("vm1", "PodResizeInProgress")["reason"] == "Error"
+    assert len(w.events("ResizeError")) == 2
+
+
+def test_a_deferred_message_that_changes_raises_no_new_event():
+    w = World()
+    w.add_vm("vm1", "1", "1Gi")
+    w.add_vm("other", "2", "1Gi")
+    w.add_vm("third", "500m", "1Gi")
+    w.step()
+    gen = w.resize("vm1", **{"vm-manager": _res("3", "1Gi")})
+    w.step(1)
+    before = w.cond("vm1", "PodResizePending")["message"]
+    w.delete("third")  # what is used changes, the resize still does not fit
+    w.step(1)
+    after = w.cond("vm1", "PodResizePending")
+    assert after["reason"] == "Deferred" and after["message"] != before
+    assert after["observedGeneration"] == gen
+    assert len(w.events("ResizeDeferred")) == 1
+
+
+def _exit(w: World, name: str, code: int) -> None:
+    w.exits[w.pods[name]["metadata"]["uid"]] = code
+    w.step(1)
+
+
+@pytest.mark.parametrize(
+    ("policy", "code", "phase", "reason"),
+    [
+        ("Never", 1, "Failed", "Error"),
+        ("Never", 137, "Failed", "Error"),
+        ("Never", 0, "Succeeded", "Completed"),
+        ("OnFailure", 0, "Succeeded", "Completed"),
+    ],
+)
+def test_a_vmm_that_exits_terminates_its_container_and_ends_the_pod(policy, code, phase, reason):
+    w = World()
+    w.add("vm1", {"vm-manager": _res("1", "1Gi")}, restartPolicy=policy)
+    w.step()
+    _exit(w, "vm1", code)
+    status = w.status("vm1")
+    assert status["phase"] == phase
+    terminated = w.cstatus("vm1")["state"]["terminated"]
+    assert (terminated["exitCode"], terminated["reason"]) == (code, reason)
+    assert terminated["finishedAt"] == rfc3339(w.now)
+    assert not w.cstatus("vm1")["ready"]
+    ready = w.cond("vm1", "Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == ("PodCompleted" if code == 0 else "PodFailed")
+    assert not w.effects(StartVmm) and not w.effects(DeletePod)
+    assert "vm1" in w.pods  # a terminal pod stays until someone deletes it
+    assert w.step(5).effects == ()
+
+
+def test_a_vmm_that_exits_under_restart_always_is_started_again_with_the_allocation():
+    w = World()
+    uid = w.add_vm("vm1", "2", "4Gi")  # restartPolicy defaults to Always
+    w.step()
+    w.usage[uid] = 3 * GiB
+    w.resize("vm1", **{"vm-manager": _res("2", "2Gi")})
+    w.step(1)
+    assert w.cond("vm1", "PodResizeInProgress")["reason"] == "Error"
+    _exit(w, "vm1", 137)
+    assert w.effects(StartVmm) == [StartVmm("ns", "vm1", uid)]
+    cs = w.cstatus("vm1")
+    assert w.status("vm1")["phase"] == "Running"
+    assert cs["restartCount"] == 1
+    assert cs["lastState"]["terminated"]["exitCode"] == 137
+    assert cs["state"]["running"]["startedAt"] == rfc3339(w.now)
+    # The new container has the allocated (smaller) limit: the decrease is in force.
+    assert cs["resources"] == _res("2", "2Gi")
+    assert w.cond("vm1", "PodResizeInProgress") is None
+
+
+def test_an_exited_pod_frees_its_room_for_a_deferred_resize():
+    w = World()
+    w.add_vm("vm1", "1", "1Gi")
+    w.add("other", {"vm-manager": _res("3", "1Gi")}, restartPolicy="Never")
+    w.step()
+    w.resize("vm1", **{"vm-manager": _res("3", "1Gi")})
+    w.step(1)
+    assert w.cond("vm1", "PodResizePending")["reason"] == "Deferred"
+    _exit(w, "other", 1)
+    assert w.cond("vm1", "PodResizePending") is None
+    assert w.cstatus("vm1")["resources"] == _res("3", "1Gi")
+
+
+def test_a_terminal_pod_is_not_restarted_or_rewritten_by_a_restarted_kubelet():
+    w = World()
+    w.add("vm1", {"vm-manager": _res("1", "1Gi")}, restartPolicy="Never")
+    w.step()
+    _exit(w, "vm1", 2)
+    fresh = Kubelet(w.config)
+    out = fresh.step(w.now + 1, copy.deepcopy(list(w.pods.values())))
+    assert out.effects == ()
+    w.delete("vm1")
+    out = fresh.step(w.now + 2, copy.deepcopy(list(w.pods.values())))
+    assert [type(e) for e in out.effects] == [DeletePod]
+
+
+def test_a_deleted_exited_pod_keeps_its_exit_code():
+    w = World()
+    w.add("vm1", {"vm-manager": _res("1", "1Gi")}, restartPolicy="Never")
+    w.step()
+    _exit(w, "vm1", 3)
+    w.delete("vm1")
+    w.step(1)
+    written = [e for e in w.log if isinstance(e, WritePodStatus)][-1].status
+    assert written["phase"] == "Failed"
+    assert written["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    assert "vm1" not in w.pods
+
+
+def test_a_bad_restart_policy_names_the_field():
+    w = World()
+    w.add("vm1", {"vm-manager": _res("1", "1Gi")}, restartPolicy="Sometimes")
+    with pytest.raises(KubeletInputError, match=r"spec\.restartPolicy"):
+        w.step()
+
+
+def test_infeasible_is_judged_against_capacity_minus_reserved():
+    w = World(cpu="4", memory=8 * GiB, reserved_cpu=1000, reserved_memory=GiB)
+    w.add_vm("vm1", "1", "1Gi")
+    w.step()
+    w.resize("vm1", **{"vm-manager": _res("3500m", "1Gi")})
+    w.step(1)
+    pending = w.cond("vm1", "PodResizePending")
+    assert (pending["reason"], pending["message"]) == (
+        "Infeasible",
+        "Node didn't have enough capacity: cpu, requested: 3500, capacity: 3000",
+    )
+    w.resize("vm1", **{"vm-manager": _res("3", "1Gi")})
+    w.step(1)
+    assert w.cond("vm1", "PodResizePending") is None
+    assert w.cstatus("vm1")["resources"] == _res("3", "1Gi")
+
+
+def test_a_resize_inside_the_eviction_threshold_stays_deferred_for_ever():
+    mib = 1 << 20
+    w = World(
+        memory=8 * GiB, reserved_memory=GiB, eviction_hard_memory=100 * mib, deferred_retry_s=5.0
+    )
+    w.add_vm("vm1", "1", "1Gi")
+    w.step()
+    # 7Gi - 50Mi fits capacity minus reserved (7Gi), not allocatable (7Gi - 100Mi).
+    want = 7 * GiB - 50 * mib
+    w.resize("vm1", **{"vm-manager": _res("1", f"{want}")})
+    w.step(1)
+    pending = w.cond("vm1", "PodResizePending")
+    assert pending["reason"] == "Deferred"
+    assert pending["message"] == (
+        f"Node didn't have enough resource: memory, requested: {want}, used: 0, "
+        f"capacity: {7 * GiB - 100 * mib}"
+    )
+    for _ in range(10):  # alone on the node: nothing will ever free the room
+        w.step(5)
+        assert w.cond("vm1", "PodResizePending")["reason"] == "Deferred"
+    assert len(w.events("ResizeDeferred")) == 1
+
+
+def test_admission_and_binding_use_allocatable():
+    config = KubeletConfig(
+        NODE, cpu=4000, memory=8 * GiB, reserved_memory=GiB, eviction_hard_memory=GiB
+    )
+    assert (config.allocatable_cpu, config.allocatable_memory) == (4000, 6 * GiB)
+    assert (config.feasible_cpu, config.feasible_memory) == (4000, 7 * GiB)
+    assert fits_node(config, [], _pending_pod("a", memory="6Gi"))
+    assert not fits_node(config, [], _pending_pod("a", memory="6500Mi"))
+    w = World(memory=8 * GiB, reserved_memory=GiB, eviction_hard_memory=GiB)
+    w.add_vm("big", "1", "6500Mi")
+    w.step()
+    assert w.status("big")["reason"] == "OutOfmemory"
+    assert w.kubelet.free() == (4000, 6 * GiB)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"cpu_manager_static": True},
+            "Resize is infeasible for Guaranteed Pods alongside CPU Manager static policy",
+        ),
+        (
+            {"memory_manager_static": True},
+            "Resize is infeasible for Guaranteed Pods alongside Memory Manager static policy",
+        ),
+    ],
+)
+def test_a_static_manager_policy_makes_guaranteed_resizes_infeasible(config, message):
+    w = World(**config)
+    w.add_vm("vm1", "1", "1Gi")
+    w.add("burst", {"vm-manager": _res("1", "1Gi", limit_cpu="2", limit_memory="2Gi")})
+    w.step()
+    w.resize("vm1", **{"vm-manager": _res("2", "2Gi")})
+    w.resize("burst", **{"vm-manager": _res("1", "1Gi", limit_cpu="3", limit_memory="2Gi")})
+    w.step(1)
+    pending = w.cond("vm1", "PodResizePending")
+    assert (pending["reason"], pending["message"]) == ("Infeasible", message)
+    assert w.cstatus("vm1")["resources"] == _res("1", "1Gi")
+    # A Burstable pod is not pinned: its resize goes through.
+    assert w.cond("burst", "PodResizePending") is None
+    assert w.cstatus("burst")["resources"]["limits"]["cpu"] == "3"
+
+
+def test_deferred_resizes_are_retried_after_the_initial_delay_then_every_period():
+    w = World(deferred_retry_initial_s=30.0, deferred_retry_s=180.0)
+    w.add_vm("vm1", "1", "1Gi")
+    w.add_vm("other", "3", "1Gi")
+    w.step()
+    w.resize("vm1", **{"vm-manager": _res("2", "1Gi")})
+    w.step(1)
+    assert w.last.wake_at == T0 + 1 + 30
+    w.step(30)
+    assert w.cond("vm1", "PodResizePending")["lastProbeTime"] == rfc3339(T0 + 31)
+    assert w.last.wake_at == T0 + 31 + 180
+    w.step(179)
+    assert w.cond("vm1", "PodResizePending")["lastProbeTime"] == rfc3339(T0 + 31)
+    w.step(1)
+    assert w.cond("vm1", "PodResizePending")["lastProbeTime"] == rfc3339(T0 + 211)
+
+
+def test_a_triggered_retry_leaves_the_periodic_timer_alone():
+    w = World(deferred_retry_initial_s=30.0, deferred_retry_s=180.0)
+    w.add_vm("vm1", "1", "1Gi")
+    w.add_vm("other", "2", "1Gi")
+    w.add_vm("third", "500m", "1Gi")
+    w.step()
+    w.resize("vm1", **{"vm-manager": _res("3", "1Gi")})
+    w.step(1)
+    w.delete("third")  # a retry on the trigger, still Deferred
+    w.step(10)
+    assert w.cond("vm1", "PodResizePending")["lastProbeTime"] == rfc3339(T0 + 11)
+    w.step(1)  # the deleted pod is gone: only the deferred retry is left to wake for
+    assert w.last.wake_at == T0 + 31
+
+
+def test_deferred_retries_go_highest_priority_first():
+    w = World(cpu="4")
+    w.add_vm("hog", "3", "1Gi")
+    w.add("low", {"vm-manager": _res("500m", "1Gi")}, priority=1)
+    w.add("high", {"vm-manager": _res("500m", "1Gi")}, priority=100)
+    w.step()
+    w.resize("low", **{"vm-manager": _res("1", "1Gi")})
+    w.resize("high", **{"vm-manager": _res("1", "1Gi")})
+    w.step(1)
+    w.resize("hog", **{"vm-manager": _res("2500m", "1Gi")})  # frees room for one of them
+    w.step(1)
+    assert w.cond("high", "PodResizePending") is None
+    assert w.cond("low", "PodResizePending")["reason"] == "Deferred"
+
+
+def test_the_runtime_poll_actuates_on_its_next_tick():
+    w = World(runtime_poll_s=1.0)
+    w.add_vm("vm1", "1", "1Gi")
+    w.step()
+    w.resize("vm1", **{"vm-manager": _res("2", "1Gi")})
+    w.step(0.3)
+    assert w.cond("vm1", "PodResizeInProgress") is not None
+    assert w.cstatus("vm1")["resources"] == _res("1", "1Gi")
+    assert w.last.wake_at == T0 + 1  # the next whole tick of the 1 s poll
+    w.step(0.69)
+    assert w.cstatus("vm1")["resources"] == _res("1", "1Gi")
+    w.step(0.01)
+    assert w.cond("vm1", "PodResizeInProgress") is None
+    assert w.cstatus("vm1")["resources"] == _res("2", "1Gi")
+
+
+def test_without_a_runtime_poll_a_resize_completes_in_the_same_step():
+    w = World()
+    w.add_vm("vm1", "1", "1Gi")
+    w.step()
+    w.resize("vm1", **{"vm-manager": _res("2", "1Gi")})
+    w.step(0.3)
+    assert w.cstatus("vm1")["resources"] == _res("2", "1Gi")
