@@ -171,6 +171,12 @@ _PATHS = {
     "ValidatingWebhookConfiguration": (
         "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
     ),
+    "ValidatingAdmissionPolicy": (
+        "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies"
+    ),
+    "ValidatingAdmissionPolicyBinding": (
+        "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings"
+    ),
 }
 
 
