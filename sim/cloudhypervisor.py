@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import enum
 import json
+import math
 from collections import deque
 from typing import Any
 
@@ -77,9 +78,17 @@ _CLOCK_SLACK = 1e-9
 # The first API version with each behaviour (Cloud Hypervisor release numbers).
 JSON_ERRORS_SINCE = 47
 PLUGGED_MEMORY_ACTUAL_SIZE_SINCE = 52
+# Before v52, desired_ram below the boot size is accepted and silently does nothing to the
+# virtio-mem device (only config.memory.hotplugged_size is cleared).
+BELOW_BOOT_REFUSED_SINCE = 52
 NOT_CREATED_404_SINCE = 53
 OMIT_NULL_FIELDS_SINCE = 53
 LATEST_API_VERSION = 53
+# A guest that never gets there: an eject delay of NEVER leaves a vCPU removal pending for
+# ever; a plug rate of PLUG_NEVER plugs and unplugs nothing.
+NEVER = math.inf
+PLUG_NEVER = 0.0
+DEFAULT_VMM_OVERHEAD = 64 * MIB
 
 
 class VmState(enum.Enum):
@@ -106,10 +115,22 @@ class Response:
 
 @attrs.frozen(slots=True)
 class Knobs:
+    """How this VMM and its guest behave. The defaults are a cooperative guest on the
+    latest API version; every other value is a way the real world is less kind."""
+
     api_version: int = LATEST_API_VERSION
+    # Seconds (guest running time) the guest takes to eject vCPUs marked for removal;
+    # NEVER: no ACPI eject ever comes (hung guest, no hotplug support, a CPU that cannot
+    # go offline), so the removal stays pending and vCPU changes are 429s for ever.
     eject_delay_s: float = 0.5
-    # virtio-mem (un)plug speed of the guest in bytes/s; None = at once.
+    # virtio-mem (un)plug speed of the guest driver in bytes/s; None = at once;
+    # PLUG_NEVER (0) = the driver plugs and unplugs nothing.
     plug_rate: float | None = None
+    # Bytes the guest can give back over one boot, in total (Linux cannot unplug memory
+    # that holds unmovable pages); None = all of it, 0 = nothing. Unplug stops there.
+    unplug_limit: int | None = None
+    # Bytes the VMM process holds besides guest memory (sim.guest's rss).
+    vmm_overhead: int = DEFAULT_VMM_OVERHEAD
     latency_s: float = 0.0
     progress_while_paused: bool = False
     # Cloud Hypervisor drops the VM object on vm.shutdown and then reports "Created";
@@ -121,18 +142,37 @@ class Knobs:
     # True: every vCPU count change while a removal is pending is a 429 (RESIZE.md's
     # statement of the rule). False: Cloud Hypervisor's code, see the module docstring.
     strict_pending_removal: bool = False
-    # None: derived from api_version.
+    # None: derived from api_version, as a release built from its git tag reports it.
     build_version: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.api_version < 1:
             raise ValueError(f"api_version must be >= 1, got {self.api_version}")
-        if self.eject_delay_s < 0:
-            raise ValueError(f"eject_delay_s must be >= 0, got {self.eject_delay_s}")
-        if self.plug_rate is not None and self.plug_rate <= 0:
-            raise ValueError(f"plug_rate must be > 0 bytes/s or None, got {self.plug_rate}")
-        if self.latency_s < 0:
+        if not self.eject_delay_s >= 0:  # also refuses NaN
+            raise ValueError(f"eject_delay_s must be >= 0 or NEVER, got {self.eject_delay_s}")
+        if self.plug_rate is not None and not 0 <= self.plug_rate < math.inf:
+            raise ValueError(
+                f"plug_rate must be >= 0 bytes/s (0: never), or None (at once), "
+                f"got {self.plug_rate}"
+            )
+        if self.unplug_limit is not None and self.unplug_limit < 0:
+            raise ValueError(f"unplug_limit must be >= 0 bytes or None, got {self.unplug_limit}")
+        if self.vmm_overhead < 0:
+            raise ValueError(f"vmm_overhead must be >= 0 bytes, got {self.vmm_overhead}")
+        if not self.latency_s >= 0:
             raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
+
+    @property
+    def ejects(self) -> bool:
+        return math.isfinite(self.eject_delay_s)
+
+    @property
+    def plugs(self) -> bool:
+        return self.plug_rate != PLUG_NEVER
+
+    @property
+    def below_boot_refused(self) -> bool:
+        return self.api_version >= BELOW_BOOT_REFUSED_SINCE
 
     @property
     def json_errors(self) -> bool:
@@ -152,7 +192,7 @@ class Knobs:
 
     @property
     def build(self) -> str:
-        return self.build_version or f"v{self.api_version}.0-chscale-sim"
+        return self.build_version or f"v{self.api_version}.0"
 
 
 class _ApiError(Exception):
@@ -167,6 +207,8 @@ class _ApiError(Exception):
 
 
 GET, PUT = "GET", "PUT"
+SIM_GUEST = "sim.guest"
+SIM_EXIT = "sim.exit"
 # endpoint -> the one method it serves
 _ENDPOINTS: dict[str, str] = {
     "vmm.ping": GET,
@@ -178,11 +220,18 @@ _ENDPOINTS: dict[str, str] = {
     "vm.shutdown": PUT,
     "vm.info": GET,
     "vm.resize": PUT,
+    "vm.delete": PUT,
+    # Simulator only (the real VMM answers 404): what the guest and the VMM process hold
+    # (the simulated kubelet's cgroup usage), and a crash on request.
+    SIM_GUEST: GET,
+    SIM_EXIT: PUT,
 }
 # Endpoints routed through Cloud Hypervisor's generic action handler: a method other
 # than GET/PUT gets a bare 400 there, where the dedicated handlers answer with a body.
-_ACTION_HANDLERS = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.resize"})
-_NO_BODY = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown"})
+_ACTION_HANDLERS = frozenset(
+    {"vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.resize", "vm.delete"}
+)
+_NO_BODY = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.delete"})
 
 FROM_API = "Error from API"
 # The second message of each endpoint's error chain (Cloud Hypervisor's ApiError).
@@ -194,6 +243,7 @@ _FAILURE = {
     "vm.shutdown": "The VM could not shutdown",
     "vm.info": "The VM info is not available",
     "vm.resize": "The VM could not be resized",
+    "vm.delete": "The VM could not be deleted",
 }
 NOT_CREATED = "VM is not created"
 MISSING_CONFIG = "VM config is missing"
@@ -273,6 +323,8 @@ class VmmModel:
         self.state: VmState | None = None
         self.config: dict[str, Any] | None = None
         self.vmm_shutdown_requested = False
+        # Set by sim.exit: the process must exit with this status once it has answered.
+        self.exit_code: int | None = None
         self.hang = False
         # vCPUs the guest has, including those marked for removal (CpuManager's
         # "present" count), and the count a pending removal will leave.
@@ -284,6 +336,10 @@ class VmmModel:
         self._plugged = 0
         self._plug_from = 0  # plugged bytes when the current plug/unplug began
         self._plug_since = 0.0  # guest-clock time it began
+        # Bytes the guest has given back since it booted (Knobs.unplug_limit), and as of
+        # the start of the current plug/unplug.
+        self._unplugged = 0
+        self._unplugged_before = 0
         self._last_now = now
         self._guest_clock = 0.0
         self._forced: dict[str, deque[Response]] = {}
@@ -382,7 +438,10 @@ class VmmModel:
             assert self._removal_target is not None
             self._present_vcpus = self._removal_target
             self._removal_target = self._eject_at = None
-        self._plugged = self._plug_position(self._guest_clock)
+        plugged = self._plug_position(self._guest_clock)
+        if plugged < self._plugged:
+            self._unplugged += self._plugged - plugged
+        self._plugged = plugged
 
     def next_event(self) -> float | None:
         """When (caller's time) the guest will next change on its own, or None. While the
@@ -390,22 +449,35 @@ class VmmModel:
         if not self._guest_runs:
             return None
         due: list[float] = []
-        if self._eject_at is not None:
+        if self._eject_at is not None and math.isfinite(self._eject_at):
             due.append(self._eject_at)
-        target = self._hotplug_requested
-        if self._plugged != target and self.knobs.plug_rate is not None:
+        end = self._plug_end()
+        rate = self.knobs.plug_rate
+        if self._plugged != end and rate:
             moved = abs(self._plugged - self._plug_from)
-            step = min(VIRTIO_MEM_BLOCK, abs(target - self._plugged))
-            due.append(self._plug_since + (moved + step) / self.knobs.plug_rate)
+            step = min(VIRTIO_MEM_BLOCK, abs(end - self._plugged))
+            due.append(self._plug_since + (moved + step) / rate)
         if not due:
             return None
         return self._last_now + max(0.0, min(due) - self._guest_clock)
 
-    def _plug_position(self, guest_clock: float) -> int:
+    def _plug_end(self) -> int:
+        """Where the current plug/unplug stops: the requested size, unless the guest
+        cannot give that much back (``unplug_limit``) or its driver does nothing."""
         target = self._hotplug_requested
-        if self._plugged == target:
-            return target
-        distance = abs(target - self._plug_from)
+        if not self.knobs.plugs:
+            return self._plug_from
+        limit = self.knobs.unplug_limit
+        if target < self._plug_from and limit is not None:
+            budget = max(0, limit - self._unplugged_before)
+            return max(target, self._plug_from - budget)
+        return target
+
+    def _plug_position(self, guest_clock: float) -> int:
+        end = self._plug_end()
+        if self._plugged == end:
+            return end
+        distance = abs(end - self._plug_from)
         if self.knobs.plug_rate is None:
             moved = distance
         else:
@@ -414,7 +486,7 @@ class VmmModel:
             # so that advance(next_event()) always lands the block despite rounding.
             moved = int(elapsed * self.knobs.plug_rate + 0.5) // VIRTIO_MEM_BLOCK
             moved = min(moved * VIRTIO_MEM_BLOCK, distance)
-        return self._plug_from + moved if target > self._plug_from else self._plug_from - moved
+        return self._plug_from + moved if end > self._plug_from else self._plug_from - moved
 
     # ---- the API ------------------------------------------------------------------
 
@@ -458,6 +530,14 @@ class VmmModel:
             return Response(status=204)
         if endpoint == "vm.info":
             return self._json(200, self._info())
+        if endpoint == SIM_GUEST:
+            return self._json(200, self.guest_usage())
+        if endpoint == SIM_EXIT:
+            self.exit_code = self._exit_code(body)
+            return Response(status=204)
+        if endpoint == "vm.delete":
+            self._delete()
+            return Response(status=204)
         if endpoint == "vm.resize":
             if body is None:
                 raise _ApiError(400, "Bad Request")
@@ -511,6 +591,34 @@ class VmmModel:
             self._set_state(VmState.SHUTDOWN)
         self.state = self.config = None
 
+    def _delete(self) -> None:
+        # Cloud Hypervisor's vm_delete: shut a booted VM down, then forget the config; a
+        # no-op (still 204) when there is none.
+        if self.booted:
+            self._set_state(VmState.SHUTDOWN)
+        self.state = self.config = None
+
+    def _exit_code(self, body: bytes | None) -> int:
+        if body is None:
+            raise _ApiError(400, "Bad Request", 'sim.exit needs a body {"code": N}')
+        request = self._parse(body)
+        if "code" not in request:
+            raise _deserialize_error("missing field `code`")
+        code = _uint(request["code"], "code", 255, required=True)
+        assert code is not None
+        return code
+
+    def guest_usage(self) -> dict[str, int]:
+        """``sim.guest``: the memory the guest holds (boot memory plus what virtio-mem has
+        plugged and the guest not yet given back), its vCPUs not yet ejected, and what the
+        VMM process holds (the guest's memory, touched once booted, plus its own)."""
+        held = self._boot_memory + self._plugged if self.booted else 0
+        return {
+            "memory_held": held,
+            "vcpus_online": self._present_vcpus if self.booted else 0,
+            "rss": held + self.knobs.vmm_overhead,
+        }
+
     def _create(self, raw: dict[str, Any]) -> None:
         """Shape only, as serde checks it; the values are checked at boot."""
         config = copy.deepcopy(raw)
@@ -553,9 +661,12 @@ class VmmModel:
             raise self._refused("vm.boot", *problem)
         self._present_vcpus = self.requested_vcpus
         self._removal_target = self._eject_at = None
-        # A fresh guest starts with what the config asks for already plugged.
+        # A fresh guest starts with what the config asks for already plugged (unless its
+        # driver never plugs anything).
         self._hotplug_requested = self.config["memory"].get("hotplugged_size") or 0
-        self._plugged = self._plug_from = self._hotplug_requested
+        self._plugged = self._plug_from = self._hotplug_requested if self.knobs.plugs else 0
+        self._plug_since = self._guest_clock
+        self._unplugged = self._unplugged_before = 0
         self.state = VmState.RUNNING
 
     def _boot_problem(self) -> tuple[str, ...]:
@@ -691,6 +802,12 @@ class VmmModel:
                 "Memory manager error",
                 "ACPI memory hotplug is not simulated (boot with hotplug_method VirtioMem)",
             )
+        if desired < boot and not self.knobs.below_boot_refused:
+            # Before v52 MemoryManager only acts on desired_ram >= boot size, and Vm then
+            # clears hotplugged_size: a 204 that leaves the device's requested size (and
+            # the guest) as they were, so re-asking for that size is "identical".
+            memory["hotplugged_size"] = None
+            return
         if desired < boot:
             raise self._refused(
                 "vm.resize",
@@ -722,6 +839,7 @@ class VmmModel:
             )
         self._hotplug_requested = size
         self._plug_from, self._plug_since = self._plugged, self._guest_clock
+        self._unplugged_before = self._unplugged
         # None, not 0, once back at the boot size: that is what Cloud Hypervisor stores.
         memory["hotplugged_size"] = size or None
         self.advance(self._last_now)

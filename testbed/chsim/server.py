@@ -92,6 +92,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.server.unlink_socket()
         self._send(response)
+        if self.server.model.exit_code is not None:
+            self._crash(self.server.model.exit_code)
         if stopping:
             self.server.stop_soon()
         log.info(
@@ -105,6 +107,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         )
 
     do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
+
+    def _crash(self, code: int) -> None:
+        """sim.exit: die at once with ``code``, as a crashed VMM does: no cleanup, so the
+        socket file stays behind (the lock goes with the process)."""
+        log.warning("exiting on request", extra=kv(vm=self.server.vm_name, code=code))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(code)
 
     def _read_body(self) -> bytes | None:
         """The request body, None when there is none."""

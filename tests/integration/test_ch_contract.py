@@ -494,7 +494,7 @@ def test_sigterm_removes_the_socket(vmm: Vmm):
 def test_vmm_shutdown_exits(vmm: Vmm):
     vmm.boot()
     vmm.client.shutdown_vmm()
-    vmm.proc.wait(timeout=10)
+    assert vmm.proc.wait(timeout=10) == 0
     with pytest.raises(VmmUnreachable):
         vmm.client.ping()
 
@@ -636,3 +636,101 @@ def test_sim_hang_makes_the_vmm_unreachable_by_timeout(workdir: Path):
         vmm.proc.send_signal(signal.SIGUSR1)
         wait_for("the simulator to answer again", lambda: not hangs(), deadline_s=10)
         impatient.close()
+
+
+# ---- simulator only: the guest model's flags, through the process ---------------------------
+
+FOREVER_S = 1.5  # seconds a test watches to see that something never happens
+
+
+def sim_guest(vmm: Vmm) -> dict[str, int]:
+    status, body = raw(vmm.socket, "GET", "/api/v1/sim.guest")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_sim_eject_delay_never_leaves_the_removal_pending(workdir: Path):
+    with sim(workdir, "--sim-eject-delay", "never") as vmm:
+        vmm.boot(boot=MAX_VCPUS)
+        vmm.client.resize(desired_vcpus=2)
+        deadline = time.monotonic() + FOREVER_S
+        while time.monotonic() < deadline:
+            with pytest.raises(VmmBusy):
+                vmm.client.resize(desired_vcpus=2)
+            time.sleep(0.1)
+        assert sim_guest(vmm)["vcpus_online"] == MAX_VCPUS
+        vmm.client.resize(desired_vcpus=MAX_VCPUS)  # the count still running: a 204
+        assert vmm.client.info().config.cpus.boot_vcpus == MAX_VCPUS
+        with pytest.raises(VmmBusy):
+            vmm.client.resize(desired_vcpus=3)
+
+
+def test_sim_plug_rate_never_plugs_nothing(workdir: Path):
+    with sim(workdir, "--sim-plug-rate", "never") as vmm:
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 256 * MIB)
+        time.sleep(FOREVER_S)
+        info = vmm.client.info()
+        assert info.config.memory.hotplugged_size == 256 * MIB
+        assert info.memory_actual_size == BOOT_MEMORY
+        assert sim_guest(vmm)["memory_held"] == BOOT_MEMORY
+
+
+def test_sim_unplug_limit_stops_the_unplug_there(workdir: Path):
+    with sim(workdir, "--sim-plug-rate", "0", "--sim-unplug-limit", "128Mi") as vmm:
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 512 * MIB)
+        vmm.client.resize(desired_ram=BOOT_MEMORY)
+        time.sleep(FOREVER_S)
+        assert vmm.client.info().memory_actual_size == BOOT_MEMORY + 384 * MIB
+        assert sim_guest(vmm)["memory_held"] == BOOT_MEMORY + 384 * MIB
+
+
+@pytest.mark.parametrize(
+    ("version", "below_boot_status"), [("50", 204), ("51", 204), ("52", 500), ("53", 500)]
+)
+def test_sim_api_version_below_boot(workdir: Path, version: str, below_boot_status: int):
+    with sim(workdir, "--sim-api-version", version, "--sim-plug-rate", "0") as vmm:
+        assert vmm.client.ping().build_version == f"v{version}.0"
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 256 * MIB)
+        status, _ = raw(
+            vmm.socket, "PUT", "/api/v1/vm.resize", b'{"desired_ram": %d}' % (BOOT_MEMORY - 2 * MIB)
+        )
+        assert status == below_boot_status
+        if below_boot_status == 204:
+            assert vmm.client.info().config.memory.hotplugged_size is None
+            assert sim_guest(vmm)["memory_held"] == BOOT_MEMORY + 256 * MIB
+            with pytest.raises(VmmError) as caught:
+                vmm.client.resize(desired_ram=BOOT_MEMORY + 256 * MIB)
+            assert caught.value.status == 500
+
+
+def test_sim_guest_and_vmm_overhead(workdir: Path):
+    with sim(workdir, "--sim-vmm-overhead", "100Mi", "--sim-plug-rate", "0") as vmm:
+        assert sim_guest(vmm) == {"memory_held": 0, "vcpus_online": 0, "rss": 100 * MIB}
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 128 * MIB)
+        assert sim_guest(vmm) == {
+            "memory_held": BOOT_MEMORY + 128 * MIB,
+            "vcpus_online": BOOT_VCPUS,
+            "rss": BOOT_MEMORY + 228 * MIB,
+        }
+
+
+def test_sim_guest_default_overhead_is_64mib(workdir: Path):
+    with sim(workdir) as vmm:
+        assert sim_guest(vmm)["rss"] == 64 * MIB
+
+
+@pytest.mark.parametrize("code", [0, 3, 137])
+def test_sim_exit_makes_the_process_exit_with_the_code(workdir: Path, code: int):
+    with sim(workdir) as vmm:
+        vmm.boot()
+        status, _ = raw(vmm.socket, "PUT", "/api/v1/sim.exit", b'{"code": %d}' % code)
+        assert status == 204
+        assert vmm.proc.wait(timeout=10) == code
+        # A crash cleans nothing up: the socket file stays, and nobody answers on it.
+        assert os.path.exists(vmm.socket)
+        with pytest.raises(VmmUnreachable):
+            vmm.client.ping()

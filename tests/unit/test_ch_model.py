@@ -8,7 +8,10 @@ from typing import Any
 import pytest
 
 from sim.cloudhypervisor import (
+    DEFAULT_VMM_OVERHEAD,
     MIB,
+    NEVER,
+    PLUG_NEVER,
     VIRTIO_MEM_BLOCK,
     Knobs,
     Response,
@@ -579,7 +582,16 @@ def test_latency_and_hang_are_hints_for_the_server():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"eject_delay_s": -1.0}, {"plug_rate": 0.0}, {"latency_s": -0.1}, {"api_version": 0}],
+    [
+        {"eject_delay_s": -1.0},
+        {"eject_delay_s": float("nan")},
+        {"plug_rate": -1.0},
+        {"plug_rate": float("inf")},
+        {"unplug_limit": -1},
+        {"vmm_overhead": -1},
+        {"latency_s": -0.1},
+        {"api_version": 0},
+    ],
 )
 def test_knobs_validate(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -618,3 +630,237 @@ def test_every_request_in_every_state_is_answered(start):
                         assert get(model, "vm.info").body == before, (endpoint, method, body)
                     if response.body:
                         messages(response)
+
+
+# ---- the guest model: unkind guests --------------------------------------------------------
+
+FOREVER = 1e9  # seconds: long past any eject delay or plug a test configures
+
+
+def guest(model: VmmModel, now: float = 0.0) -> dict[str, int]:
+    response = get(model, "sim.guest", now)
+    assert response.status == 200, response
+    return response.json()
+
+
+def test_a_guest_that_never_ejects_keeps_the_removal_pending_for_ever():
+    model = running(Knobs(eject_delay_s=NEVER), boot=4, top=8)
+    assert put(model, "vm.resize", {"desired_vcpus": 2}).status == 204
+    assert model.next_event() is None
+    model.advance(FOREVER)
+    assert (model.present_vcpus, model.pending_vcpu_removal) == (4, 2)
+    assert guest(model, FOREVER)["vcpus_online"] == 4
+    # Every other count, the shrink's own target included, is busy for ever.
+    for desired in (2, 3, 1, 8):
+        response = put(model, "vm.resize", {"desired_vcpus": desired}, now=FOREVER)
+        assert response.status == 429, desired
+        assert messages(response) == ["Too Many Requests"]
+    # The count still running is a no-op CpuManager accepts: boot_vcpus goes back, the
+    # removal stays pending...
+    assert put(model, "vm.resize", {"desired_vcpus": 4}, now=FOREVER).status == 204
+    assert info(model, FOREVER)["config"]["cpus"]["boot_vcpus"] == 4
+    assert model.pending_vcpu_removal == 2
+    # ...so a later shrink is a 429 too, for ever.
+    assert put(model, "vm.resize", {"desired_vcpus": 3}, now=2 * FOREVER).status == 429
+
+
+def test_after_the_guest_ejects_the_same_target_is_a_204_no_op():
+    model = running(Knobs(eject_delay_s=1.0), boot=4, top=8)
+    put(model, "vm.resize", {"desired_vcpus": 2})
+    assert put(model, "vm.resize", {"desired_vcpus": 2}, now=0.5).status == 429
+    assert guest(model, 0.5)["vcpus_online"] == 4
+    assert put(model, "vm.resize", {"desired_vcpus": 2}, now=1.0).status == 204
+    assert (model.present_vcpus, model.pending_vcpu_removal) == (2, 0)
+    assert guest(model, 1.0)["vcpus_online"] == 2
+
+
+def test_a_guest_driver_that_never_plugs():
+    model = running(Knobs(plug_rate=PLUG_NEVER))
+    assert put(model, "vm.resize", {"desired_ram": 2 * GIB}).status == 204
+    assert model.next_event() is None
+    got = info(model, FOREVER)
+    # The request is recorded; the guest has none of it.
+    assert got["config"]["memory"]["hotplugged_size"] == 1 * GIB
+    assert got["memory_actual_size"] == BOOT_MEMORY
+    assert guest(model, FOREVER)["memory_held"] == BOOT_MEMORY
+    assert model.plugged_memory == 0
+
+
+def test_a_guest_driver_that_never_plugs_holds_nothing_hotplugged_at_boot():
+    model = VmmModel(Knobs(plug_rate=PLUG_NEVER))
+    cfg = config()
+    cfg["memory"]["hotplugged_size"] = 512 * MIB
+    put(model, "vm.create", cfg)
+    assert put(model, "vm.boot").status == 204
+    assert info(model)["memory_actual_size"] == BOOT_MEMORY
+
+
+@pytest.mark.parametrize("plug_rate", [None, 512 * MIB])
+def test_unplug_stops_at_the_limit_and_stays(plug_rate):
+    model = running(Knobs(plug_rate=plug_rate, unplug_limit=256 * MIB))
+    put(model, "vm.resize", {"desired_ram": 2 * GIB}, now=0.0)
+    model.advance(10.0)
+    assert model.plugged_memory == 1 * GIB
+    assert put(model, "vm.resize", {"desired_ram": BOOT_MEMORY}, now=10.0).status == 204
+    model.advance(FOREVER)
+    assert model.next_event() is None
+    assert info(model, FOREVER)["memory_actual_size"] == BOOT_MEMORY + 768 * MIB
+    assert guest(model, FOREVER)["memory_held"] == 2 * GIB - 256 * MIB
+    # Plugging still works; giving back does not, the budget is spent.
+    put(model, "vm.resize", {"desired_ram": 2 * GIB}, now=FOREVER)
+    model.advance(FOREVER + 10)
+    assert model.plugged_memory == 1 * GIB
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY}, now=FOREVER + 10)
+    model.advance(2 * FOREVER)
+    assert model.plugged_memory == 1 * GIB
+
+
+def test_unplug_limit_zero_gives_nothing_back_and_a_reboot_restores_the_budget():
+    model = running(Knobs(unplug_limit=0))
+    put(model, "vm.resize", {"desired_ram": 2 * GIB})
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 512 * MIB})
+    assert info(model)["memory_actual_size"] == 2 * GIB
+    put(model, "vm.shutdown")
+    put(model, "vm.boot")
+    # A fresh guest boots with what the config asks for and has given nothing back yet.
+    assert info(model)["memory_actual_size"] == BOOT_MEMORY + 512 * MIB
+
+
+def test_unplug_limit_counts_partial_unplugs_across_requests():
+    model = running(Knobs(unplug_limit=384 * MIB))
+    put(model, "vm.resize", {"desired_ram": 2 * GIB})
+    put(model, "vm.resize", {"desired_ram": 2 * GIB - 256 * MIB})
+    assert model.plugged_memory == 768 * MIB
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY})
+    assert model.plugged_memory == 1 * GIB - 384 * MIB
+
+
+@pytest.mark.parametrize("api_version", [50, 51])
+def test_before_v52_below_boot_is_a_silent_204_that_leaves_the_device(api_version):
+    model = running(Knobs(api_version=api_version))
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 256 * MIB})
+    assert model.plugged_memory == 256 * MIB
+    response = put(model, "vm.resize", {"desired_ram": BOOT_MEMORY - 256 * MIB})
+    assert response.status == 204 and response.body == b""
+    got = info(model)
+    assert got["config"]["memory"]["hotplugged_size"] is None
+    assert got["config"]["memory"]["size"] == BOOT_MEMORY
+    # The device still asks for 256 MiB and the guest still has them...
+    assert (model.requested_hotplug, model.plugged_memory) == (256 * MIB, 256 * MIB)
+    assert guest(model)["memory_held"] == BOOT_MEMORY + 256 * MIB
+    # ...while memory_actual_size, the request in these versions, shows the boot size.
+    assert got["memory_actual_size"] == BOOT_MEMORY
+    # Asking for that size again is "identical" to what the device has.
+    again = put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 256 * MIB})
+    assert again.status == 500
+    assert IDENTICAL in messages(again)[-1]
+    assert put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 512 * MIB}).status == 204
+
+
+@pytest.mark.parametrize("api_version", [52, 53])
+def test_from_v52_below_boot_is_a_500(api_version):
+    model = running(Knobs(api_version=api_version))
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 256 * MIB})
+    response = put(model, "vm.resize", {"desired_ram": BOOT_MEMORY - 256 * MIB})
+    assert response.status == 500
+    assert BELOW_BOOT in messages(response)[-1]
+    assert info(model)["config"]["memory"]["hotplugged_size"] == 256 * MIB
+
+
+@pytest.mark.parametrize(
+    ("api_version", "actual_while_plugging"),
+    [(50, BOOT_MEMORY + 1 * GIB), (53, BOOT_MEMORY)],
+)
+def test_memory_actual_size_is_the_request_before_v52_and_the_plug_after(
+    api_version, actual_while_plugging
+):
+    model = running(Knobs(api_version=api_version, plug_rate=PLUG_NEVER))
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 1 * GIB})
+    assert info(model, FOREVER)["memory_actual_size"] == actual_while_plugging
+
+
+@pytest.mark.parametrize("api_version", [50, 53])
+def test_ping_reports_the_release(api_version):
+    body = get(VmmModel(Knobs(api_version=api_version), pid=7), "vmm.ping").json()
+    assert body == {
+        "build_version": f"v{api_version}.0",
+        "version": f"{api_version}.0.0",
+        "pid": 7,
+        "features": ["kvm"],
+    }
+
+
+def test_sim_guest_before_boot_holds_only_the_vmm_overhead():
+    model = VmmModel()
+    assert guest(model) == {"memory_held": 0, "vcpus_online": 0, "rss": DEFAULT_VMM_OVERHEAD}
+    put(model, "vm.create", config())
+    assert guest(model) == {"memory_held": 0, "vcpus_online": 0, "rss": DEFAULT_VMM_OVERHEAD}
+
+
+def test_sim_guest_follows_the_guest_not_the_request():
+    overhead = 100 * MIB
+    model = running(Knobs(plug_rate=512 * MIB, vmm_overhead=overhead), boot=2, top=4)
+    assert guest(model) == {
+        "memory_held": BOOT_MEMORY,
+        "vcpus_online": 2,
+        "rss": BOOT_MEMORY + overhead,
+    }
+    put(model, "vm.resize", {"desired_ram": 2 * GIB, "desired_vcpus": 4}, now=0.0)
+    halfway = guest(model, 1.0)
+    assert halfway["memory_held"] == BOOT_MEMORY + 512 * MIB
+    assert halfway["rss"] == BOOT_MEMORY + 512 * MIB + overhead
+    assert halfway["vcpus_online"] == 4
+    put(model, "vm.pause", now=1.0)
+    assert guest(model, 5.0)["memory_held"] == BOOT_MEMORY + 512 * MIB
+    put(model, "vm.shutdown", now=5.0)
+    assert guest(model, 5.0) == {"memory_held": 0, "vcpus_online": 0, "rss": overhead}
+
+
+@pytest.mark.parametrize(("method", "body"), [("PUT", None), ("PUT", b"{}"), ("PATCH", None)])
+def test_sim_guest_is_get_only(method, body):
+    response = running().handle(0.0, method, "/api/v1/sim.guest", body)
+    assert response.status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b'{"code": 3}', 204, 3),
+        (b'{"code": 0}', 204, 0),
+        (None, 400, None),
+        (b"{}", 400, None),
+        (b'{"code": 256}', 400, None),
+        (b'{"code": "1"}', 400, None),
+        (b"{oops", 400, None),
+    ],
+)
+def test_sim_exit_asks_the_process_to_exit_with_the_code(body, status, code):
+    model = running()
+    response = put(model, "sim.exit", body)
+    assert response.status == status
+    assert model.exit_code == code
+    assert info(model)["state"] == "Running"
+
+
+@pytest.mark.parametrize("api_version", [50, 53])
+def test_vm_delete_removes_the_config_in_any_state(api_version):
+    for steps in (
+        [],
+        ["vm.create"],
+        ["vm.create", "vm.boot"],
+        ["vm.create", "vm.boot", "vm.pause"],
+    ):
+        model = VmmModel(Knobs(api_version=api_version))
+        for step in steps:
+            assert put(model, step, config() if step == "vm.create" else None).status == 204
+        assert put(model, "vm.delete").status == 204
+        assert model.config is None and model.state is None
+        assert get(model, "vm.info").status == (404 if api_version >= 53 else 500)
+        assert guest(model)["memory_held"] == 0
+        assert put(model, "vm.create", config()).status == 204
+
+
+def test_vm_delete_refuses_a_body():
+    model = running()
+    assert put(model, "vm.delete", {}).status == 400
+    assert info(model)["state"] == "Running"
