@@ -58,6 +58,7 @@ import enum
 import json
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -259,6 +260,15 @@ _TRANSITIONS: dict[str, tuple[frozenset[VmState], VmState, str]] = {
     "vm.shutdown": (_BOOTED, VmState.SHUTDOWN, "Cannot shutdown VM"),
 }
 HOTPLUG_METHODS = ("Acpi", "VirtioMem")
+CONSOLE_MODES = ("Off", "Pty", "Tty", "File", "Socket", "Null")
+# The payload's files, in the order Cloud Hypervisor opens them at boot.
+PAYLOAD_FILES = ("firmware", "kernel", "initramfs")
+_PAYLOAD_FILE_ERRORS = {
+    "firmware": "Cannot open the firmware image",
+    "kernel": "Cannot open the kernel image",
+    "initramfs": "Cannot open the initramfs image",
+}
+NO_SUCH_FILE = "No such file or directory (os error 2)"
 # serde defaults Cloud Hypervisor fills in for the fields a vm.create body leaves out.
 _CPUS_DEFAULTS: dict[str, Any] = {
     "kvm_hyperv": False,
@@ -304,6 +314,41 @@ def _object(value: Any, field: str) -> dict[str, Any]:
     return value
 
 
+def _every_file_exists(_path: str) -> bool:
+    return True
+
+
+def _str(value: Any, field: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _deserialize_error(f"{field}: expected a string, got {value!r}")
+    return value
+
+
+def _enum(value: Any, field: str, variants: tuple[str, ...]) -> None:
+    if value not in variants:
+        raise _deserialize_error(
+            f"{field}: unknown variant {value!r}, expected one of {', '.join(variants)}"
+        )
+
+
+def _check_shape(config: dict[str, Any]) -> None:
+    """serde's checks on the parts of a VmConfig besides cpus, memory and balloon that
+    chscale and its tests send: payload, serial and console."""
+    payload = config.get("payload")
+    if payload is not None:
+        _object(payload, "payload")
+        for field in (*PAYLOAD_FILES, "cmdline"):
+            _str(payload.get(field), f"payload.{field}")
+    for device in ("serial", "console"):
+        if config.get(device) is None:
+            continue
+        console = _object(config[device], device)
+        if "mode" not in console:
+            raise _deserialize_error(f"{device}: missing field `mode`")
+        _enum(console["mode"], f"{device}.mode", CONSOLE_MODES)
+        _str(console.get("file"), f"{device}.file")
+
+
 def _without_nulls(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
@@ -315,9 +360,18 @@ def _without_nulls(value: Any) -> Any:
 class VmmModel:
     """One VMM process: the API, the VM's state and the guest's asynchronous progress."""
 
-    def __init__(self, knobs: Knobs | None = None, pid: int = 0, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        knobs: Knobs | None = None,
+        pid: int = 0,
+        now: float = 0.0,
+        file_exists: Callable[[str], bool] | None = None,
+    ) -> None:
         self.knobs = knobs or Knobs()
         self.pid = pid
+        # The model's one view of the host: can vm.boot open the payload's files? The
+        # caller that owns a file system passes it; in memory every path opens.
+        self._file_exists = file_exists or _every_file_exists
         # None: no config. CREATED: a config, no VM object (never booted, failed to
         # boot, or shut down: SHUTDOWN keeps that apart for report_shutdown_state).
         self.state: VmState | None = None
@@ -644,6 +698,12 @@ class VmmModel:
         if config.get("balloon") is not None:
             balloon = _object(config["balloon"], "balloon")
             _uint(balloon.get("size"), "balloon.size", U64_MAX, required=True)
+        for field in ("kvm_hyperv", "nested"):
+            if field in cpus:
+                _bool(cpus[field], f"cpus.{field}")
+        if "max_phys_bits" in cpus:
+            _uint(cpus["max_phys_bits"], "cpus.max_phys_bits", 255, required=True)
+        _check_shape(config)
         if self.config is not None:
             raise self._refused("vm.create", ALREADY_CREATED)
         config["cpus"] = {**_CPUS_DEFAULTS, **cpus}
@@ -674,6 +734,9 @@ class VmmModel:
         they build the VM), or an empty tuple."""
         assert self.config is not None
         cpus, memory = self.config["cpus"], self.config["memory"]
+        payload = self.config.get("payload") or {}
+        if not (payload.get("kernel") or payload.get("firmware")):
+            return ("Error validating configuration", "No kernel or firmware specified")
         if cpus["boot_vcpus"] < 1:
             return ("Error from CPU manager", "cpus.boot_vcpus must be at least 1")
         if cpus["max_vcpus"] < cpus["boot_vcpus"]:
@@ -701,6 +764,11 @@ class VmmModel:
                     f"memory.hotplugged_size ({hotplugged}) must be a multiple of "
                     f"{VIRTIO_MEM_BLOCK} within hotplug_size ({region})",
                 )
+        # Opened last, once the VM's managers exist, as Cloud Hypervisor loads the payload.
+        for field in PAYLOAD_FILES:
+            path = payload.get(field)
+            if path and not self._file_exists(path):
+                return (_PAYLOAD_FILE_ERRORS[field], NO_SUCH_FILE)
         return ()
 
     def _transition(self, action: str) -> None:

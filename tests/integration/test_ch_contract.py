@@ -102,7 +102,15 @@ def _real_target() -> Target | str:
     )
 
 
-SIM = Target(name="sim", argv=_sim_argv, payload={"kernel": "/sim/vmlinux"}, slow_eject=True)
+# The simulator opens the kernel at boot, as Cloud Hypervisor does, but never reads it:
+# sim_target() points it at an empty file in the test's directory.
+SIM = Target(name="sim", argv=_sim_argv, payload={}, slow_eject=True)
+
+
+def sim_target(workdir: Path) -> Target:
+    kernel = workdir / "vmlinux"
+    kernel.touch()
+    return attrs.evolve(SIM, payload={"kernel": str(kernel)})
 
 
 def _targets() -> list[Any]:
@@ -188,6 +196,8 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(params=_targets())
 def vmm(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Vmm]:
     target: Target = request.param
+    if target is SIM:
+        target = sim_target(workdir)
     sock = str(workdir / "api.sock")
     proc, client = start(target, sock, workdir / "vmm.log")
     try:
@@ -485,7 +495,7 @@ def test_sigterm_removes_the_socket(vmm: Vmm):
     vmm.proc.wait(timeout=10)
     assert vmm.proc.returncode == 0
     assert not os.path.exists(vmm.socket)
-    if vmm.target is SIM:  # Cloud Hypervisor leaves its <socket>.lock file behind
+    if vmm.target.name == SIM.name:  # Cloud Hypervisor leaves its <socket>.lock file behind
         assert not os.path.exists(vmm.socket + ".lock")
     with pytest.raises(VmmUnreachable):
         vmm.client.ping()
@@ -507,7 +517,7 @@ def sim_argv(workdir: Path, argv: list[str]) -> Iterator[Vmm]:
     sock = str(workdir / "api.sock")
     proc, client = start(SIM, sock, workdir / "vmm.log", argv)
     try:
-        yield Vmm(SIM, proc, sock, client)
+        yield Vmm(sim_target(workdir), proc, sock, client)
     finally:
         client.close()
         stop(proc)
@@ -520,6 +530,8 @@ def sim(workdir: Path, *flags: str) -> contextlib.AbstractContextManager[Vmm]:
 
 def test_sim_boots_from_its_command_line(workdir: Path):
     flags = [
+        "--kernel",
+        sim_target(workdir).payload["kernel"],
         "--cpus",
         "boot=2,max=6",
         "--memory",
@@ -534,11 +546,33 @@ def test_sim_boots_from_its_command_line(workdir: Path):
 
 def test_sim_refuses_a_region_not_multiple_of_128mib(workdir: Path):
     sock = str(workdir / "api.sock")
-    argv = [*_sim_argv(sock), "--memory", "size=1G,hotplug_method=virtio-mem,hotplug_size=100M"]
+    argv = [
+        *_sim_argv(sock),
+        "--kernel",
+        sim_target(workdir).payload["kernel"],
+        "--memory",
+        "size=1G,hotplug_method=virtio-mem,hotplug_size=100M",
+    ]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30, check=False)
     assert result.returncode != 0
     assert b"128 MiB" in result.stderr
     assert not os.path.exists(sock)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "message"),
+    [(None, b"No kernel or firmware"), ("missing-vmlinux", b"Cannot open the kernel image")],
+)
+def test_sim_command_line_vm_needs_a_kernel_that_opens(
+    workdir: Path, kernel: str | None, message: bytes
+):
+    sock = str(workdir / "api.sock")
+    argv = [*_sim_argv(sock), "--cpus", "boot=1"]
+    if kernel:
+        argv += ["--kernel", str(workdir / kernel)]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
 
 
 @pytest.mark.parametrize(("version", "plain"), [(46, True), (51, False)])

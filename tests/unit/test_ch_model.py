@@ -864,3 +864,72 @@ def test_vm_delete_refuses_a_body():
     model = running()
     assert put(model, "vm.delete", {}).status == 400
     assert info(model)["state"] == "Running"
+
+
+# ---- boot checks the payload as Cloud Hypervisor does --------------------------------------
+
+
+def with_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = config()
+    if payload is None:
+        del cfg["payload"]
+    else:
+        cfg["payload"] = payload
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("payload", "files", "status", "message"),
+    [
+        (None, set(), 500, "No kernel or firmware specified"),
+        ({}, set(), 500, "No kernel or firmware specified"),
+        ({"cmdline": "console=ttyS0"}, set(), 500, "No kernel or firmware specified"),
+        ({"kernel": "/k"}, set(), 500, "No such file or directory"),
+        ({"kernel": "/k", "initramfs": "/i"}, {"/k"}, 500, "No such file or directory"),
+        ({"firmware": "/fw"}, set(), 500, "No such file or directory"),
+        ({"kernel": "/k"}, {"/k"}, 204, None),
+        ({"kernel": "/k", "initramfs": "/i"}, {"/k", "/i"}, 204, None),
+        ({"firmware": "/fw"}, {"/fw"}, 204, None),
+    ],
+)
+def test_boot_needs_a_payload_whose_files_open(payload, files, status, message):
+    model = VmmModel(file_exists=files.__contains__)
+    # vm.create stores any well-typed payload; only vm.boot looks at it.
+    assert put(model, "vm.create", with_payload(payload)).status == 204
+    response = put(model, "vm.boot")
+    assert response.status == status
+    if message:
+        chain = messages(response)
+        assert chain[:2] == ["Error from API", "The VM could not boot"]
+        assert message in chain[-1]
+        assert info(model)["state"] == "Created"
+        assert guest(model)["memory_held"] == 0
+    else:
+        assert info(model)["state"] == "Running"
+
+
+def test_the_missing_file_is_named_by_its_role():
+    model = VmmModel(file_exists={"/k"}.__contains__)
+    put(model, "vm.create", with_payload({"kernel": "/k", "initramfs": "/i"}))
+    assert "Cannot open the initramfs image" in messages(put(model, "vm.boot"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"payload": {"kernel": 3}},
+        {"payload": "/boot/vmlinux"},
+        {"payload": {"cmdline": ["a"]}},
+        {"serial": {"mode": "Nope"}},
+        {"serial": {}},
+        {"console": {"mode": "File", "file": 1}},
+        {"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "nested": "yes"}},
+        {"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "max_phys_bits": 300}},
+    ],
+)
+def test_create_types_the_body_as_serde_does(body):
+    model = VmmModel()
+    response = put(model, "vm.create", body)
+    assert response.status == 400
+    assert messages(response)[0] == "Failed to deserialize JSON"
+    assert model.config is None
