@@ -71,6 +71,13 @@ VIRTIO_MEM_BLOCK = 2 * MIB
 DEFAULT_BOOT_MEMORY = 512 * MIB
 DEFAULT_MAX_PHYS_BITS = 46
 JSON = "application/json"
+# The HTTP layer (micro_http, as Cloud Hypervisor v50-v53 pin it): the only methods it
+# parses, its own Server header, and the most body it reads.
+HTTP_METHODS = ("GET", "PUT", "PATCH")
+SERVER_HEADER = "Cloud Hypervisor API"
+HTTP_LIBRARY_SERVER_HEADER = "Firecracker API"
+MAX_PAYLOAD_SIZE = 51200
+INVALID_METHOD = "Invalid HTTP Method: Unsupported HTTP method."
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 # Float slack so that advance(next_event()) always sees the event as due.
@@ -101,14 +108,19 @@ class VmState(enum.Enum):
 
 @attrs.frozen(slots=True)
 class Response:
-    """One HTTP answer. ``delay`` and ``hang`` are instructions for the server, not
-    part of the wire: wait ``delay`` seconds before answering, or never answer."""
+    """One HTTP answer. ``delay``, ``hang`` and ``close`` are instructions for the server,
+    not part of the wire: wait ``delay`` seconds before answering, never answer, or close
+    the connection once answered. ``server`` is the Server header: an answer from the HTTP
+    library itself (a request it cannot parse) never reaches Cloud Hypervisor's router,
+    which is what sets "Cloud Hypervisor API"."""
 
     status: int
     body: bytes = b""
     content_type: str | None = JSON
     delay: float = 0.0
     hang: bool = False
+    close: bool = False
+    server: str = SERVER_HEADER
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
@@ -194,6 +206,15 @@ class Knobs:
     @property
     def build(self) -> str:
         return self.build_version or f"v{self.api_version}.0"
+
+
+def http_error(reason: str) -> Response:
+    """micro_http's answer to a request it cannot parse (a method it does not know, a bad
+    header, an oversized body): 400 with a ``{"error": ...}`` object, not the router's
+    JSON array, and the connection closed. The body is micro_http's format string
+    verbatim, a raw newline inside the string included (strict JSON parsers refuse it)."""
+    text = f'{{ "error": "{reason}\nAll previous unanswered requests will be dropped." }}'
+    return Response(status=400, body=text.encode(), close=True, server=HTTP_LIBRARY_SERVER_HEADER)
 
 
 class _ApiError(Exception):
@@ -548,17 +569,30 @@ class VmmModel:
         self.advance(now)
         if self.hang:
             return Response(status=0, body=b"", hang=True)
-        response = self._route(method.upper(), path, body or None)
+        if method not in HTTP_METHODS:  # case-sensitive, as micro_http parses it
+            return http_error(INVALID_METHOD)
+        if body is not None and len(body) > MAX_PAYLOAD_SIZE:
+            return http_error(
+                f"Request payload with size {len(body)} is larger than the limit of "
+                f"{MAX_PAYLOAD_SIZE} allowed by server."
+            )
+        response = self._route(method, path, body or None)
         if self.knobs.latency_s and not response.delay:
             response = attrs.evolve(response, delay=self.knobs.latency_s)
         return response
 
     def _route(self, method: str, path: str, body: bytes | None) -> Response:
-        path = path.split("?", 1)[0]
+        # micro_http's absolute path: an "http://host" prefix dropped, the rest (a query
+        # string included) matched exactly against the routes.
+        if path.startswith("http://"):
+            rest = path[len("http://") :]
+            path = rest[rest.index("/") :] if "/" in rest else ""
         endpoint = path[len(API_PREFIX) :] if path.startswith(API_PREFIX) else None
         if endpoint is None or endpoint not in _ENDPOINTS:
             return self._error(_ApiError(404, "Not Found"))
         if method != _ENDPOINTS[endpoint]:
+            # The generic action handler answers a method it has no handler for (PATCH)
+            # with a bare 400; the dedicated handlers answer ["Bad Request"].
             bare = endpoint in _ACTION_HANDLERS and method not in (GET, PUT)
             return self._error(_ApiError(400, "Bad Request", bare=bare))
         forced = self._forced.get(endpoint)
