@@ -48,7 +48,27 @@ removal, so the config then shows more vCPUs than the guest ends up with
 Version knobs (``api_version``) select the behaviour of older releases: the status for
 "VM not created" (404 from v53, 500 before), error bodies (a JSON array of strings from
 v47, plain text before), ``memory_actual_size`` (the virtio-mem *plugged* size from v52;
-before, the *requested* size) and ``null`` optional fields (omitted from v53).
+before, the *requested* size), ``desired_ram`` below the boot size (before v52 a silent
+204 that only clears ``hotplugged_size``; a 500 from v52) and ``null`` optional fields
+(omitted from v53). ``vmm.ping`` reports ``v<N>.0``, as a release built from its tag.
+
+The guest is as kind as its knobs say (REALITY.md section 1): ``eject_delay_s=NEVER`` is
+a guest whose ACPI eject never comes, ``plug_rate=PLUG_NEVER`` a virtio-mem driver that
+does nothing, ``unplug_limit`` a guest that can give back only so much memory. The
+defaults are a cooperative guest at the latest version.
+
+``vm.boot`` checks the config as Cloud Hypervisor does: a payload with a kernel or
+firmware is required, and its files must open; the model asks ``file_exists`` (given by
+whoever owns a file system; in memory every path opens) and never reads them.
+
+HTTP: the model also answers what micro_http, Cloud Hypervisor's HTTP library, refuses
+before the router sees it (a method other than GET, PUT and PATCH; an oversized body):
+:func:`http_error`, a 400 ``{"error": ...}`` that closes the connection. The server
+uses the same function for requests it cannot frame.
+
+Two endpoints exist only here: ``GET sim.guest`` (what the guest and the VMM process
+hold: the simulated kubelet's cgroup usage) and ``PUT sim.exit`` (the process must exit
+with the given status, as a crash).
 """
 
 from __future__ import annotations
