@@ -5,6 +5,11 @@ clock (monotonic seconds since start), sleeps for the model's latency hints, wit
 answers the model says hang, and draws the seeded random faults. One lock serialises the
 model, as Cloud Hypervisor's single API thread does.
 
+Requests are read the way micro_http (Cloud Hypervisor's HTTP library) reads them, not
+the way Python's ``http.server`` does: its methods, its header rules, its 1024-byte lines
+and 51200-byte bodies, its 400 ``{"error": ...}`` and closed connection for anything it
+cannot parse, and its framing of answers (no reason phrase, no content headers on 204).
+
 Like Cloud Hypervisor (v53), the server holds an exclusive lock on ``<socket>.lock``
 while it serves, so a second VMM started on the same path fails instead of deleting a
 live socket; under that lock a socket file left by a crashed run is stale and removed.
