@@ -117,6 +117,11 @@ LATEST_API_VERSION = 53
 NEVER = math.inf
 PLUG_NEVER = 0.0
 DEFAULT_VMM_OVERHEAD = 64 * MIB
+RUST_BACKTRACE_DELAY_S = 0.5
+RUST_BACKTRACE_TEXT = "\n\nStack backtrace:\n" + "".join(
+    f"  {i:>2}: vmm::frame_{i}\n             at ./vmm/src/lib.rs:{100 + 7 * i}:9\n"
+    for i in range(24)
+)
 
 
 class VmState(enum.Enum):
@@ -177,6 +182,9 @@ class Knobs:
     strict_pending_removal: bool = False
     # None: derived from api_version, as a release built from its git tag reports it.
     build_version: str | None = None
+    # The VMM was started with RUST_BACKTRACE=1: every 500 carries a multi-line stack
+    # backtrace and takes RUST_BACKTRACE_DELAY_S longer.
+    rust_backtrace: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.api_version < 1:
@@ -660,9 +668,17 @@ class VmmModel:
     def _error(self, exc: _ApiError) -> Response:
         if exc.bare:
             return Response(status=exc.status)
+        messages, delay = list(exc.messages), 0.0
+        if self.knobs.rust_backtrace and exc.status == 500 and messages:
+            # A VMM started with RUST_BACKTRACE=1 captures a backtrace with each error
+            # (slowly) and prints it with the innermost message.
+            messages[-1] += RUST_BACKTRACE_TEXT
+            delay = RUST_BACKTRACE_DELAY_S
         if self.knobs.json_errors:
-            return Response(status=exc.status, body=json.dumps(list(exc.messages)).encode())
-        return Response(status=exc.status, body=": ".join(exc.messages).encode())
+            body = json.dumps(messages).encode()
+        else:
+            body = ": ".join(messages).encode()
+        return Response(status=exc.status, body=body, delay=delay)
 
     @staticmethod
     def _json(status: int, value: Any) -> Response:

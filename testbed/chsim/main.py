@@ -249,6 +249,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the count the guest still has (Cloud Hypervisor accepts that one)",
     )
     p.add_argument(
+        "--sim-rust-backtrace",
+        action="store_true",
+        help="answer as a VMM started with RUST_BACKTRACE=1: a multi-line stack backtrace "
+        "appended to every 500 body, each such answer 0.5 s slower (a flag, not the "
+        "variable itself, so a developer's environment does not change the simulator)",
+    )
+    p.add_argument(
         "--sim-report-shutdown-state",
         action="store_true",
         help="report Shutdown after vm.shutdown (Cloud Hypervisor reports Created)",
@@ -281,6 +288,7 @@ def plan(args: argparse.Namespace) -> Plan:
         report_memory_actual_size=not args.sim_omit_memory_actual_size,
         strict_pending_removal=args.sim_strict_pending_removal,
         report_shutdown_state=args.sim_report_shutdown_state,
+        rust_backtrace=args.sim_rust_backtrace,
     )
     faults = FaultPlan(
         rate=args.sim_error_rate,

@@ -768,3 +768,13 @@ def test_sim_exit_makes_the_process_exit_with_the_code(workdir: Path, code: int)
         assert os.path.exists(vmm.socket)
         with pytest.raises(VmmUnreachable):
             vmm.client.ping()
+
+
+def test_sim_rust_backtrace_makes_500s_long(workdir: Path):
+    with sim(workdir, "--sim-rust-backtrace") as vmm:
+        vmm.boot()
+        with pytest.raises(VmmError) as caught:
+            vmm.client.resize(desired_vcpus=MAX_VCPUS + 1)
+        assert caught.value.status == 500
+        assert "Stack backtrace" in caught.value.chain[-1]
+        assert caught.value.chain[-1].count("\n") > 20

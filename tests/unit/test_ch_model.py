@@ -12,6 +12,7 @@ from sim.cloudhypervisor import (
     MIB,
     NEVER,
     PLUG_NEVER,
+    RUST_BACKTRACE_DELAY_S,
     VIRTIO_MEM_BLOCK,
     Knobs,
     Response,
@@ -974,3 +975,19 @@ def test_create_types_the_body_as_serde_does(body):
     assert response.status == 400
     assert messages(response)[0] == "Failed to deserialize JSON"
     assert model.config is None
+
+
+def test_rust_backtrace_makes_every_500_long_multi_line_and_slow():
+    model = running(Knobs(rust_backtrace=True))
+    response = put(model, "vm.resize", {"desired_vcpus": 99})
+    assert response.status == 500
+    chain = messages(response)
+    assert chain[:2] == ["Error from API", "The VM could not be resized"]
+    assert chain[-1].startswith("Requested vCPUs exceed maximum\n")
+    assert chain[-1].count("\n") > 20 and "Stack backtrace" in chain[-1]
+    assert response.delay == RUST_BACKTRACE_DELAY_S
+    # Other statuses are as without it.
+    busy = running(Knobs(rust_backtrace=True, eject_delay_s=NEVER), boot=4, top=8)
+    put(busy, "vm.resize", {"desired_vcpus": 2})
+    assert put(busy, "vm.resize", {"desired_vcpus": 3}).json() == ["Too Many Requests"]
+    assert put(model, "vm.resize", b"{bad").delay == 0.0

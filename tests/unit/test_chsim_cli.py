@@ -80,3 +80,9 @@ def test_help_documents_every_guest_knob(capsys):
         "sim.exit",
     ):
         assert needle in text, needle
+
+
+def test_rust_backtrace_is_a_flag_not_the_environment(monkeypatch):
+    monkeypatch.setenv("RUST_BACKTRACE", "1")
+    assert knobs().rust_backtrace is False
+    assert knobs("--sim-rust-backtrace").rust_backtrace is True
