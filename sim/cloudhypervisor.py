@@ -204,10 +204,6 @@ class Knobs:
             raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
 
     @property
-    def ejects(self) -> bool:
-        return math.isfinite(self.eject_delay_s)
-
-    @property
     def plugs(self) -> bool:
         return self.plug_rate != PLUG_NEVER
 
