@@ -1,0 +1,170 @@
+"""Pure helpers the benchmarks share: percentiles and ratios, the API server's request
+counters, the components' log lines, and a counting wrapper.
+
+No I/O here (the benchmarks fetch ``/metrics`` and read logs themselves), so each helper
+has a unit test (``tests/unit/test_bench_measure.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+# The verbs of apiserver_request_total that change state (reads: GET, LIST, WATCH).
+WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "APPLY"})
+# Writes a node or a leader election makes on a timer whatever resizes happen: reported
+# apart, not charged to a resize.
+BACKGROUND_RESOURCES = frozenset({"leases", "nodes"})
+
+# (resource, subresource, verb)
+RequestKey = tuple[str, str, str]
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
+_LOGFMT = re.compile(r'(?P<key>[A-Za-z_][\w.-]*)=(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<bare>\S*))')
+
+
+def percentile(values: Iterable[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in [0, 100]); 0.0 for no values."""
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile: p must be within [0, 100], got {p}")
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def ratio(value: float, floor: float) -> float:
+    """``value / floor``; ``inf`` when the floor is not positive (never a ZeroDivisionError)."""
+    if floor <= 0:
+        return math.inf
+    return value / floor
+
+
+def parse_request_totals(text: str) -> dict[RequestKey, float]:
+    """``apiserver_request_total`` from a Prometheus text exposition, summed over every
+    label except resource, subresource and verb (code, scope, group, version, ...)."""
+    totals: dict[RequestKey, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total"):
+            continue
+        match = _SAMPLE.match(line)
+        if match is None or match.group("name") != "apiserver_request_total":
+            continue
+        labels = {
+            m.group("key"): m.group("value") for m in _LABEL.finditer(match.group("labels") or "")
+        }
+        try:
+            value = float(match.group("value"))
+        except ValueError:
+            continue
+        key = (labels.get("resource", ""), labels.get("subresource", ""), labels.get("verb", ""))
+        totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+def writes_between(
+    before: Mapping[RequestKey, float], after: Mapping[RequestKey, float]
+) -> Counter[RequestKey]:
+    """The write requests served between two snapshots (counters only grow; a key that
+    shrank means the server restarted, which is an error, not a negative count)."""
+    out: Counter[RequestKey] = Counter()
+    for key, value in after.items():
+        if key[2] not in WRITE_VERBS:
+            continue
+        delta = value - before.get(key, 0.0)
+        if delta < 0:
+            raise ValueError(f"apiserver_request_total{key} went down: was the server restarted?")
+        if delta:
+            out[key] = round(delta)
+    return out
+
+
+def write_name(key: RequestKey) -> str:
+    """``virtualmachines/status PATCH`` -> ``virtualmachines_status_patch``."""
+    resource, subresource, verb = key
+    parts = [resource or "none"] + ([subresource] if subresource else []) + [verb.lower()]
+    return "_".join(p.replace(".", "_").replace("-", "_") for p in parts)
+
+
+def per_resize(
+    writes: Mapping[RequestKey, int], resizes: int
+) -> tuple[float, float, dict[str, float]]:
+    """(writes per resize, background writes per resize, breakdown by write_name) with
+    the background resources (leases, nodes) left out of the first and the breakdown."""
+    if resizes <= 0:
+        raise ValueError(f"per_resize: resizes must be > 0, got {resizes}")
+    charged = {k: v for k, v in writes.items() if k[0] not in BACKGROUND_RESOURCES}
+    background = sum(v for k, v in writes.items() if k[0] in BACKGROUND_RESOURCES)
+    breakdown = {write_name(k): v / resizes for k, v in sorted(charged.items())}
+    return sum(charged.values()) / resizes, background / resizes, breakdown
+
+
+def parse_log_line(line: str) -> tuple[datetime, dict[str, str]] | None:
+    """One logfmt line of a chscale process (``ts=... level=... msg=... vm=...``): its
+    time and fields, or None for a line that is not one (a traceback, a blank)."""
+    fields: dict[str, str] = {}
+    for m in _LOGFMT.finditer(line):
+        quoted = m.group("quoted")
+        value = quoted.replace('\\"', '"') if quoted is not None else m.group("bare")
+        fields[m.group("key")] = value
+    ts = fields.get("ts")
+    if not ts:
+        return None
+    try:
+        when = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when, fields
+
+
+def busy_gaps(lines: Iterable[str]) -> list[float]:
+    """Per vm.resize that was refused Busy (429) at least once: seconds from the first
+    refusal to the request the VMM accepted next, from a node daemon's log."""
+    gaps: list[float] = []
+    first_refusal: dict[str, datetime] = {}
+    for line in lines:
+        parsed = parse_log_line(line)
+        if parsed is None:
+            continue
+        when, fields = parsed
+        vm, msg = fields.get("vm", ""), fields.get("msg", "")
+        if msg == "VMM call refused" and fields.get("kind") == "Busy":
+            first_refusal.setdefault(vm, when)
+        elif msg == "VMM resize requested" and vm in first_refusal:
+            gaps.append((when - first_refusal.pop(vm)).total_seconds())
+    return gaps
+
+
+class CallCounter:
+    """Wraps a function and counts its calls (the simulation's ``decide``): in all, by
+    the name of the calling function, and ``repeats``, the calls whose arguments equal
+    those of the previous call from the same caller for the same ``key(args)`` (the same
+    observation evaluated again)."""
+
+    def __init__(
+        self, fn: Callable[..., Any], key: Callable[[tuple[Any, ...]], Hashable] | None = None
+    ) -> None:
+        self.fn = fn
+        self.key = key
+        self.calls = 0
+        self.repeats = 0
+        self.by_caller: Counter[str] = Counter()
+        self._last: dict[tuple[str, Hashable], tuple[Any, ...]] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        caller = sys._getframe(1).f_code.co_name
+        self.by_caller[caller] += 1
+        if self.key is not None:
+            slot = (caller, self.key(args))
+            if self._last.get(slot) == args:
+                self.repeats += 1
+            self._last[slot] = args
+        return self.fn(*args, **kwargs)
