@@ -168,3 +168,99 @@ class CallCounter:
                 self.repeats += 1
             self._last[slot] = args
         return self.fn(*args, **kwargs)
+
+
+# --- where a resize's time goes, from the components' logs ----------------------------------
+
+# The steps of a one-step grow (pod first, then guest) in order, each the log line that
+# marks it done: (milestone, component whose log has it, predicate on the fields).
+GROW_MILESTONES: tuple[tuple[str, str, Callable[[Mapping[str, str]], bool]], ...] = (
+    (
+        "admitted",
+        "webhook",
+        lambda f: (
+            f.get("msg") == "admission reviewed"
+            and f.get("route") == "/validate-vm"
+            and f.get("operation") == "UPDATE"
+        ),
+    ),
+    ("pod_resize_requested", "controller", lambda f: f.get("msg") == "pod resize requested"),
+    ("pod_actuated", "kubelet", lambda f: f.get("msg") == "pod status written"),
+    (
+        "guest_step_started",
+        "controller",
+        lambda f: f.get("msg") == "phase changed" and f.get("to") == "ResizeInProgress",
+    ),
+    ("vmm_resized", "daemon", lambda f: f.get("msg") == "VMM resize requested"),
+    (
+        "completed",
+        "daemon",
+        lambda f: f.get("msg") == "phase changed" and f.get("to") in ("Running", "Paused"),
+    ),
+)
+
+
+def log_vm(fields: Mapping[str, str]) -> str | None:
+    """The VM a log line is about, as namespace/name: ``vm=``, the webhook's ``object=``,
+    or the kubelet's ``pod=namespace/vm-<name>`` (chscale's pod naming)."""
+    if fields.get("vm"):
+        return fields["vm"]
+    if fields.get("object"):
+        return fields["object"]
+    pod = fields.get("pod", "")
+    namespace, _, name = pod.partition("/")
+    if name.startswith("vm-"):
+        return f"{namespace}/{name[3:]}"
+    return None
+
+
+def milestones(
+    logs: Mapping[str, Iterable[str]],
+    sent: Mapping[str, datetime],
+    steps: tuple[tuple[str, str, Callable[[Mapping[str, str]], bool]], ...] = GROW_MILESTONES,
+) -> dict[str, dict[str, datetime]]:
+    """Per VM (namespace/name) with a ``sent`` time, when each step was first logged at or
+    after the step before it (``logs``: lines by component). A step never logged ends
+    that VM's list: later steps are not looked for."""
+    events: dict[tuple[str, str], list[datetime]] = {}
+    for component, lines in logs.items():
+        for line in lines:
+            parsed = parse_log_line(line)
+            if parsed is None:
+                continue
+            when, fields = parsed
+            vm = log_vm(fields)
+            if vm is None or vm not in sent:
+                continue
+            for name, owner, matches in steps:
+                if owner == component and matches(fields):
+                    events.setdefault((vm, name), []).append(when)
+    out: dict[str, dict[str, datetime]] = {}
+    for vm, start in sent.items():
+        reached: dict[str, datetime] = {}
+        previous = start
+        for name, _, _ in steps:
+            later = [t for t in events.get((vm, name), []) if t >= previous]
+            if not later:
+                break
+            previous = reached[name] = min(later)
+        out[vm] = reached
+    return out
+
+
+def stage_seconds(
+    reached: Mapping[str, Mapping[str, datetime]],
+    sent: Mapping[str, datetime],
+    steps: tuple[tuple[str, str, Callable[[Mapping[str, str]], bool]], ...] = GROW_MILESTONES,
+) -> dict[str, list[float]]:
+    """Per step, the seconds each VM spent from the step before (``sent`` for the first)
+    to it: ``{"admitted": [...], "pod_resize_requested": [...], ...}``."""
+    out: dict[str, list[float]] = {name: [] for name, _, _ in steps}
+    for vm, times in reached.items():
+        previous = sent[vm]
+        for name, _, _ in steps:
+            if name not in times:
+                break
+            out[name].append((times[name] - previous).total_seconds())
+            previous = times[name]
+    return out

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
 from bench.measure import (
     CallCounter,
     busy_gaps,
+    log_vm,
+    milestones,
     parse_log_line,
     parse_request_totals,
     per_resize,
     percentile,
     ratio,
+    stage_seconds,
     write_name,
     writes_between,
 )
@@ -144,3 +147,50 @@ def test_call_counter_counts_callers_and_repeats() -> None:
     assert counter.calls == 4
     assert counter.repeats == 1
     assert counter.by_caller == {"first": 3, "second": 1}
+
+
+def _line(ts: str, **fields: str) -> str:
+    body = " ".join(f'{k}="{v}"' if " " in v else f"{k}={v}" for k, v in fields.items())
+    return f"ts=2026-12-04T21:00:{ts}Z level=info {body}"
+
+
+def test_log_vm_names_the_vm_from_each_component() -> None:
+    assert log_vm({"vm": "default/a"}) == "default/a"
+    assert log_vm({"object": "default/a"}) == "default/a"
+    assert log_vm({"pod": "default/vm-a"}) == "default/a"
+    assert log_vm({"pod": "default/other"}) is None
+
+
+def test_milestones_take_each_step_after_the_one_before() -> None:
+    sent = {"default/a": datetime.fromisoformat("2026-12-04T21:00:01+00:00")}
+    review = {"msg": "admission reviewed", "route": "/validate-vm", "operation": "UPDATE"}
+    logs = {
+        "webhook": [
+            # Before the patch was sent: not this resize's.
+            _line("00.500", **review, object="default/a"),
+            _line("01.100", **review, object="default/a"),
+        ],
+        "controller": [
+            _line("01.300", msg="pod resize requested", vm="default/a"),
+            _line("01.600", msg="phase changed", vm="default/a", to="ResizeInProgress"),
+        ],
+        # The kubelet's status write before the pod resize was asked for does not count.
+        "kubelet": [
+            _line("01.200", msg="pod status written", pod="default/vm-a"),
+            _line("01.500", msg="pod status written", pod="default/vm-a"),
+        ],
+        "daemon": [_line("01.700", msg="VMM resize requested", vm="default/a")],
+    }
+    reached = milestones(logs, sent)["default/a"]
+    assert list(reached) == [
+        "admitted",
+        "pod_resize_requested",
+        "pod_actuated",
+        "guest_step_started",
+        "vmm_resized",
+    ]  # never completed: the list stops there
+    stages = stage_seconds({"default/a": reached}, sent)
+    assert [round(v, 3) for v in stages["admitted"]] == [0.1]
+    assert [round(v, 3) for v in stages["pod_actuated"]] == [0.2]
+    assert [round(v, 3) for v in stages["vmm_resized"]] == [0.1]
+    assert stages["completed"] == []
