@@ -12,7 +12,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 # The verbs of apiserver_request_total that change state (reads: GET, LIST, WATCH).
@@ -200,6 +200,11 @@ GROW_MILESTONES: tuple[tuple[str, str, Callable[[Mapping[str, str]], bool]], ...
 )
 
 
+# A component logs a step after the API write that made it, so the next component,
+# woken by that write, can log its own step a few milliseconds *before* it.
+LOG_SLACK_S = 0.05
+
+
 def log_vm(fields: Mapping[str, str]) -> str | None:
     """The VM a log line is about, as namespace/name: ``vm=``, the webhook's ``object=``,
     or the kubelet's ``pod=namespace/vm-<name>`` (chscale's pod naming)."""
@@ -218,10 +223,11 @@ def milestones(
     logs: Mapping[str, Iterable[str]],
     sent: Mapping[str, datetime],
     steps: tuple[tuple[str, str, Callable[[Mapping[str, str]], bool]], ...] = GROW_MILESTONES,
+    slack_s: float = LOG_SLACK_S,
 ) -> dict[str, dict[str, datetime]]:
     """Per VM (namespace/name) with a ``sent`` time, when each step was first logged at or
-    after the step before it (``logs``: lines by component). A step never logged ends
-    that VM's list: later steps are not looked for."""
+    after the step before it, less ``slack_s`` (``logs``: lines by component). A step
+    never logged ends that VM's list: later steps are not looked for."""
     events: dict[tuple[str, str], list[datetime]] = {}
     for component, lines in logs.items():
         for line in lines:
@@ -240,7 +246,8 @@ def milestones(
         reached: dict[str, datetime] = {}
         previous = start
         for name, _, _ in steps:
-            later = [t for t in events.get((vm, name), []) if t >= previous]
+            after = previous - timedelta(seconds=slack_s)
+            later = [t for t in events.get((vm, name), []) if t >= after]
             if not later:
                 break
             previous = reached[name] = min(later)
