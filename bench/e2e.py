@@ -29,9 +29,11 @@ leases excluded (printed as ``api_background_writes_per_resize``). One
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,6 +50,7 @@ from bench.measure import (
     per_resize,
     percentile,
     ratio,
+    status_changes,
     writes_between,
 )
 from core import parse_vm
@@ -87,14 +90,55 @@ def wait_resized(kube: Kube, vcpus: int, memory: int, poll: float) -> dict[str, 
         time.sleep(poll)
 
 
+class StatusTrace(threading.Thread):
+    """Watches the bench VM and names what each status write changed (bench.measure's
+    status_changes): which writes carry information and which only restate it."""
+
+    def __init__(self, kube: Kube, resource_version: str) -> None:
+        super().__init__(daemon=True)
+        self.stream = kube.open_watch(
+            vm_path(NAMESPACE),
+            {"fieldSelector": f"metadata.name={VM_NAME}", "resourceVersion": resource_version},
+            timeout=CONVERGE_TIMEOUT_S * 10,
+        )
+        self.changes: Counter[str] = Counter()
+        self.last: dict[str, Any] | None = None
+
+    def run(self) -> None:
+        with contextlib.suppress(Exception):  # the stream is closed under it at the end
+            for event in self.stream:
+                obj = event.get("object") or {}
+                if event.get("type") != "MODIFIED" or "metadata" not in obj:
+                    continue
+                if self.last is not None:
+                    if obj["metadata"].get("generation") != self.last["metadata"].get("generation"):
+                        self.changes["spec"] += 1
+                    else:
+                        self.changes[
+                            status_changes(self.last.get("status"), obj.get("status") or {})
+                        ] += 1
+                self.last = obj
+
+    def stop(self) -> Counter[str]:
+        self.stream.close()
+        self.join(5.0)
+        return self.changes
+
+
 def run(
-    kube: Kube, resizes: int, poll: float, settle: float
-) -> tuple[list[float], Counter[RequestKey]]:
-    """The resizes' latencies and the API writes they made (the VM's creation and boot
-    not included)."""
+    kube: Kube, resizes: int, poll: float, settle: float, trace: bool = False
+) -> tuple[list[float], Counter[RequestKey], Counter[str]]:
+    """The resizes' latencies, the API writes they made (the VM's creation and boot
+    not included) and, with ``trace``, what each VM write changed."""
     apply_vm(kube, vm_object(VM_NAME, SMALL), NAMESPACE)
     Follower(kube, NAMESPACE, VM_NAME).wait(converged, CONVERGE_TIMEOUT_S)
     before = quiet_totals(kube)
+    tracer = None
+    if trace:
+        tracer = StatusTrace(
+            kube, kube.get(vm_path(NAMESPACE, VM_NAME))["metadata"]["resourceVersion"]
+        )
+        tracer.start()
     latencies: list[float] = []
     for i in range(resizes):
         vcpus, memory = LARGE if i % 2 == 0 else SMALL
@@ -104,7 +148,8 @@ def run(
         resize_vm(kube, NAMESPACE, VM_NAME, vcpus, memory)
         wait_resized(kube, vcpus, parse_bytes(memory), poll)
         latencies.append(time.perf_counter() - started)
-    return latencies, writes_between(before, quiet_totals(kube))
+    writes = writes_between(before, quiet_totals(kube))
+    return latencies, writes, tracer.stop() if tracer is not None else Counter()
 
 
 # --- the floor ----------------------------------------------------------------------------
@@ -156,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the simulated guests take to eject vCPUs (default: the simulator's)",
     )
     parser.add_argument("--latencies", action="store_true", help="also print each resize's latency")
+    parser.add_argument(
+        "--trace-status",
+        action="store_true",
+        help="watch the VM and print what each of its writes changed, per resize",
+    )
     parser.add_argument("--state-dir", help="default: a temporary directory (logs/ in it)")
     args = parser.parse_args(argv)
     if args.resizes < 1:
@@ -172,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         assert stack.control_plane is not None
         kube = Kube(stack.control_plane.api_client())
-        latencies, writes = run(kube, args.resizes, args.poll, args.settle)
+        latencies, writes, changes = run(
+            kube, args.resizes, args.poll, args.settle, args.trace_status
+        )
         floor, floor_writes = measure_floor(kube, stack, samples)
     finally:
         stack.stop()
@@ -200,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"api_background_writes_per_resize={background:.2f}")
     for name, value in breakdown.items():
         print(f"api_writes_per_resize_{name}={value:.2f}")
+    for name, count in sorted(changes.items()):
+        label = name.replace("+", "_and_").replace(".", "_")
+        print(f"e2e_vm_writes_per_resize_changing_{label}={count / len(latencies):.2f}")
     daemon_log = stack.logs / f"daemon-{NODE}.log"
     gaps = busy_gaps(daemon_log.read_text().splitlines()) if daemon_log.exists() else []
     # A vm.resize refused 429 (a vCPU removal still pending in the guest), retried until

@@ -271,3 +271,41 @@ def stage_seconds(
             out[name].append((times[name] - previous).total_seconds())
             previous = times[name]
     return out
+
+
+# --- what each VM status write changed -------------------------------------------------------
+
+# Stamps that change on every write and say nothing by themselves.
+_STAMPS = frozenset({"lastTransitionTime", "lastProbeTime", "lastUpdateTime"})
+
+
+def _without_stamps(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_stamps(v) for k, v in value.items() if k not in _STAMPS}
+    if isinstance(value, list):
+        return [_without_stamps(v) for v in value]
+    return value
+
+
+def status_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> str:
+    """What one status write changed, as a name: the status fields that differ, sorted
+    and joined by ``+``; a field holding an object on both sides by its keys
+    (``resize.step``), a condition by its type (``conditions.Resized``); ``nothing``
+    when only timestamps moved."""
+    old = _without_stamps(dict(before or {}))
+    new = _without_stamps(dict(after))
+    changed: set[str] = set()
+    for key in set(old) | set(new):
+        if key == "conditions":
+            old_c = {c.get("type"): c for c in old.get(key) or [] if isinstance(c, dict)}
+            new_c = {c.get("type"): c for c in new.get(key) or [] if isinstance(c, dict)}
+            for ctype in set(old_c) | set(new_c):
+                if old_c.get(ctype) != new_c.get(ctype):
+                    changed.add(f"conditions.{ctype}")
+        elif isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            for sub in set(old[key]) | set(new[key]):
+                if old[key].get(sub) != new[key].get(sub):
+                    changed.add(f"{key}.{sub}")
+        elif old.get(key) != new.get(key):
+            changed.add(key)
+    return "+".join(sorted(changed)) or "nothing"

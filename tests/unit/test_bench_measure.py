@@ -18,6 +18,7 @@ from bench.measure import (
     percentile,
     ratio,
     stage_seconds,
+    status_changes,
     write_name,
     writes_between,
 )
@@ -195,3 +196,32 @@ def test_milestones_take_each_step_after_the_one_before() -> None:
     assert [round(v, 3) for v in stages["pod_actuated"]] == [0.2]
     assert [round(v, 3) for v in stages["vmm_resized"]] == [-0.02]
     assert stages["completed"] == []
+
+
+def test_status_changes_names_fields_and_condition_types() -> None:
+    before = {
+        "phase": "Running",
+        "allocated": {"vcpus": 2},
+        "conditions": [
+            {"type": "Resized", "status": "True", "lastTransitionTime": "t1"},
+            {"type": "SpecValid", "status": "True"},
+        ],
+    }
+    moved = {
+        **before,
+        "conditions": [dict(c, lastTransitionTime="t2") for c in before["conditions"]],
+    }
+    assert status_changes(before, moved) == "nothing"
+    after = {
+        "phase": "PodResizeInProgress",
+        "allocated": {"vcpus": 2},
+        "resize": {"step": "PodGrow"},
+        "conditions": [
+            {"type": "Resized", "status": "False"},
+            {"type": "SpecValid", "status": "True"},
+        ],
+    }
+    assert status_changes(before, after) == "conditions.Resized+phase+resize"
+    grown = {**after, "allocated": {"vcpus": 4}, "resize": {"step": "Guest", "attempts": 0}}
+    assert status_changes(after, grown) == "allocated.vcpus+resize.attempts+resize.step"
+    assert status_changes(None, {"phase": "Pending"}) == "phase"
