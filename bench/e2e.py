@@ -94,15 +94,15 @@ class StatusTrace(threading.Thread):
     """Watches the bench VM and names what each status write changed (bench.measure's
     status_changes): which writes carry information and which only restate it."""
 
-    def __init__(self, kube: Kube, resource_version: str) -> None:
+    def __init__(self, kube: Kube, start: dict[str, Any]) -> None:
         super().__init__(daemon=True)
-        self.stream = kube.open_watch(
-            vm_path(NAMESPACE),
-            {"fieldSelector": f"metadata.name={VM_NAME}", "resourceVersion": resource_version},
-            timeout=CONVERGE_TIMEOUT_S * 10,
-        )
+        query = {
+            "fieldSelector": f"metadata.name={VM_NAME}",
+            "resourceVersion": start["metadata"]["resourceVersion"],
+        }
+        self.stream = kube.open_watch(vm_path(NAMESPACE), query, timeout=CONVERGE_TIMEOUT_S * 10)
         self.changes: Counter[str] = Counter()
-        self.last: dict[str, Any] | None = None
+        self.last: dict[str, Any] | None = start
 
     def run(self) -> None:
         with contextlib.suppress(Exception):  # the stream is closed under it at the end
@@ -135,9 +135,7 @@ def run(
     before = quiet_totals(kube)
     tracer = None
     if trace:
-        tracer = StatusTrace(
-            kube, kube.get(vm_path(NAMESPACE, VM_NAME))["metadata"]["resourceVersion"]
-        )
+        tracer = StatusTrace(kube, kube.get(vm_path(NAMESPACE, VM_NAME)))
         tracer.start()
     latencies: list[float] = []
     for i in range(resizes):
