@@ -42,6 +42,7 @@ from adapters.k8s.client import Kube, Unavailable
 from adapters.k8s.vms import vm_path
 from apps.cli.vmops import apply_vm, converged, resize_vm
 from bench.apistats import quiet_totals
+from bench.e2e import component_logs
 from bench.floor import FloorVm, stop_chscale
 from bench.measure import (
     GROW_MILESTONES,
@@ -220,20 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _component_logs(stack: Stack) -> dict[str, list[str]]:
-    """Every component's log lines, by component (all kubelets as one, all daemons too)."""
-    out: dict[str, list[str]] = {}
-    for path in sorted(stack.logs.glob("*.log")):
-        component = path.stem.split("-", 1)[0]
-        if component in ("controller", "webhook", "kubelet", "daemon"):
-            out.setdefault(component, []).extend(path.read_text(errors="replace").splitlines())
-    return out
-
-
 def _print_stages(stack: Stack, sent: dict[str, datetime]) -> None:
     if not sent:
         return
-    reached = milestones(_component_logs(stack), sent)
+    reached = milestones(component_logs(stack), sent)
     stages = stage_seconds(reached, sent)
     start = min(sent.values())
     for name, _, _ in GROW_MILESTONES:

@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,15 @@ from apps.cli.vmops import Follower, apply_vm, converged, resize_vm
 from bench.apistats import quiet_totals, request_totals
 from bench.floor import FloorVm, start_vmm, stop_chscale, vm_object
 from bench.measure import (
+    GROW_MILESTONES,
+    SHRINK_MILESTONES,
     RequestKey,
     busy_gaps,
+    milestones,
     per_resize,
     percentile,
     ratio,
+    stage_seconds,
     status_changes,
     writes_between,
 )
@@ -126,7 +131,12 @@ class StatusTrace(threading.Thread):
 
 
 def run(
-    kube: Kube, resizes: int, poll: float, settle: float, trace: bool = False
+    kube: Kube,
+    resizes: int,
+    poll: float,
+    settle: float,
+    sent: list[datetime],
+    trace: bool = False,
 ) -> tuple[list[float], Counter[RequestKey], Counter[str]]:
     """The resizes' latencies, the API writes they made (the VM's creation and boot
     not included) and, with ``trace``, what each VM write changed."""
@@ -134,6 +144,7 @@ def run(
     Follower(kube, NAMESPACE, VM_NAME).wait(converged, CONVERGE_TIMEOUT_S)
     before = quiet_totals(kube)
     tracer = None
+    sent.clear()
     if trace:
         tracer = StatusTrace(kube, kube.get(vm_path(NAMESPACE, VM_NAME)))
         tracer.start()
@@ -142,6 +153,7 @@ def run(
         vcpus, memory = LARGE if i % 2 == 0 else SMALL
         if settle:
             time.sleep(settle)
+        sent.append(datetime.now(UTC))
         started = time.perf_counter()
         resize_vm(kube, NAMESPACE, VM_NAME, vcpus, memory)
         wait_resized(kube, vcpus, parse_bytes(memory), poll)
@@ -179,6 +191,35 @@ def print_latencies(prefix: str, values: list[float]) -> None:
     print(f"{prefix}_p99_ms={percentile(values, 99) * MS:.1f}")
 
 
+def component_logs(stack: Stack) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for path in sorted(stack.logs.glob("*.log")):
+        component = path.stem.split("-", 1)[0]
+        if component in ("controller", "webhook", "kubelet", "daemon"):
+            out.setdefault(component, []).extend(path.read_text(errors="replace").splitlines())
+    return out
+
+
+def print_stages(stack: Stack, sent: list[datetime]) -> None:
+    """Per kind of resize and step, the p50 milliseconds from the step before, from the
+    components' logs (bench.measure.milestones): where the time over the floor goes."""
+    logs = component_logs(stack)
+    key = f"{NAMESPACE}/{VM_NAME}"
+    for kind, steps, starts in (
+        ("grow", GROW_MILESTONES, sent[0::2]),
+        ("shrink", SHRINK_MILESTONES, sent[1::2]),
+    ):
+        per_step: dict[str, list[float]] = {name: [] for name, _, _ in steps}
+        for start in starts:
+            one = {key: start}
+            stages = stage_seconds(milestones(logs, one, steps), one, steps)
+            for name, values in stages.items():
+                per_step[name] += values
+        for name, values in per_step.items():
+            if values:
+                print(f"e2e_{kind}_stage_{name}_p50_ms={percentile(values, 50) * MS:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.e2e",
@@ -213,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     vmm_command = None
     if args.eject_delay is not None:
         vmm_command = " ".join([*DEFAULT_VMM_COMMAND, "--sim-eject-delay", str(args.eject_delay)])
+    sent: list[datetime] = []
     stack = Stack(
         state, nodes=1, node_cpu="16", node_memory="32Gi", webhook=True, vmm_command=vmm_command
     )
@@ -221,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         assert stack.control_plane is not None
         kube = Kube(stack.control_plane.api_client())
         latencies, writes, changes = run(
-            kube, args.resizes, args.poll, args.settle, args.trace_status
+            kube, args.resizes, args.poll, args.settle, sent, args.trace_status
         )
         floor, floor_writes = measure_floor(kube, stack, samples)
     finally:
@@ -253,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, count in sorted(changes.items()):
         label = name.replace("+", "_and_").replace(".", "_")
         print(f"e2e_vm_writes_per_resize_changing_{label}={count / len(latencies):.2f}")
+    print_stages(stack, sent)
     daemon_log = stack.logs / f"daemon-{NODE}.log"
     gaps = busy_gaps(daemon_log.read_text().splitlines()) if daemon_log.exists() else []
     # A vm.resize refused 429 (a vCPU removal still pending in the guest), retried until

@@ -200,6 +200,29 @@ GROW_MILESTONES: tuple[tuple[str, str, Callable[[Mapping[str, str]], bool]], ...
 )
 
 
+# A shrink: guest first, then the pod.
+SHRINK_MILESTONES: tuple[tuple[str, str, Callable[[Mapping[str, str]], bool]], ...] = (
+    GROW_MILESTONES[0],
+    (
+        "guest_step_started",
+        "controller",
+        lambda f: f.get("msg") == "phase changed" and f.get("to") == "ResizeInProgress",
+    ),
+    ("vmm_resized", "daemon", lambda f: f.get("msg") == "VMM resize requested"),
+    (
+        "pod_step_started",
+        "daemon",
+        lambda f: f.get("msg") == "phase changed" and f.get("to") == "PodResizeInProgress",
+    ),
+    ("pod_resize_requested", "controller", lambda f: f.get("msg") == "pod resize requested"),
+    ("pod_actuated", "kubelet", lambda f: f.get("msg") == "pod status written"),
+    (
+        "completed",
+        "controller",
+        lambda f: f.get("msg") == "phase changed" and f.get("to") in ("Running", "Paused"),
+    ),
+)
+
 # A component logs a step after the API write that made it, so the next component,
 # woken by that write, can log its own step a few milliseconds *before* it.
 LOG_SLACK_S = 0.05
@@ -226,7 +249,8 @@ def milestones(
     slack_s: float = LOG_SLACK_S,
 ) -> dict[str, dict[str, datetime]]:
     """Per VM (namespace/name) with a ``sent`` time, when each step was first logged at or
-    after the step before it, less ``slack_s`` (``logs``: lines by component). A step
+    after the step before it, less ``slack_s`` but not before ``sent`` (``logs``: lines
+    by component). A step
     never logged ends that VM's list: later steps are not looked for."""
     events: dict[tuple[str, str], list[datetime]] = {}
     for component, lines in logs.items():
@@ -246,7 +270,8 @@ def milestones(
         reached: dict[str, datetime] = {}
         previous = start
         for name, _, _ in steps:
-            after = previous - timedelta(seconds=slack_s)
+            # Never before the resize was sent: that line is the previous resize's.
+            after = max(start, previous - timedelta(seconds=slack_s))
             later = [t for t in events.get((vm, name), []) if t >= after]
             if not later:
                 break

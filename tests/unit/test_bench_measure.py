@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from bench.measure import (
+    SHRINK_MILESTONES,
     CallCounter,
     busy_gaps,
     log_vm,
@@ -225,3 +226,36 @@ def test_status_changes_names_fields_and_condition_types() -> None:
     grown = {**after, "allocated": {"vcpus": 4}, "resize": {"step": "Guest", "attempts": 0}}
     assert status_changes(after, grown) == "allocated.vcpus+resize.attempts+resize.step"
     assert status_changes(None, {"phase": "Pending"}) == "phase"
+
+
+def test_shrink_milestones_follow_guest_then_pod() -> None:
+    sent = {"default/a": datetime.fromisoformat("2026-12-04T21:00:01+00:00")}
+    review = {"msg": "admission reviewed", "route": "/validate-vm", "operation": "UPDATE"}
+    logs = {
+        "webhook": [_line("01.010", **review, object="default/a")],
+        "controller": [
+            # The previous resize's, logged just before this one was sent.
+            _line("00.990", msg="phase changed", vm="default/a", to="ResizeInProgress"),
+            _line("01.030", msg="phase changed", vm="default/a", to="ResizeInProgress"),
+            _line("01.100", msg="pod resize requested", vm="default/a"),
+            _line("01.200", msg="phase changed", vm="default/a", to="Running"),
+        ],
+        "daemon": [
+            _line("01.050", msg="VMM resize requested", vm="default/a"),
+            _line("01.080", msg="phase changed", vm="default/a", to="PodResizeInProgress"),
+            # The daemon does not complete a shrink: the controller does, after the pod.
+            _line("01.090", msg="phase changed", vm="default/a", to="Running"),
+        ],
+        "kubelet": [_line("01.150", msg="pod status written", pod="default/vm-a")],
+    }
+    reached = milestones(logs, sent, SHRINK_MILESTONES)["default/a"]
+    stages = stage_seconds({"default/a": reached}, sent, SHRINK_MILESTONES)
+    assert {k: [round(v, 3) for v in vs] for k, vs in stages.items()} == {
+        "admitted": [0.01],
+        "guest_step_started": [0.02],
+        "vmm_resized": [0.02],
+        "pod_step_started": [0.03],
+        "pod_resize_requested": [0.02],
+        "pod_actuated": [0.05],
+        "completed": [0.05],
+    }
