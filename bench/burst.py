@@ -7,8 +7,22 @@ Creates ``--vms`` small VMs (1 vCPU, 256Mi), each with its own Cloud Hypervisor
 simulator process, waits until all are Running, then patches every spec at once (to 2
 vCPUs, 512Mi, from a few client threads) and times until every VM is Running with
 allocated == spec. Prints ``burst_total_s`` (goal <= 60 for 1,000 VMs), the controller's
-peak resident memory ``controller_rss_mb`` (VmHWM; goal <= 300), and what the machine
+peak resident memory ``controller_rss_mb`` (VmHWM; goal <= 200), and what the machine
 held: ``vmm_processes`` and ``mem_used_mb`` (the drop in MemAvailable with every VM up).
+
+Also, in the same run:
+- ``burst_api_writes_per_resize`` (and one line per kind of write) from the API
+  server's own ``apiserver_request_total``, node heartbeats and leases left out;
+- where the time goes: per step of the grow (``admitted`` by the webhook, the
+  controller's ``pod_resize_requested``, the kubelet's ``pod_actuated``, the controller's
+  ``guest_step_started``, the daemon's ``vmm_resized`` and ``completed``), from the
+  components' log timestamps, the p50/p99 seconds each VM spent reaching it from the
+  step before (``burst_stage_<step>_p50_s``) and when the last VM reached it
+  (``burst_last_<step>_s``, from the start of the burst);
+- the floor of its API traffic (bench/floor.py, ADR 0015): chscale's controller and
+  daemons stopped, as many VMs and pods nobody acts on, and the same resize's API calls
+  made for each from the same ``PATCH_THREADS`` client threads: ``burst_floor_s`` and
+  ``burst_over_floor`` (the VMM calls are not in it: one per VM, each on its own VMM).
 """
 
 from __future__ import annotations
@@ -20,12 +34,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from adapters.k8s.client import Kube, Unavailable
 from adapters.k8s.vms import vm_path
 from apps.cli.vmops import apply_vm, converged, resize_vm
+from bench.apistats import quiet_totals
+from bench.e2e import component_logs
+from bench.floor import FloorVm, stop_chscale
+from bench.measure import (
+    GROW_MILESTONES,
+    milestones,
+    per_resize,
+    percentile,
+    ratio,
+    stage_seconds,
+    writes_between,
+)
 from core import parse_vm
 from testbed.localstack.stack import NodeSpec, Stack
 
@@ -149,20 +176,24 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         vmm_processes = _count_vmm_processes(stack)
 
+        before = quiet_totals(kube)
+        sent: dict[str, datetime] = {}
+
+        def patch(name: str) -> None:
+            sent[f"{NAMESPACE}/{name}"] = datetime.now(UTC)
+            retries.call(lambda: resize_vm(kube, NAMESPACE, name, *AFTER))
+
         started = time.monotonic()
         with ThreadPoolExecutor(PATCH_THREADS) as pool:
-            list(
-                pool.map(
-                    lambda n: retries.call(lambda: resize_vm(kube, NAMESPACE, n, *AFTER)),
-                    sorted(names),
-                )
-            )
+            list(pool.map(patch, sorted(names)))
         patched_s = time.monotonic() - started
         _wait_all(kube, names, AFTER, args.burst_timeout, "burst")
         total_s = time.monotonic() - started
+        writes = writes_between(before, quiet_totals(kube))
         controller = stack.children["controller-0"].pid
         hwm = _status_field(controller, "VmHWM")
         rss = _status_field(controller, "VmRSS")
+        floor_s, floor_writes = _floor(kube, stack, sorted(names), retries)
     finally:
         stack.stop()
     print(f"burst_vms={args.vms}")
@@ -172,12 +203,62 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mem_used_mb={used_mb:.0f}")
     print(f"burst_patch_s={patched_s:.2f}")
     print(f"burst_total_s={total_s:.2f}")
+    print(f"burst_floor_s={floor_s:.2f}")
+    print(f"burst_over_floor={ratio(total_s, floor_s):.2f}")
     print(f"api_retries={retries.count}")
     if hwm is not None:
         print(f"controller_rss_mb={hwm / 1024:.1f}")
     if rss is not None:
         print(f"controller_rss_now_mb={rss / 1024:.1f}")
+    total, background, breakdown = per_resize(writes, args.vms)
+    print(f"burst_api_writes_per_resize={total:.2f}")
+    print(f"burst_api_background_writes_per_resize={background:.2f}")
+    for name, value in breakdown.items():
+        print(f"burst_api_writes_per_resize_{name}={value:.2f}")
+    print(f"burst_floor_api_writes_per_resize={floor_writes:.2f}")
+    _print_stages(stack, sent)
+    print(f"# logs: {stack.logs}")
     return 0
+
+
+def _print_stages(stack: Stack, sent: dict[str, datetime]) -> None:
+    if not sent:
+        return
+    reached = milestones(component_logs(stack), sent)
+    stages = stage_seconds(reached, sent)
+    start = min(sent.values())
+    for name, _, _ in GROW_MILESTONES:
+        values = stages[name]
+        print(f"burst_stage_{name}_vms={len(values)}")
+        if not values:
+            continue
+        print(f"burst_stage_{name}_p50_s={percentile(values, 50):.3f}")
+        print(f"burst_stage_{name}_p99_s={percentile(values, 99):.3f}")
+        print(f"burst_stage_{name}_sum_s={sum(values):.2f}")
+        last = max(times[name] for times in reached.values() if name in times)
+        print(f"burst_last_{name}_s={(last - start).total_seconds():.2f}")
+
+
+def _floor(kube: Kube, stack: Stack, names: list[str], retries: _Retries) -> tuple[float, float]:
+    """The burst's API traffic without chscale: returns (seconds for all, writes per VM)."""
+    stop_chscale(stack)
+    template = kube.get(vm_path(NAMESPACE, names[0]))
+    pod_name = (template.get("status") or {}).get("vmPodName") or f"vm-{names[0]}"
+    pod = kube.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod_name}")
+    floors: list[FloorVm] = []
+
+    def create(name: str) -> None:
+        floors.append(FloorVm(kube, f"floor-{name}", template, pod, BEFORE, AFTER))
+
+    with ThreadPoolExecutor(CREATE_THREADS) as pool:
+        list(pool.map(lambda n: retries.call(lambda: create(n)), names))
+    before = quiet_totals(kube)
+    started = time.monotonic()
+    with ThreadPoolExecutor(PATCH_THREADS) as pool:
+        list(pool.map(lambda f: retries.call(lambda: f.one(grow=True)), floors))
+    seconds = time.monotonic() - started
+    total, _, _ = per_resize(writes_between(before, quiet_totals(kube)), len(floors))
+    return seconds, total
 
 
 class NotEnoughMemory(RuntimeError):

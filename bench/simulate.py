@@ -5,8 +5,10 @@
     python -m bench.simulate --profile 30         # plus the 30 costliest functions
 
 Prints the simulation's own ``name=value`` report, then ``sim_wall_s`` (goal <= 60 s for
-the default size) and ``sim_cpu_s`` (this process's CPU time: the figure to compare when
-the machine is shared).
+the default size), ``sim_cpu_s`` (this process's CPU time: the figure to compare when
+the machine is shared) and ``sim_decides_per_resize`` (calls of the kernel's ``decide``
+per resize requested, counted by wrapping the function the simulation calls; the
+simulation itself is unchanged).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import random
 import sys
 import time
 
+import sim.cluster
+from bench.measure import CallCounter
 from sim.cluster import SimConfig, simulate
 
 DEFAULT_VMS = 10_000
@@ -49,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         controller_workers=args.controller_workers,
     )
     profiler = cProfile.Profile() if args.profile else None
+    # The simulation calls the name it imported; count the calls there.
+    decide = CallCounter(sim.cluster.decide, key=lambda args: args[0].key)
+    sim.cluster.decide = decide
     wall0, cpu0 = time.perf_counter(), time.process_time()
     if profiler is not None:
         profiler.enable()
-    report = simulate(config, random.Random(args.seed))
+    try:
+        report = simulate(config, random.Random(args.seed))
+    finally:
+        sim.cluster.decide = decide.fn
     if profiler is not None:
         profiler.disable()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -69,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sim_resizes={args.resizes}")
     print(f"sim_cpu_s={cpu:.2f}")
     print(f"sim_wall_s={wall:.2f}")
+    print(f"sim_decides={decide.calls}")
+    requested = report.requested or 1
+    print(f"sim_decides_per_resize={decide.calls / requested:.2f}")
+    print(f"sim_decides_repeated_per_resize={decide.repeats / requested:.2f}")
+    for caller, calls in sorted(decide.by_caller.items()):
+        print(f"sim_decides_per_resize_{caller.strip('_')}={calls / requested:.2f}")
     return 1 if report.violations else 0
 
 
