@@ -124,12 +124,13 @@ def _catalogue(rng: random.Random) -> list[tuple[dict[str, Any] | Any, str, str]
     out.append((_with((*MEM, "maxSize"), "512Mi"), "invalid", "maxSize below size"))
     out.append((_with((*MEM, "maxSize"), "-1"), "invalid", "negative maxSize"))
     out.append((_with((*MEM, "maxSize"), "\u00bd"), "invalid", "maxSize one half sign"))
-    out.append((_with((*MEM, "size"), None, delete=True), "invalid", "memory.size missing"))
-    out.append((_with(MEM, None, delete=True), "invalid", "memory missing"))
+    # A missing size, memory, instance or spec gets ch-vmm's defaults (1 vCPU, 1Gi; ADR 0013).
+    out.append((_with((*MEM, "size"), None, delete=True), "any", "memory.size missing"))
+    out.append((_with(MEM, None, delete=True), "any", "memory missing"))
     out.append((_with(CPU, None, delete=True), "any", "cpu missing (defaults apply)"))
-    out.append((_with(("instance",), None, delete=True), "invalid", "instance missing"))
+    out.append((_with(("instance",), None, delete=True), "any", "instance missing"))
     out.append((_with(("instance",), "vm"), "any", "instance as a string"))
-    out.append(({}, "invalid", "empty spec"))
+    out.append(({}, "any", "empty spec"))
     out.append((None, "invalid", "no spec at all"))
     out.append(
         (_with(("instance", "\u2603"), {"\U0001f47b": "\u0000"}), "any", "unicode unknown field")
