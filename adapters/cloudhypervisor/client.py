@@ -1,18 +1,35 @@
 """A blocking client for the Cloud Hypervisor HTTP API on a Unix socket (RESIZE.md s. 6).
 
-Every call has one deadline, from the connect to the last byte of the answer (not a
-timeout per read: a VMM that dribbles a byte a second is cut off at the deadline all the
-same), and an answer over ``max_body_bytes`` is refused from its ``Content-Length`` or as
-soon as it grows past the limit, never buffered (ADR 0011). The daemon has a handful of
-workers for the whole node, so one bad VMM must not hold one for long.
+HTTP is ``requests`` over ``requests_unixsocket``'s adapter, connection pool and
+connection (the library speaks HTTP/1.1 and its framings: ``Content-Length``, chunked,
+end of connection). What chscale adds, in small subclasses of those three (ADR 0011):
+
+- **the connect**: the connection's ``connect()`` calls the client's ``connect`` callable
+  (:func:`~adapters.cloudhypervisor.podsocket.connect_path`, or the daemon's
+  :class:`~adapters.cloudhypervisor.podsocket.PodSocket`, which checks the pod's socket
+  and the process behind it and connects through the very file it checked). No path is
+  taken from the URL, whose host is a fixed name;
+- **one deadline per call**, from the connect to the last byte of the answer (not the
+  library's timeout per read: a VMM that dribbles a byte a second is cut off at the
+  deadline all the same). The connected socket is adopted by :class:`_DeadlineSocket`,
+  whose every ``recv``/``send`` first sets the socket's timeout to the time left and
+  fails once none is. Every blocking wait of the library is one of those, so no call can
+  outlast its deadline by more than the parsing of one buffer, and no watchdog thread is
+  needed (there is nothing to cancel or to leak);
+- **bounded answers**: the head (status line and headers, and the read-ahead of the
+  library's 8 KiB buffer) is cut at :data:`MAX_HEADER_BYTES` by the same socket; the body
+  is read with ``stream=True`` in bounded pieces, undecoded, and an answer over
+  ``max_body_bytes`` is refused from its ``Content-Length`` or as soon as it grows past
+  the limit (chunked or framed by the end of the connection), never buffered.
+
+One request per connection (``Connection: close``; an adapter, a pool and a connection
+per call, all closed when it ends) and no retries: ``vm.create`` and ``vm.boot`` are not
+idempotent, and every call checks the socket again. A client keeps nothing between calls,
+so the daemon's workers may share one.
 
 Action endpoints (boot, pause, resume, shutdown) are sent without a body, as Cloud
 Hypervisor answers 400 to a body there; ``resize`` sends only the fields it is given,
 because virtio-mem refuses to be set to the size it already has.
-
-HTTP/1.1 is spoken directly (one request per connection, ``Connection: close``): the
-micro_http server of Cloud Hypervisor answers with ``Content-Length``; chunked answers
-and answers framed by the end of the connection are read too, under the same limits.
 """
 
 from __future__ import annotations
@@ -25,13 +42,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import requests
+import urllib3
+from requests_unixsocket.adapters import UnixAdapter, UnixHTTPConnection, UnixHTTPConnectionPool
+
 from adapters.cloudhypervisor.errors import (
+    CloudHypervisorError,
     MalformedResponse,
     ResponseTooLarge,
     VmmBusy,
     VmmError,
     VmmUnreachable,
-    VmmUntrusted,
     VmNotCreated,
 )
 from adapters.cloudhypervisor.podsocket import connect_path
@@ -45,142 +66,163 @@ DEFAULT_TIMEOUT_S = 5.0
 # and far below the daemon's memory limit even with every worker reading one.
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 MAX_HEADER_BYTES = 64 << 10
-_RECV = 64 << 10
+_READ = 64 << 10
+# The connection is made by the ``connect`` callable, never from the URL: its host only
+# names the pool.
+_URL = f"http+unix://vmm{API_BASE}"
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
 
 Connector = Callable[[float], socket.socket]
 """``timeout`` -> a connected stream socket to the VMM (raises CloudHypervisorError or
 OSError)."""
 
 
-class Response:
-    """An HTTP answer, fully read within the call's limits."""
-
-    def __init__(self, status_code: int, reason: str, headers: dict[str, str], body: bytes):
-        self.status_code, self.reason, self.headers, self.content = (
-            status_code,
-            reason,
-            headers,
-            body,
-        )
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status_code < 400
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
-    def json(self) -> Any:
-        return json.loads(self.content)
+class _HeadTooLarge(Exception):
+    """Raised inside the library's header parsing; no library catches it on the way."""
 
 
-class _Deadline(Exception):
-    pass
+class _ConnectFailed(Exception):
+    """The connector failed with an OSError; ``timed_out`` if it ran out of time."""
+
+    def __init__(self, message: str, timed_out: bool) -> None:
+        super().__init__(message)
+        self.message, self.timed_out = message, timed_out
 
 
-class _Framing(Exception):
-    pass
+class _DeadlineSocket(socket.socket):
+    """A connected socket whose every operation is held to one absolute deadline."""
 
+    deadline: float
+    head_budget: int | None  # bytes the head may still take; None once it is read
+    expired: bool
+    head_too_large: bool
 
-class _TooLarge(_Framing):
-    pass
+    @classmethod
+    def adopt(cls, sock: socket.socket, deadline: float) -> _DeadlineSocket:
+        family, kind, proto = sock.family, sock.type, sock.proto
+        adopted = cls(family, kind, proto, sock.detach())
+        adopted.deadline = deadline
+        adopted.head_budget = MAX_HEADER_BYTES
+        adopted.expired = adopted.head_too_large = False
+        return adopted
 
+    def settimeout(self, value: float | None) -> None:
+        """Ignored: the deadline sets the timeout before each operation, so the library's
+        timeout per read cannot lengthen it."""
 
-class _Reader:
-    """Reads from ``sock`` until ``deadline`` (monotonic), at most ``limit`` bytes kept."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.deadline = sock, deadline
-        self.buffer = bytearray()
-        self.eof = False
-
-    def fill(self) -> bool:
-        """One more recv into the buffer; False at the end of the stream."""
-        if self.eof:
-            return False
+    def _arm(self) -> None:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise _Deadline
-        self.sock.settimeout(left)
+            self.expired = True
+            raise TimeoutError("the call's deadline has passed")
+        super().settimeout(left)
+
+    def _took(self, size: int) -> None:
+        if self.head_budget is None:
+            return
+        self.head_budget -= size
+        if self.head_budget < 0:
+            self.head_too_large = True
+            raise _HeadTooLarge(f"head over {MAX_HEADER_BYTES} bytes")
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._arm()
         try:
-            chunk = self.sock.recv(_RECV)
+            size = super().recv_into(buffer, nbytes, flags)
+        except TimeoutError:
+            self.expired = True
+            raise
+        self._took(size)
+        return size
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._arm()
+        try:
+            data = super().recv(bufsize, flags)
+        except TimeoutError:
+            self.expired = True
+            raise
+        self._took(len(data))
+        return data
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()  # one timeout for all of sendall (Python >= 3.5)
+        try:
+            super().sendall(data, flags)
+        except TimeoutError:
+            self.expired = True
+            raise
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._arm()
+        try:
+            return super().send(data, flags)
+        except TimeoutError:
+            self.expired = True
+            raise
+
+
+class _Call:
+    """One call's deadline, its connector and (once connected) its socket."""
+
+    def __init__(self, connect: Connector, timeout: float) -> None:
+        self.connect, self.timeout = connect, timeout
+        self.deadline = time.monotonic() + timeout
+        self.sock: _DeadlineSocket | None = None
+
+    @property
+    def expired(self) -> bool:
+        return self.sock is not None and self.sock.expired
+
+    @property
+    def head_too_large(self) -> bool:
+        return self.sock is not None and self.sock.head_too_large
+
+
+class _Connection(UnixHTTPConnection):
+    def __init__(self, call: _Call) -> None:
+        # The library's timeout is only bookkeeping here: the socket ignores it.
+        super().__init__(_URL, timeout=call.timeout)
+        self._chscale_call = call
+
+    def connect(self) -> None:
+        call = self._chscale_call
+        left = call.deadline - time.monotonic()
+        if left <= 0:
+            raise _ConnectFailed("no time left to connect", timed_out=True)
+        # VmmUntrusted and VmmUnreachable from the connector pass through the library
+        # untouched (neither catches anything but its own errors and OSError).
+        try:
+            sock = call.connect(left)
         except TimeoutError as exc:
-            raise _Deadline from exc
-        if not chunk:
-            self.eof = True
-            return False
-        self.buffer += chunk
-        return True
-
-    def until(self, marker: bytes, limit: int, what: str) -> bytes:
-        while True:
-            at = self.buffer.find(marker)
-            if at >= 0:
-                out = bytes(self.buffer[:at])
-                del self.buffer[: at + len(marker)]
-                return out
-            if len(self.buffer) > limit:
-                raise _Framing(f"{what} over {limit} bytes")
-            if not self.fill():
-                raise _Framing(f"connection closed inside the {what}")
-
-    def exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            if not self.fill():
-                raise _Framing(f"connection closed {size - len(self.buffer)} bytes early")
-        out = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return out
+            raise _ConnectFailed("timed out", timed_out=True) from exc
+        except OSError as exc:
+            raise _ConnectFailed(f"cannot connect: {exc}", timed_out=False) from exc
+        self.sock = call.sock = _DeadlineSocket.adopt(sock, call.deadline)
 
 
-def read_response(reader: _Reader, max_body: int, head_only: bool = False) -> Response:
-    """Parse one HTTP/1.x answer from ``reader`` (raises _Deadline or _Framing)."""
-    head = reader.until(b"\r\n\r\n", MAX_HEADER_BYTES, "header")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise _Framing(f"not an HTTP status line: {lines[0][:80]!r}")
-    status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _Framing(f"bad header line {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
-    if head_only or status in (204, 304) or 100 <= status < 200:
-        return Response(status, reason, headers, b"")
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = bytearray()
-        while True:
-            size_line = reader.until(b"\r\n", 1024, "chunk size").split(b";", 1)[0]
-            try:
-                size = int(size_line.strip() or b"x", 16)
-            except ValueError as exc:
-                raise _Framing(f"bad chunk size {size_line[:40]!r}") from exc
-            if size == 0:
-                break
-            if len(body) + size > max_body:
-                raise _TooLarge(
-                    f"body of {len(body) + size}+ bytes is over the {max_body}-byte limit"
-                )
-            body += reader.exactly(size)
-            reader.exactly(2)
-        return Response(status, reason, headers, bytes(body))
-    if "content-length" in headers:
-        raw = headers["content-length"]
-        if not raw.isdigit():
-            raise _Framing(f"bad Content-Length {raw[:40]!r}")
-        length = int(raw)
-        if length > max_body:
-            raise _TooLarge(f"body of {length} bytes is over the {max_body}-byte limit")
-        return Response(status, reason, headers, reader.exactly(length))
-    while reader.fill():  # framed by the end of the connection
-        if len(reader.buffer) > max_body:
-            raise _TooLarge(
-                f"body of {len(reader.buffer)}+ bytes is over the {max_body}-byte limit"
-            )
-    return Response(status, reason, headers, bytes(reader.buffer))
+class _Pool(UnixHTTPConnectionPool):
+    def __init__(self, call: _Call) -> None:
+        super().__init__(_URL, timeout=call.timeout)
+        self._chscale_call = call
+
+    def _new_conn(self) -> _Connection:
+        return _Connection(self._chscale_call)
+
+
+class _Adapter(UnixAdapter):
+    """requests' transport for one call: one pool, one connection, no retry."""
+
+    def __init__(self, call: _Call) -> None:
+        super().__init__(max_retries=0)
+        self._pool = _Pool(call)
+
+    def get_connection(self, url: str, proxies: Any = None) -> _Pool:
+        return self._pool
+
+    def close(self) -> None:
+        self._pool.close()
+        super().close()
 
 
 # Before v53 Cloud Hypervisor answered 500 for a missing VM; its message names the cause:
@@ -190,10 +232,10 @@ _NOT_CREATED = re.compile(r"not\s*created|config\s*is\s*missing|missing\s*config
 _UNKNOWN_ENDPOINT = "Not Found"
 
 
-def error_chain(response: Response) -> tuple[str, ...]:
+def error_chain(response: requests.Response) -> tuple[str, ...]:
     """The VMM's error messages, outermost first: a JSON array of strings (>= v47), or
     the plain text of older releases as one message; the reason phrase for a bare status."""
-    text = response.text.strip()
+    text = response.content.decode("utf-8", "replace").strip()
     if not text:
         return (response.reason or f"HTTP {response.status_code}",)
     try:
@@ -205,7 +247,7 @@ def error_chain(response: Response) -> tuple[str, ...]:
     return (text,)
 
 
-def error_message(response: Response) -> str:
+def error_message(response: requests.Response) -> str:
     return ": ".join(error_chain(response))
 
 
@@ -255,7 +297,8 @@ class CloudHypervisorClient:
         return cls(opener.path, timeout, vm, max_body_bytes=max_body_bytes, connect=opener)
 
     def close(self) -> None:
-        """Nothing to release: every call has a connection of its own."""
+        """Nothing to release: every call has a pool and a connection of its own, closed
+        when it ends."""
 
     def __enter__(self) -> CloudHypervisorClient:
         return self
@@ -281,7 +324,7 @@ class CloudHypervisorClient:
         """``vm.info`` as decoded JSON, every field kept."""
         response = self._call("GET", "vm.info")
         try:
-            value = response.json()
+            value = json.loads(response.content)
         except ValueError as exc:
             raise self._malformed("vm.info", response, f"not JSON: {exc}") from exc
         if not isinstance(value, dict):
@@ -327,61 +370,94 @@ class CloudHypervisorClient:
     def _typed(self, endpoint: str, cls: type[Any]) -> Any:
         response = self._call("GET", endpoint)
         try:
-            return structure(response.json(), cls)
+            # JSON is UTF-8 (RFC 8259): no guessing of the charset from the body.
+            return structure(json.loads(response.content), cls)
         except ValueError as exc:
             raise self._malformed(endpoint, response, str(exc)) from exc
 
-    def _malformed(self, endpoint: str, response: Response, why: str) -> VmmError:
+    def _read_body(self, endpoint: str, response: requests.Response) -> bytes:
+        """The body, refused once over ``max_body_bytes``. Read undecoded (a
+        ``Content-Encoding`` is not ours to inflate: a small gzip can be a huge body)."""
+        limit = self.max_body_bytes
+        if "chunked" not in response.headers.get("Transfer-Encoding", "").lower():
+            declared = response.headers.get("Content-Length")
+            if declared is not None:
+                if not _CONTENT_LENGTH.fullmatch(declared):
+                    raise VmmUnreachable(
+                        self.socket_path,
+                        endpoint,
+                        f"bad HTTP answer: bad Content-Length {declared[:40]!r}",
+                    )
+                if int(declared) > limit:
+                    raise ResponseTooLarge(
+                        self.socket_path,
+                        endpoint,
+                        response.status_code,
+                        f"body of {declared} bytes is over the {limit}-byte limit",
+                    )
+        body = bytearray()
+        while chunk := response.raw.read(min(_READ, limit + 1 - len(body)), decode_content=False):
+            body += chunk
+            if len(body) > limit:
+                raise ResponseTooLarge(
+                    self.socket_path,
+                    endpoint,
+                    response.status_code,
+                    f"body of {len(body)}+ bytes is over the {limit}-byte limit",
+                )
+        return bytes(body)
+
+    def _broken(self, call: _Call, endpoint: str, exc: BaseException) -> VmmUnreachable:
+        """What the library raised, said as the call's own limits explain it."""
+        if call.expired or isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError):
+            why = f"no complete answer within {self.timeout}s"
+        elif call.head_too_large:
+            why = f"bad HTTP answer: head over {MAX_HEADER_BYTES} bytes"
+        elif call.sock is None:
+            why = f"cannot connect: {exc}"
+        else:
+            why = f"bad or broken HTTP answer: {exc}"
+        return VmmUnreachable(self.socket_path, endpoint, why)
+
+    def _malformed(self, endpoint: str, response: requests.Response, why: str) -> VmmError:
         return MalformedResponse(self.socket_path, endpoint, response.status_code, why)
 
-    def _call(self, method: str, endpoint: str, body: dict[str, Any] | None = None) -> Response:
-        data = b"" if body is None else json.dumps(body).encode()
-        head = [
-            f"{method} {API_BASE}{endpoint} HTTP/1.1",
-            "Host: localhost",
-            "Accept: application/json",
-            "Connection: close",
-        ]
+    def _call(
+        self, method: str, endpoint: str, body: dict[str, Any] | None = None
+    ) -> requests.Response:
+        headers = {"Accept": "application/json", "Connection": "close"}
+        data = None
         if body is not None:
-            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
-        elif method in ("PUT", "POST"):
-            head.append("Content-Length: 0")
-        request = ("\r\n".join(head) + "\r\n\r\n").encode() + data
-        deadline = time.monotonic() + self.timeout
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = requests.Request(method, _URL + endpoint, headers=headers, data=data).prepare()
+        call = _Call(self._connect, self.timeout)
+        adapter = _Adapter(call)
+        response: requests.Response | None = None
         try:
-            sock = self._connect(self.timeout)
-        except VmmUntrusted:
-            raise
-        except TimeoutError as exc:
-            raise VmmUnreachable(
-                self.socket_path, endpoint, f"no answer within {self.timeout}s"
-            ) from exc
-        except VmmUnreachable:
-            raise
-        except OSError as exc:
-            raise VmmUnreachable(self.socket_path, endpoint, f"cannot connect: {exc}") from exc
-        try:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Deadline
-            sock.settimeout(left)  # sendall: one timeout for all of it (Python >= 3.5)
-            try:
-                sock.sendall(request)
-            except TimeoutError as exc:
-                raise _Deadline from exc
-            response = read_response(_Reader(sock, deadline), self.max_body_bytes)
-        except _Deadline as exc:
-            raise VmmUnreachable(
-                self.socket_path, endpoint, f"no complete answer within {self.timeout}s"
-            ) from exc
-        except _TooLarge as exc:
-            raise ResponseTooLarge(self.socket_path, endpoint, 0, str(exc)) from exc
-        except _Framing as exc:
-            raise VmmUnreachable(self.socket_path, endpoint, f"bad HTTP answer: {exc}") from exc
-        except OSError as exc:
-            raise VmmUnreachable(self.socket_path, endpoint, f"connection failed: {exc}") from exc
+            response = adapter.send(request, stream=True, timeout=self.timeout)
+            if call.sock is not None:
+                call.sock.head_budget = None  # the head is read; the body has its own limit
+            # What requests itself does when it reads a body, so that .content and .text
+            # work as on any requests.Response.
+            response._content = self._read_body(endpoint, response)
+            response._content_consumed = True
+        except _ConnectFailed as exc:
+            why = f"no answer within {self.timeout}s" if exc.timed_out else exc.message
+            raise VmmUnreachable(self.socket_path, endpoint, why) from exc
+        except CloudHypervisorError:
+            raise  # the connector's VmmUntrusted/VmmUnreachable, ResponseTooLarge
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            _HeadTooLarge,
+            OSError,
+        ) as exc:
+            raise self._broken(call, endpoint, exc) from exc
         finally:
-            sock.close()
+            if response is not None:
+                response.close()
+            adapter.close()
         if response.ok:
             log.debug(
                 "vmm call",
