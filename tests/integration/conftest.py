@@ -21,6 +21,7 @@ tests are never skipped. Every test in this directory is marked ``integration``.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -38,6 +39,19 @@ NODE = "node-a"
 NODE_CPU = "16"
 NODE_MEMORY = "32Gi"
 NAMESPACE_MAX = 63  # a DNS label
+NODE_KINDS = ("simulated", "real")
+# `chscale up` run by a test follows the same switch (its --kubelet default): without
+# it, `auto` would pick a real node on a root machine.
+os.environ.setdefault("CHSCALE_NODE", "simulated")
+
+
+def node_kind() -> str:
+    """The node kind the stack-based tests that support both run on: ``CHSCALE_NODE``
+    (``real`` or ``simulated``), ``simulated`` unless set (ADR 0014)."""
+    kind = os.environ.get("CHSCALE_NODE", "simulated").strip().lower() or "simulated"
+    if kind not in NODE_KINDS:
+        raise pytest.UsageError(f"CHSCALE_NODE={kind!r}: expected one of {', '.join(NODE_KINDS)}")
+    return kind
 
 _HERE = Path(__file__).parent.resolve()
 _prebuilt: dict[str, ControlPlaneBinaries | BaseException] = {}

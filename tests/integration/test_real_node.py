@@ -1,0 +1,245 @@
+"""A real node (containerd + runc + kubelet v1.35, testbed.node.realnode) in the local
+stack: what it registers, real cgroup limits, in-place resize as the real kubelet does
+it, and a teardown that leaves nothing (ADR 0014).
+
+Runs when ``CHSCALE_NODE=real`` (and the machine allows a real node); skipped otherwise,
+saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.k8s.client import Kube, NotFound
+from testbed.controlplane.launcher import ControlPlane
+from testbed.localstack.stack import NodeSpec, Stack
+from testbed.node.realnode import RealNode, cgroup_hierarchies, machine_allows
+
+from .conftest import node_kind
+
+NODE_NAME = "real-node"
+WAIT_S = 90.0
+MI = 1024 * 1024
+# Containers merge by name, so a patch names only what it changes.
+STRATEGIC = "application/strategic-merge-patch+json"
+
+_verdict = machine_allows()
+pytestmark = [
+    pytest.mark.skipif(node_kind() != "real", reason="real-node tests run with CHSCALE_NODE=real"),
+    pytest.mark.skipif(not _verdict.ok, reason=f"no real node here: {_verdict.reason}"),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(
+        tmp_path_factory.mktemp("realnode"),
+        nodes=[NodeSpec(NODE_NAME)],
+        control_plane=control_plane,
+        webhook=False,
+        kubelet="real",
+    )
+    s.start()
+    yield s
+    s.stop()
+
+
+def _wait(what: str, probe: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s (last: {last!r})")
+
+
+def _pod(name: str, cpu: str, memory: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE_NAME},
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "chscale.local/pause:3.10",
+                    "imagePullPolicy": "Never",
+                    "resources": {
+                        "requests": {"cpu": cpu, "memory": memory},
+                        "limits": {"cpu": cpu, "memory": memory},
+                    },
+                    "resizePolicy": [
+                        {"resourceName": "cpu", "restartPolicy": "NotRequired"},
+                        {"resourceName": "memory", "restartPolicy": "NotRequired"},
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def _memory_limit(node: RealNode, pod_uid: str) -> int | None:
+    """The pod-level cgroup's memory limit, read from the cgroup file system."""
+    for hierarchy in cgroup_hierarchies():
+        # The v1 memory controller, or the v2 unified hierarchy.
+        for leaf, name in (("memory.limit_in_bytes", "memory"), ("memory.max", "unified")):
+            if hierarchy.name not in (name, "cgroup", "memory,"):
+                continue
+            pod_dir = (
+                hierarchy / node.cgroup_root.lstrip("/") / "kubepods" / f"pod{pod_uid}" / leaf
+            )
+            if pod_dir.is_file():
+                text = pod_dir.read_text().strip()
+                return None if text == "max" else int(text)
+    return None
+
+
+def _running(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    path = f"/api/v1/namespaces/{namespace}/pods/{name}"
+    return _wait(f"{name} Running", lambda: (p := kube.get(path))["status"].get("phase")
+                 == "Running" and p)  # fmt: skip
+
+
+def test_the_node_is_a_real_kubelet_with_containerd(stack: Stack, kube: Kube) -> None:
+    node = kube.get(f"/api/v1/nodes/{NODE_NAME}")
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"].startswith("v1.35."), info
+    assert info["containerRuntimeVersion"].startswith("containerd://2."), info
+    ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready and ready[0]["status"] == "True", node["status"]["conditions"]
+    # The node daemon looks for VMM sockets under the real kubelet's pods directory.
+    root = stack.socket_root(NODE_NAME)
+    assert root == stack.real_nodes[NODE_NAME].pods_root
+    argv = stack.children[f"daemon-{NODE_NAME}"].argv
+    assert argv[argv.index("--vmm-socket-root") + 1] == str(root)
+
+
+def test_resize_in_place_moves_the_real_cgroup(stack: Stack, kube: Kube, namespace: str) -> None:
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    kube.create(pods, _pod("grower", "100m", "64Mi"))
+    pod = _running(kube, namespace, "grower")
+    uid = pod["metadata"]["uid"]
+    node = stack.real_nodes[NODE_NAME]
+    assert _wait("64Mi cgroup", lambda: _memory_limit(node, uid) == 64 * MI)
+    kube.patch(
+        f"{pods}/grower/resize",
+        {"spec": {"containers": [{"name": "main", "resources": {
+            "requests": {"cpu": "200m", "memory": "128Mi"},
+            "limits": {"cpu": "200m", "memory": "128Mi"}}}]}},
+        STRATEGIC,
+    )  # fmt: skip
+    assert _wait("grown cgroup", lambda: _memory_limit(node, uid) == 128 * MI)
+
+    def reported() -> bool:
+        status = kube.get(f"{pods}/grower")["status"]
+        res = (status.get("containerStatuses") or [{}])[0].get("resources") or {}
+        return (res.get("limits") or {}).get("memory") == "128Mi"
+
+    _wait("status resources 128Mi", reported)
+    kube.patch(
+        f"{pods}/grower/resize",
+        {"spec": {"containers": [{"name": "main", "resources": {
+            "requests": {"cpu": "100m", "memory": "96Mi"},
+            "limits": {"cpu": "100m", "memory": "96Mi"}}}]}},
+        STRATEGIC,
+    )  # fmt: skip
+    assert _wait("shrunk cgroup", lambda: _memory_limit(node, uid) == 96 * MI)
+
+
+def test_a_resize_beyond_the_node_is_infeasible(stack: Stack, kube: Kube, namespace: str) -> None:
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    kube.create(pods, _pod("too-big", "100m", "64Mi"))
+    _running(kube, namespace, "too-big")
+    capacity = kube.get(f"/api/v1/nodes/{NODE_NAME}")["status"]["capacity"]["cpu"]
+    beyond = str(int(capacity) * 2)
+    kube.patch(
+        f"{pods}/too-big/resize",
+        {"spec": {"containers": [{"name": "main", "resources": {
+            "requests": {"cpu": beyond}, "limits": {"cpu": beyond}}}]}},
+        STRATEGIC,
+    )  # fmt: skip
+
+    def infeasible() -> dict[str, Any] | None:
+        for c in kube.get(f"{pods}/too-big")["status"].get("conditions") or []:
+            if c.get("type") == "PodResizePending" and c.get("reason") == "Infeasible":
+                return c
+        return None
+
+    condition = _wait("PodResizePending Infeasible", infeasible)
+    assert "capacity" in condition.get("message", ""), condition
+
+
+def _ready(kube: Kube, name: str) -> bool:
+    try:
+        node = kube.get(f"/api/v1/nodes/{name}")
+    except NotFound:
+        return False
+    conditions = node.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def _global_leftovers(node: RealNode) -> list[str]:
+    """What the machine shows of a run, looked up independently of RealNode's records."""
+    left = []
+    with open("/proc/self/mountinfo") as handle:
+        left += [f"mount {line.split()[4]}" for line in handle if str(node.run_dir) in line]
+    left += [
+        f"cgroup {h / node.cgroup_root.lstrip('/')}"
+        for h in cgroup_hierarchies()
+        if (h / node.cgroup_root.lstrip("/")).exists()
+    ]
+    if Path("/sys/class/net", node.bridge).exists():
+        left.append(f"bridge {node.bridge}")
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(node.run_dir) in cmdline or str(node.state_dir) in cmdline:
+                left.append(f"process {entry.name}: {cmdline[:120]}")
+    if node.run_dir.exists():
+        left.append(f"directory {node.run_dir}")
+    return left
+
+
+def test_two_runs_do_not_collide_and_leave_nothing(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    kube = Kube(control_plane.api_client())
+    nodes = [RealNode(f"twin-{i}", tmp_path / f"twin-{i}", control_plane) for i in range(2)]
+    try:
+        for node in nodes:
+            node.start()
+        a, b = nodes
+        assert a.run_dir != b.run_dir and a.cgroup_root != b.cgroup_root
+        assert a.bridge != b.bridge and a.subnet != b.subnet
+        for node in nodes:
+            _wait(f"{node.name} Ready", lambda n=node: _ready(kube, n.name))
+        # A running pod on each: mounts (rootfs, netns, tokens), cgroups, the bridge.
+        pods = f"/api/v1/namespaces/{namespace}/pods"
+        for node in nodes:
+            pod = _pod(f"on-{node.name}", "100m", "64Mi")
+            pod["spec"]["nodeName"] = node.name
+            del pod["spec"]["nodeSelector"]
+            kube.create(pods, pod)
+        for node in nodes:
+            _running(kube, namespace, f"on-{node.name}")
+            assert node.leftovers(), "a running node shows nothing: the check could not fail"
+            assert _global_leftovers(node)
+    finally:
+        for node in nodes:
+            node.stop()
+    for node in nodes:
+        assert node.leftovers() == []
+        assert _global_leftovers(node) == []
+        kube.delete(f"/api/v1/nodes/{node.name}")
