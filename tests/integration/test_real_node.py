@@ -9,6 +9,7 @@ saying why.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,13 @@ from typing import Any
 
 import pytest
 
+from adapters.cloudhypervisor.client import CloudHypervisorClient
 from adapters.k8s.client import Kube, NotFound
+from adapters.k8s.vms import vm_path
+from apps.cli.vmops import Follower, apply_vm, converged, resize_refused, resize_vm
+from core.constants import POD_MEMORY_OVERHEAD, GiB
+from core.podlayout import vmm_socket_path
+from core.quantity import parse_bytes
 from testbed.controlplane.launcher import ControlPlane
 from testbed.localstack.stack import NodeSpec, Stack
 from testbed.node.realnode import RealNode, cgroup_hierarchies, machine_allows
@@ -42,7 +49,7 @@ def stack(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory)
         tmp_path_factory.mktemp("realnode"),
         nodes=[NodeSpec(NODE_NAME)],
         control_plane=control_plane,
-        webhook=False,
+        webhook=True,
         kubelet="real",
     )
     s.start()
@@ -176,6 +183,98 @@ def test_a_resize_beyond_the_node_is_infeasible(stack: Stack, kube: Kube, namesp
 
     condition = _wait("PodResizePending Infeasible", infeasible)
     assert "capacity" in condition.get("message", ""), condition
+
+
+class _Sampler(threading.Thread):
+    """Samples the VM pod's cgroup memory limit against what the guest holds (the VMM's
+    own ``vm.info``): the limit must never drop below guest + the pod's VMM overhead, or
+    the kernel's OOM killer would take the VMM (RESIZE.md's safety promise)."""
+
+    def __init__(self, node: RealNode, pod_uid: str) -> None:
+        super().__init__(daemon=True)
+        self.node, self.uid = node, pod_uid
+        self.socket = vmm_socket_path(str(node.pods_root), pod_uid)
+        self.stop = threading.Event()
+        self.samples = 0
+        self.violations: list[tuple[int, int]] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with CloudHypervisorClient(self.socket, timeout=2.0) as vmm:
+            while not self.stop.wait(0.02):
+                limit = _memory_limit(self.node, self.uid)
+                try:
+                    guest = vmm.info().guest_memory
+                except Exception as exc:  # a busy VMM: sample again, keep the last errors
+                    self.errors = [*self.errors[-4:], repr(exc)]
+                    continue
+                if limit is None:
+                    self.errors = [*self.errors[-4:], "no cgroup memory limit found"]
+                    continue
+                self.samples += 1
+                if limit < guest + POD_MEMORY_OVERHEAD:
+                    self.violations.append((limit, guest))
+
+
+def _oom_kills(node: RealNode, pod_uid: str) -> int:
+    for hierarchy in cgroup_hierarchies():
+        pod_dir = hierarchy / node.cgroup_root.lstrip("/") / "kubepods" / f"pod{pod_uid}"
+        control = pod_dir / "memory.oom_control"
+        if control.is_file():
+            for line in control.read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    return 0
+
+
+def test_a_vm_grows_shrinks_and_is_refused_on_the_real_node(
+    stack: Stack, kube: Kube, namespace: str
+) -> None:
+    vm = {
+        "apiVersion": "cloudhypervisor.quill.today/v1beta1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "real-vm"},
+        "spec": {
+            "instance": {
+                "cpu": {"sockets": 1, "coresPerSocket": 1},
+                # A ceiling far past the machine, so that the node, not the VMM, refuses.
+                "memory": {"size": "256Mi", "maxSize": "1Ti"},
+            },
+            "nodeSelector": {"kubernetes.io/hostname": NODE_NAME},
+        },
+    }
+    apply_vm(kube, vm, namespace)
+    follower = Follower(kube, namespace, "real-vm")
+    follower.wait(converged, WAIT_S)
+    pod = kube.get(f"/api/v1/namespaces/{namespace}/pods/vm-real-vm")
+    uid = pod["metadata"]["uid"]
+    node = stack.real_nodes[NODE_NAME]
+    sampler = _Sampler(node, uid)
+    sampler.start()
+    try:
+        resize_vm(kube, namespace, "real-vm", None, "512Mi")
+        grown = follower.wait(converged, WAIT_S)
+        assert grown["status"]["allocated"]["memory"] == "512Mi", grown["status"]
+        assert (_memory_limit(node, uid) or 0) >= 512 * MI + POD_MEMORY_OVERHEAD
+        resize_vm(kube, namespace, "real-vm", None, "384Mi")
+        shrunk = follower.wait(converged, WAIT_S)
+        assert shrunk["status"]["allocated"]["memory"] == "384Mi", shrunk["status"]
+        capacity = kube.get(f"/api/v1/nodes/{NODE_NAME}")["status"]["capacity"]["memory"]
+        beyond = f"{parse_bytes(capacity) * 2 // GiB}Gi"
+        resize_vm(kube, namespace, "real-vm", None, beyond)
+        refused = follower.wait(lambda o: resize_refused(o) is not None, WAIT_S)
+        assert "capacity" in (resize_refused(refused) or ""), refused["status"]
+        assert refused["status"]["phase"] == "Running"
+    finally:
+        sampler.stop.set()
+        sampler.join(10)
+    assert sampler.samples > 0, sampler.errors
+    assert sampler.violations == []
+    assert _oom_kills(node, uid) == 0
+    status = kube.get(f"/api/v1/namespaces/{namespace}/pods/vm-real-vm")["status"]
+    assert status["containerStatuses"][0]["restartCount"] == 0
+    kube.patch(vm_path(namespace, "real-vm"), {"metadata": {"finalizers": None}})
+    kube.delete(vm_path(namespace, "real-vm"))
 
 
 def _ready(kube: Kube, name: str) -> bool:
