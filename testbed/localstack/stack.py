@@ -161,7 +161,9 @@ class Stack:
         self.progress("starting the controller")
         for i in range(self.controller_replicas):
             self.start_controller(i)
-        self._wait_nodes_ready()
+        # A real kubelet registers, syncs its runtime and CNI first: more time on a
+        # loaded 2-core machine.
+        self._wait_nodes_ready(120.0 if self.real_nodes else 60.0)
         self._write_state()
 
     def start_controller(self, index: int = 0) -> Child:

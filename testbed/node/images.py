@@ -15,6 +15,7 @@ digest, so a changed recipe builds anew; ``ctr images import`` takes them as the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import attrs
@@ -62,6 +64,7 @@ REPO_INITS = ("testbed/__init__.py", "apps/__init__.py")
 STDLIB_SKIP = {"site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip",
                "lib2to3", "config-3.11-x86_64-linux-gnu", "pydoc_data", "unittest"}  # fmt: skip
 REPO = Path(__file__).resolve().parents[2]
+STALE_IMAGE_S = 3600.0
 
 @attrs.frozen(slots=True)
 class Image:
@@ -277,10 +280,12 @@ def vm_pod_image(directory: Path | None = None) -> Image:
     tmp_path = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
     tmp_path.write_bytes(archive)
     os.replace(tmp_path, cached)
-    # One current archive: an edited simulator makes the older ones stale.
+    # An edited simulator makes older archives stale; one left by another checkout may
+    # be about to be imported, so only those an hour old go.
     for old in directory.glob("vm-pod-src-*.tar"):
-        if old != cached:
-            old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if old != cached and time.time() - old.stat().st_mtime > STALE_IMAGE_S:
+                old.unlink()
     return Image(VM_POD_IMAGE, cached)
 
 

@@ -15,6 +15,11 @@
 - ``node``: the name of that node, for binding pods to it.
 - ``api_client`` (per test): an official-client ``ApiClient`` as cluster admin.
 
+A local stack started on this control plane brings its own kube-scheduler and
+kube-controller-manager (ADR 0014). ``node_kind()`` is the node kind the tests that
+support both run on: ``CHSCALE_NODE=real`` for a real kubelet + containerd, else
+simulated; ``chscale up`` run by a test follows the same variable.
+
 If the control plane cannot be built or started, every test using it errors: these
 tests are never skipped. Every test in this directory is marked ``integration``.
 """
