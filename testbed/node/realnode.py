@@ -50,12 +50,13 @@ RUN_PREFIX = "chsn-"
 CGROUP_PREFIX = "chscale-"
 BRIDGE_PREFIX = "chs"
 CGROUP_FS = "/sys/fs/cgroup"
-CONTAINERD_READY_S = 30.0
+CONTAINERD_READY_S = 60.0
 # Candidate pod subnets: 10.200.0.0/24 .. 10.254.255.0/24, one picked at random that no
 # route on the machine covers (each run's bridge adds its connected route).
 SUBNET_FIRST_OCTET = 10
 SUBNET_SECOND = range(200, 255)
 NAMESPACE = "k8s.io"  # containerd's namespace for CRI
+OWNER_FILE = "owner"
 
 
 class RealNodeError(RuntimeError):
@@ -226,7 +227,10 @@ class RealNode:
             raise RealNodeError("the control plane has not been started")
         self.node_ip = _node_ip()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        cleanup_stale_runs()
         self.run_dir.mkdir(mode=0o700)
+        # Who owns the run: a run whose owner died (SIGKILL, a crash) is swept by the next.
+        (self.run_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
         try:
             self.subnet = _pick_subnet(random.Random(self.run_id))
             for hierarchy in cgroup_hierarchies():
@@ -563,6 +567,27 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.internal.v1.traci
         if self.run_dir.exists():
             left.append(f"directory {self.run_dir}")
         return left
+
+
+def cleanup_stale_runs() -> list[str]:
+    """Tear down the runs whose owning process is gone (killed before its ``stop()``):
+    their shims, containers, mounts, cgroups and bridges would otherwise stay for good.
+    Returns the run ids swept."""
+    swept = []
+    for run_dir in Path(tempfile.gettempdir()).glob(f"{RUN_PREFIX}*"):
+        try:
+            owner = int((run_dir / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not started far enough to own anything but the directory
+        if alive(owner):
+            continue
+        run_id = run_dir.name[len(RUN_PREFIX) :]
+        # The state directory is unknown here; nothing is mounted there.
+        stale = RealNode(run_id, run_dir / "state", ControlPlane(), run_id=run_id)
+        log.warning("sweeping a real node run whose owner died", extra={"run": run_id})
+        stale.stop()
+        swept.append(run_id)
+    return swept
 
 
 def stack_labels(stack_id: str) -> dict[str, str]:

@@ -45,15 +45,28 @@ NODE_CPU = "16"
 NODE_MEMORY = "32Gi"
 NAMESPACE_MAX = 63  # a DNS label
 NODE_KINDS = ("simulated", "real")
+# As the user set it, before the default below.
+_NODE_SWITCH = os.environ.get("CHSCALE_NODE", "").strip().lower()
 # `chscale up` run by a test follows the same switch (its --kubelet default): without
 # it, `auto` would pick a real node on a root machine.
 os.environ.setdefault("CHSCALE_NODE", "simulated")
 
 
+def real_node_tests() -> tuple[bool, str]:
+    """Whether the real-node tests (test_real_node.py) run, and if not why: they do
+    unless ``CHSCALE_NODE=simulated`` or the machine cannot run a real node."""
+    if _NODE_SWITCH == "simulated":
+        return False, "CHSCALE_NODE=simulated"
+    from testbed.node.realnode import machine_allows
+
+    verdict = machine_allows()
+    return verdict.ok, f"no real node here: {verdict.reason}"
+
+
 def node_kind() -> str:
     """The node kind the stack-based tests that support both run on: ``CHSCALE_NODE``
     (``real`` or ``simulated``), ``simulated`` unless set (ADR 0014)."""
-    kind = os.environ.get("CHSCALE_NODE", "simulated").strip().lower() or "simulated"
+    kind = _NODE_SWITCH or "simulated"
     if kind not in NODE_KINDS:
         raise pytest.UsageError(f"CHSCALE_NODE={kind!r}: expected one of {', '.join(NODE_KINDS)}")
     return kind

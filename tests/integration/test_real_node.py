@@ -2,8 +2,8 @@
 stack: what it registers, real cgroup limits, in-place resize as the real kubelet does
 it, and a teardown that leaves nothing (ADR 0014).
 
-Runs when ``CHSCALE_NODE=real`` (and the machine allows a real node); skipped otherwise,
-saying why.
+Runs in the default ``make test`` where the machine allows a real node (root, writable
+cgroups, overlayfs); skipped, saying why, there or with ``CHSCALE_NODE=simulated``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from core.podlayout import vmm_socket_path
 from core.quantity import parse_bytes
 from testbed.controlplane.launcher import ControlPlane
 from testbed.localstack.stack import NodeSpec, Stack
-from testbed.node.realnode import RealNode, cgroup_hierarchies, machine_allows
+from testbed.node.realnode import RealNode, cgroup_hierarchies
 
-from .conftest import node_kind
+from .conftest import real_node_tests
 
 NODE_NAME = "real-node"
 WAIT_S = 90.0
@@ -36,11 +36,8 @@ MI = 1024 * 1024
 # Containers merge by name, so a patch names only what it changes.
 STRATEGIC = "application/strategic-merge-patch+json"
 
-_verdict = machine_allows()
-pytestmark = [
-    pytest.mark.skipif(node_kind() != "real", reason="real-node tests run with CHSCALE_NODE=real"),
-    pytest.mark.skipif(not _verdict.ok, reason=f"no real node here: {_verdict.reason}"),
-]
+_run, _why = real_node_tests()
+pytestmark = pytest.mark.skipif(not _run, reason=_why)
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +339,43 @@ def test_two_runs_do_not_collide_and_leave_nothing(
         assert node.leftovers() == []
         assert _global_leftovers(node) == []
         kube.delete(f"/api/v1/nodes/{node.name}")
+
+
+_OWNER = """
+import sys, time
+from pathlib import Path
+from testbed.controlplane.launcher import ControlPlane
+from testbed.node.realnode import RealNode
+cp = ControlPlane(Path(sys.argv[2]))
+cp.start()
+node = RealNode("orphaned", Path(sys.argv[1]), cp)
+node.start()
+print(node.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_owners_run_is_swept_by_the_next(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from testbed.node.realnode import cleanup_stale_runs
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(tmp_path / "orphaned"), str(tmp_path / "cp")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        run_id = owner.stdout.readline().strip()
+        assert run_id, "the owner did not start its node"
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(30)
+    orphan = RealNode("orphaned", tmp_path / "orphaned", ControlPlane(), run_id=run_id)
+    assert orphan.leftovers(), "nothing left by a killed owner: the check could not fail"
+    assert run_id in cleanup_stale_runs()
+    assert orphan.leftovers() == []
+    assert _global_leftovers(orphan) == []
