@@ -232,6 +232,9 @@ class Stack:
 
     def _start_real_node(self, spec: NodeSpec) -> None:
         assert self.control_plane is not None
+        if spec.vmm_command or self.vmm_command:
+            # The VMM runs in the VM pod's container, from its image (testbed.node.images).
+            log.warning("a real node ignores the VMM command", extra={"node": spec.name})
         node = RealNode(
             spec.name,
             self.state_dir / "nodes" / spec.name,

@@ -52,6 +52,14 @@ _NODE_SWITCH = os.environ.get("CHSCALE_NODE", "").strip().lower()
 os.environ.setdefault("CHSCALE_NODE", "simulated")
 
 
+def node_kinds() -> list[str]:
+    """The node kinds a test that supports both runs on: the one ``CHSCALE_NODE`` names,
+    else simulated and, where the machine allows a real node, real."""
+    if _NODE_SWITCH:
+        return [node_kind()]
+    return ["simulated", "real"] if real_node_tests()[0] else ["simulated"]
+
+
 def real_node_tests() -> tuple[bool, str]:
     """Whether the real-node tests (test_real_node.py) run, and if not why: they do
     unless ``CHSCALE_NODE=simulated`` or the machine cannot run a real node."""

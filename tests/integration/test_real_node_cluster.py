@@ -1,6 +1,7 @@
 """The real kube-scheduler and kube-controller-manager in the local stack (ADR 0014):
 scheduling, ResourceQuota usage and garbage collection as on a real cluster, on the
-node kind ``CHSCALE_NODE`` selects (``simulated`` unless set; see conftest)."""
+simulated node and, where the machine allows one, the real node; ``CHSCALE_NODE`` set
+names the one kind to run (see conftest)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,23 @@ import pytest
 from adapters.k8s.client import Kube, NotFound
 from testbed.localstack.stack import NodeSpec, Stack
 
-from .conftest import NODE, node_kind
+from .conftest import NODE, node_kinds
 
 NODE_NAME = "cluster-node"
 WAIT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def stack(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=node_kinds())
+def stack(
+    control_plane: Any, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     s = Stack(
         tmp_path_factory.mktemp("cluster"),
-        nodes=[NodeSpec(NODE_NAME, "8", "16Gi")],
+        # Each kind its own node name: the Node of the first stays registered.
+        nodes=[NodeSpec(f"{NODE_NAME}-{request.param}", "8", "16Gi")],
         control_plane=control_plane,
         webhook=False,
-        kubelet=node_kind(),
+        kubelet=request.param,
     )
     s.start()
     yield s
@@ -73,7 +77,7 @@ def test_the_scheduler_binds_onto_this_stacks_node(
         lambda: (kube.get(f"/api/v1/namespaces/{namespace}/pods/placed")["spec"].get("nodeName")),
     )
     # Never the session's bare node (nothing runs there), though it has room.
-    assert pod == NODE_NAME, (pod, NODE)
+    assert pod == stack.nodes[0], (pod, NODE)
     events = _wait(
         "Scheduled event",
         lambda: [
