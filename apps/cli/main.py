@@ -102,17 +102,15 @@ def _choose_kubelet(wanted: str) -> str:
     if wanted == "simulated":
         print("node: simulated kubelet (--kubelet simulated)")
         return wanted
-    from testbed.node.packages import ensure_packages
     from testbed.node.realnode import machine_allows
 
-    verdict = machine_allows()
+    verdict = machine_allows(fetch=True)
     if wanted == "real" or verdict.ok:
         if not verdict.ok:
             print(f"node: real kubelet asked for, but {verdict.reason}; it will fail")
         else:
             how = "--kubelet real" if wanted == "real" else "auto"
             print(f"node: real kubelet v1.35 + containerd + runc ({how}: {verdict.reason})")
-        ensure_packages()
         return "real"
     print(f"node: simulated kubelet (auto: no real node here, {verdict.reason})")
     return "simulated"

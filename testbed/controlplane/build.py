@@ -401,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ensure_packages()
             except BuildError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
+                # The control plane is built; only the real node is unavailable: the
+                # stack and the tests fall back to simulated nodes, saying why.
+                print(f"warning: no real node: {exc}", file=sys.stderr)
         else:
             # Not an error: the local stack then runs simulated nodes only.
             print("# no apt-get/dpkg here: the real node's packages are not fetched")

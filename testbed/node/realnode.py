@@ -42,6 +42,7 @@ from testbed.controlplane.build import BuildError
 from testbed.controlplane.launcher import STACK_LABEL, ControlPlane, _write_cert, _write_key
 from testbed.node.images import ensure_images
 from testbed.node.packages import NodePackages, ensure_packages
+from testbed.node.packages import paths as package_paths
 from testbed.procs import Child, alive
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,24 @@ def cgroup_hierarchies() -> list[Path]:
     )
 
 
-def machine_allows() -> Verdict:
-    """Whether a real node can run here, and if not, why (for ``chscale up``)."""
+def machine_allows(*, fetch: bool = False) -> Verdict:
+    """Whether a real node can run here, and if not, why (for ``chscale up`` and the
+    tests). ``fetch`` fetches the node's packages if they are not cached yet; without it
+    they must be."""
+    verdict = _machine_allows()
+    if not verdict.ok:
+        return verdict
+    if fetch:
+        try:
+            ensure_packages(out=None)
+        except BuildError as exc:
+            return Verdict(False, f"containerd/runc packages unavailable: {exc}")
+    elif not all(p.exists() for p in package_paths().programs()):
+        return Verdict(False, "containerd/runc packages not cached (make controlplane)")
+    return verdict
+
+
+def _machine_allows() -> Verdict:
     if os.geteuid() != 0:
         return Verdict(False, "not root (containerd, runc and the kubelet need root)")
     try:

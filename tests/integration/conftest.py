@@ -67,7 +67,7 @@ def real_node_tests() -> tuple[bool, str]:
         return False, "CHSCALE_NODE=simulated"
     from testbed.node.realnode import machine_allows
 
-    verdict = machine_allows()
+    verdict = machine_allows(fetch=True)
     return verdict.ok, f"no real node here: {verdict.reason}"
 
 
