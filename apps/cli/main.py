@@ -115,6 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from testbed.controlplane.build import ensure_binaries
 
     ensure_binaries()
+    kubelet = _choose_kubelet(args.kubelet)
     progress.step("starting the stack")
     argv = [
         sys.executable,
@@ -133,6 +134,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         argv += ["--vmm-command", args.vmm_command]
     if args.kernel:
         argv += ["--kernel", args.kernel]
+    argv += ["--kubelet", kubelet]
     with open(state / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -161,6 +163,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     progress.fail(f"the stack was not ready within {args.timeout:.0f}s")
     _stop_supervisor(state)
     return 1
+
+
+def _choose_kubelet(wanted: str) -> str:
+    """``auto``: a real node (containerd + runc + kubelet v1.35) when this machine allows
+    one, else the simulated kubelet; says which and why (ADR 0014)."""
+    if wanted == "simulated":
+        print("node: simulated kubelet (--kubelet simulated)")
+        return wanted
+    from testbed.node.realnode import machine_allows
+
+    verdict = machine_allows(fetch=True)
+    if wanted == "real" or verdict.ok:
+        if not verdict.ok:
+            print(f"node: real kubelet asked for, but {verdict.reason}; it will fail")
+        else:
+            how = "--kubelet real" if wanted == "real" else "auto"
+            print(f"node: real kubelet v1.35 + containerd + runc ({how}: {verdict.reason})")
+        return "real"
+    print(f"node: simulated kubelet (auto: no real node here, {verdict.reason})")
+    return "simulated"
 
 
 def _supervisor_pid(state: Path) -> int | None:
@@ -443,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="command template for a real cloud-hypervisor (default: the simulator)",
     )
     up.add_argument("--kernel", help="guest kernel for a real cloud-hypervisor")
+    up.add_argument(
+        "--kubelet",
+        choices=("auto", "real", "simulated"),
+        # The environment's default lets a test suite pin the kind for the stacks it
+        # starts through this command.
+        default=os.environ.get("CHSCALE_NODE", "auto").strip().lower() or "auto",
+        help="node kind: a real kubelet + containerd when the machine allows (auto), or "
+        "either one explicitly (default: $CHSCALE_NODE, else auto)",
+    )
     up.add_argument(
         "--timeout",
         type=float,

@@ -21,6 +21,10 @@ the latter that every pod create depends on are done here instead:
 Deleting a namespace leaves it ``Terminating`` (no namespace controller empties it);
 the NamespaceLifecycle plugin then refuses new objects in it.
 
+``start_scheduler`` and ``start_controller_manager`` add the real kube-scheduler and
+kube-controller-manager (same Kubernetes version) on demand; the local stack starts
+them (ADR 0014), the bare session control plane of the tests does not.
+
 State (certificates, etcd data, logs, the admin kubeconfig) lives in ``state_dir``;
 with a directory given, a restart reuses the certificates, ports if free, and data.
 """
@@ -726,6 +730,89 @@ class ControlPlane:
             if process is not None:
                 process.stop()
                 setattr(self, attr, None)
+
+
+# --- the real kube-scheduler and kube-controller-manager, on demand -----------------
+
+# A stack labels its nodes with this and its scheduler only considers nodes carrying the
+# stack's value: on an API server shared by several stacks (the test session's), one
+# stack's scheduler must not place pods onto another stack's (or a bare test's) nodes.
+STACK_LABEL = "chscale.io/stack"
+# Without node heartbeats (the tests' bare Nodes) the node lifecycle controller would
+# taint and evict; a control plane shared with such nodes runs without it.
+WITHOUT_NODE_LIFECYCLE = ("*", "-nodelifecycle")
+
+
+def _need_binaries(cp: ControlPlane) -> ControlPlaneBinaries:
+    if cp.binaries is None or not cp.running:
+        raise ControlPlaneError("the control plane is not running")
+    return cp.binaries
+
+
+def start_scheduler(cp: ControlPlane, directory: Path, *, stack: str | None = None) -> Child:
+    """kube-scheduler on ``cp``, as ``default-scheduler``; with ``stack`` it places pods
+    only onto nodes labelled ``STACK_LABEL=<stack>`` (its profile's added node affinity).
+    It serves nothing (``--secure-port=0``): no port to collide with another run's."""
+    binaries = _need_binaries(cp)
+    directory.mkdir(parents=True, exist_ok=True)
+    profile: dict[str, Any] = {"schedulerName": "default-scheduler"}
+    if stack is not None:
+        term = {"matchExpressions": [{"key": STACK_LABEL, "operator": "In", "values": [stack]}]}
+        profile["pluginConfig"] = [
+            {
+                "name": "NodeAffinity",
+                "args": {
+                    "addedAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [term]
+                        }
+                    }
+                },
+            }
+        ]
+    config = {
+        "apiVersion": "kubescheduler.config.k8s.io/v1",
+        "kind": "KubeSchedulerConfiguration",
+        "clientConnection": {"kubeconfig": str(cp.kubeconfig_path)},
+        "leaderElection": {"leaderElect": False},
+        "profiles": [profile],
+    }
+    config_path = directory / "kube-scheduler.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    argv = [
+        str(binaries.scheduler),
+        f"--config={config_path}",
+        "--secure-port=0",
+        f"--bind-address={LOOPBACK}",
+        "--v=1",
+    ]
+    return Child("kube-scheduler", argv, directory / "kube-scheduler.log")
+
+
+def start_controller_manager(
+    cp: ControlPlane, directory: Path, *, controllers: tuple[str, ...] = ("*",)
+) -> Child:
+    """kube-controller-manager on ``cp``: quota usage, garbage collection, namespace
+    deletion, service-account tokens, ReplicaSets... as on a real cluster. Serves nothing
+    (``--secure-port=0``)."""
+    binaries = _need_binaries(cp)
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = cp.pki
+    argv = [
+        str(binaries.controller_manager),
+        f"--kubeconfig={cp.kubeconfig_path}",
+        "--secure-port=0",
+        f"--bind-address={LOOPBACK}",
+        "--leader-elect=false",
+        f"--controllers={','.join(controllers)}",
+        f"--service-account-private-key-file={pki.sa_key}",
+        f"--root-ca-file={pki.ca_cert}",
+        f"--cluster-signing-cert-file={pki.ca_cert}",
+        f"--cluster-signing-key-file={pki.ca_key}",
+        "--use-service-account-credentials=false",
+        "--v=1",
+    ]
+    return Child("kube-controller-manager", argv, directory / "kube-controller-manager.log")
 
 
 # --- kube-controller-manager's serviceaccounts controller, in miniature --------------

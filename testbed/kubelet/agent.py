@@ -111,9 +111,12 @@ class KubeletAgent:
         heartbeat_s: float = HEARTBEAT_S,
         node_status_s: float = NODE_STATUS_S,
         namespace: str | None = None,
+        bind: bool = True,
     ) -> None:
         """``namespace`` confines the kubelet to one namespace's pods (tests share one
-        API server; a real kubelet serves every namespace)."""
+        API server; a real kubelet serves every namespace). ``bind=False`` leaves binding
+        to a running kube-scheduler, as a real kubelet does (ADR 0014)."""
+        self.bind = bind
         self.kube = kube
         self.config = config
         self.runtime = runtime
@@ -358,7 +361,7 @@ class KubeletAgent:
             if self._stop.is_set():
                 return
             try:
-                bind_at = self.bind_pending()
+                bind_at = self.bind_pending() if self.bind else None
                 wake_at = self.sync_once()
                 if bind_at is not None:
                     wake_at = bind_at if wake_at is None else min(wake_at, bind_at)

@@ -222,6 +222,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve only this namespace's pods (isolation on a shared API server; "
         "a real kubelet serves all namespaces)",
     )
+    p.add_argument(
+        "--no-bind",
+        action="store_true",
+        help="do not bind pending pods (a kube-scheduler does, as in a real cluster)",
+    )
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except SocketPathTooLong as exc:
         raise SystemExit(f"chscale-kubelet: {exc}") from exc
     kube = Kube(load_api_client(args.kubeconfig))
-    agent = KubeletAgent(kube, config, runtime, namespace=args.namespace)
+    agent = KubeletAgent(kube, config, runtime, namespace=args.namespace, bind=not args.no_bind)
     try:
         agent.start()
     except BaseException:

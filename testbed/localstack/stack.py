@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.controlplane.launcher import ControlPlane
+from testbed.controlplane.launcher import (
+    NOT_READY_TAINT,
+    STACK_LABEL,
+    WITHOUT_NODE_LIFECYCLE,
+    ControlPlane,
+    start_controller_manager,
+    start_scheduler,
+)
+from testbed.node.images import VM_POD_IMAGE, VM_POD_KERNEL
+from testbed.node.realnode import RealNode
 from testbed.procs import Child, end_processes_mentioning, python_module
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,7 @@ class StackError(RuntimeError):
 
 
 PLACEHOLDER_KERNEL = "vmlinux"
+KUBELET_KINDS = ("simulated", "real")
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,26 @@ class Stack:
         webhook: bool = True,
         progress: Progress | None = None,
         kubeconfigs: Mapping[str, Path] | None = None,
+        cluster_controllers: bool = True,
+        kubelet: str = "simulated",
     ) -> None:
         """``kubeconfigs`` gives a component (``controller-<i>``, ``daemon-<node>``) its own
-        kubeconfig instead of the stack's, e.g. one that points at a fault-injecting proxy."""
+        kubeconfig instead of the stack's, e.g. one that points at a fault-injecting proxy.
+
+        ``cluster_controllers`` runs the real kube-scheduler and kube-controller-manager
+        (ADR 0014): the scheduler binds (the simulated kubelets do not), placing pods only
+        onto this stack's nodes; False leaves binding to the simulated kubelets' first fit
+        and quota, garbage collection and namespace deletion undone.
+
+        ``kubelet`` is the node kind: ``simulated`` (testbed.kubelet, a node per
+        ``NodeSpec`` with its cpu/memory) or ``real`` (containerd + runc + the kubelet
+        v1.35 per ``NodeSpec``, the machine's own capacity; testbed.node.realnode)."""
+        if kubelet not in KUBELET_KINDS:
+            raise StackError(f"kubelet={kubelet!r}: expected one of {', '.join(KUBELET_KINDS)}")
+        if kubelet == "real" and not cluster_controllers:
+            raise StackError("kubelet='real' needs cluster_controllers: nothing else binds pods")
+        self.kubelet = kubelet
+        self.real_nodes: dict[str, RealNode] = {}
         self.state_dir = state_dir
         if isinstance(nodes, int):
             nodes = [
@@ -89,6 +116,10 @@ class Stack:
         self.metrics_ports: dict[str, int] = {}
         self._webhook_registered = False
         self._socket_root: Path | None = None
+        self.cluster_controllers = cluster_controllers
+        # Labels this stack's nodes for its scheduler: unique per run, so concurrent
+        # stacks on one API server never place pods on each other's nodes.
+        self.stack_id = f"{os.getpid()}-{os.urandom(3).hex()}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -128,19 +159,27 @@ class Stack:
         if self.with_webhook:
             self.progress("starting the admission webhook")
             self._start_webhook()
-        self.progress(f"starting {len(self.nodes)} simulated node(s)")
+        if self.cluster_controllers:
+            self.progress("starting kube-scheduler and kube-controller-manager")
+            self._start_cluster_controllers()
+        self.progress(f"starting {len(self.nodes)} {self.kubelet} node(s)")
         for node in self.node_specs:
             self._start_node(node)
         self.progress("starting the controller")
         for i in range(self.controller_replicas):
             self.start_controller(i)
-        self._wait_nodes_ready()
+        # A real kubelet registers, syncs its runtime and CNI first: more time on a
+        # loaded 2-core machine.
+        self._wait_nodes_ready(120.0 if self.real_nodes else 60.0)
         self._write_state()
 
     def start_controller(self, index: int = 0) -> Child:
         name = f"controller-{index}"
         port = self.metrics_ports.setdefault(name, free_port())
         args = ["--kubeconfig", str(self.component_kubeconfig(name)), "--metrics-port", str(port)]
+        if self.kubelet == "real":
+            # The real node runs the image it has, built locally (testbed.node.images).
+            args += ["--image", VM_POD_IMAGE]
         if self.controller_replicas > 1:
             args += [
                 "--leader-elect",
@@ -169,13 +208,19 @@ class Stack:
             "--metrics-port",
             "0",
         ]
-        if self.kernel:
-            args += ["--kernel", self.kernel]
+        kernel = self.kernel
+        if node in self.real_nodes and kernel == str(self.state_dir / PLACEHOLDER_KERNEL):
+            kernel = VM_POD_KERNEL  # the VMM runs in its container: the image's placeholder
+        if kernel:
+            args += ["--kernel", kernel]
         child = Child(name, python_module("apps.daemon.main", *args), self.logs / f"{name}.log")
         self.children[name] = child
         return child
 
     def socket_root(self, node: str) -> Path:
+        if node in self.real_nodes:
+            # The real kubelet's own pods directory (its --root-dir is the run's).
+            return self.real_nodes[node].pods_root
         # Unix socket paths are limited to 108 bytes and the kubelet layout adds ~80
         # (<root>/<pod uid>/volumes/kubernetes.io~empty-dir/vmm/ch.sock): keep the root
         # short. Pod UIDs are unique, so the nodes can share it.
@@ -183,7 +228,37 @@ class Stack:
             self._socket_root = Path(tempfile.mkdtemp(prefix="chs-"))
         return self._socket_root
 
+    def _start_cluster_controllers(self) -> None:
+        assert self.control_plane is not None
+        directory = self.state_dir / "cluster"
+        self.children["kube-scheduler"] = start_scheduler(
+            self.control_plane, directory, stack=self.stack_id
+        )
+        # A shared control plane carries the tests' bare Nodes, which post no heartbeats.
+        controllers = ("*",) if self._own_control_plane else WITHOUT_NODE_LIFECYCLE
+        self.children["kube-controller-manager"] = start_controller_manager(
+            self.control_plane, directory, controllers=controllers
+        )
+
+    def _start_real_node(self, spec: NodeSpec) -> None:
+        assert self.control_plane is not None
+        if spec.vmm_command or self.vmm_command:
+            # The VMM runs in the VM pod's container, from its image (testbed.node.images).
+            log.warning("a real node ignores the VMM command", extra={"node": spec.name})
+        node = RealNode(
+            spec.name,
+            self.state_dir / "nodes" / spec.name,
+            self.control_plane,
+            labels={STACK_LABEL: self.stack_id},
+        )
+        self.real_nodes[spec.name] = node
+        node.start()
+        self.start_daemon(spec.name)
+
     def _start_node(self, spec: NodeSpec) -> None:
+        if self.kubelet == "real":
+            self._start_real_node(spec)
+            return
         node = spec.name
         args = [
             "--kubeconfig",
@@ -204,6 +279,8 @@ class Stack:
         vmm_command = spec.vmm_command or self.vmm_command
         if vmm_command:
             args += ["--vmm-command", vmm_command]
+        if self.cluster_controllers:
+            args += ["--no-bind", "--node-labels", f"{STACK_LABEL}={self.stack_id}"]
         name = f"kubelet-{node}"
         self.children[name] = Child(
             name, python_module("testbed.kubelet.main", *args), self.logs / f"{name}.log"
@@ -260,7 +337,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         pending = set(self.nodes)
         while pending and time.monotonic() < deadline:
-            for child in self.children.values():
+            real = [c for n in self.real_nodes.values() for c in n.children.values()]
+            for child in [*self.children.values(), *real]:
                 if not child.alive():
                     raise StackError(f"{child.name} exited:\n{child.log_tail()}")
             for node in list(pending):
@@ -274,12 +352,33 @@ class Stack:
             time.sleep(0.1)
         if pending:
             raise StackError(f"nodes not ready after {timeout}s: {sorted(pending)}")
+        if not self._own_control_plane:
+            for node in self.real_nodes:
+                self._lift_not_ready_taint(kube, node)
+
+    def _lift_not_ready_taint(self, kube: Any, node: str) -> None:
+        # The node lifecycle controller lifts it once the node is Ready; a shared control
+        # plane runs without that controller (WITHOUT_NODE_LIFECYCLE), so the stack does
+        # its part for the real nodes it started.
+        obj = kube.get(f"/api/v1/nodes/{node}")
+        taints = (obj.get("spec") or {}).get("taints") or []
+        kept = [t for t in taints if t.get("key") != NOT_READY_TAINT]
+        if len(kept) != len(taints):
+            kube.patch(f"/api/v1/nodes/{node}", {"spec": {"taints": kept or None}})
 
     def _write_state(self) -> None:
         state: dict[str, Any] = {
             "kubeconfig": str(self.kubeconfig),
             "nodes": self.nodes,
-            "processes": {name: child.pid for name, child in self.children.items()},
+            "processes": {
+                **{name: child.pid for name, child in self.children.items()},
+                **{
+                    f"{child.name}-{node}": child.pid
+                    for node, real in self.real_nodes.items()
+                    for child in real.children.values()
+                },
+            },
+            "kubelet": self.kubelet,
             "supervisor": os.getpid(),
         }
         if self.control_plane is not None:
@@ -297,9 +396,17 @@ class Stack:
             # failurePolicy is Fail: a registration left behind would block every VM write.
             unregister_webhooks(self.control_plane.api_client())
             self._webhook_registered = False
-        for name in sorted(self.children, key=lambda n: (not n.startswith("controller"), n)):
+        # The cluster's controllers first too: the controller-manager would otherwise
+        # garbage-collect and the scheduler re-place what the stopping kubelets leave.
+        def order(name: str) -> tuple[bool, bool, str]:
+            return (not name.startswith("kube-"), not name.startswith("controller"), name)
+
+        for name in sorted(self.children, key=order):
             self.children[name].stop()
         self.children.clear()
+        for real in self.real_nodes.values():
+            real.stop()
+        self.real_nodes.clear()
         if self.control_plane is not None and self._own_control_plane:
             self.control_plane.stop()
             self.control_plane = None

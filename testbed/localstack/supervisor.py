@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resize-delay", type=float, default=0.0)
     parser.add_argument("--vmm-command")
     parser.add_argument("--kernel")
+    parser.add_argument("--kubelet", choices=("simulated", "real"), default="simulated")
     args = parser.parse_args(argv)
     logs.setup("info")
     stop = threading.Event()
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         resize_delay=args.resize_delay,
         vmm_command=args.vmm_command,
         kernel=args.kernel,
+        kubelet=args.kubelet,
         progress=lambda msg: log.info(msg),
     )
     try:

@@ -15,12 +15,18 @@
 - ``node``: the name of that node, for binding pods to it.
 - ``api_client`` (per test): an official-client ``ApiClient`` as cluster admin.
 
+A local stack started on this control plane brings its own kube-scheduler and
+kube-controller-manager (ADR 0014). ``node_kind()`` is the node kind the tests that
+support both run on: ``CHSCALE_NODE=real`` for a real kubelet + containerd, else
+simulated; ``chscale up`` run by a test follows the same variable.
+
 If the control plane cannot be built or started, every test using it errors: these
 tests are never skipped. Every test in this directory is marked ``integration``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -38,6 +44,40 @@ NODE = "node-a"
 NODE_CPU = "16"
 NODE_MEMORY = "32Gi"
 NAMESPACE_MAX = 63  # a DNS label
+NODE_KINDS = ("simulated", "real")
+# As the user set it, before the default below.
+_NODE_SWITCH = os.environ.get("CHSCALE_NODE", "").strip().lower()
+# `chscale up` run by a test follows the same switch (its --kubelet default): without
+# it, `auto` would pick a real node on a root machine.
+os.environ.setdefault("CHSCALE_NODE", "simulated")
+
+
+def node_kinds() -> list[str]:
+    """The node kinds a test that supports both runs on: the one ``CHSCALE_NODE`` names,
+    else simulated and, where the machine allows a real node, real."""
+    if _NODE_SWITCH:
+        return [node_kind()]
+    return ["simulated", "real"] if real_node_tests()[0] else ["simulated"]
+
+
+def real_node_tests() -> tuple[bool, str]:
+    """Whether the real-node tests (test_real_node.py) run, and if not why: they do
+    unless ``CHSCALE_NODE=simulated`` or the machine cannot run a real node."""
+    if _NODE_SWITCH == "simulated":
+        return False, "CHSCALE_NODE=simulated"
+    from testbed.node.realnode import machine_allows
+
+    verdict = machine_allows(fetch=True)
+    return verdict.ok, f"no real node here: {verdict.reason}"
+
+
+def node_kind() -> str:
+    """The node kind the stack-based tests that support both run on: ``CHSCALE_NODE``
+    (``real`` or ``simulated``), ``simulated`` unless set (ADR 0014)."""
+    kind = _NODE_SWITCH or "simulated"
+    if kind not in NODE_KINDS:
+        raise pytest.UsageError(f"CHSCALE_NODE={kind!r}: expected one of {', '.join(NODE_KINDS)}")
+    return kind
 
 _HERE = Path(__file__).parent.resolve()
 _prebuilt: dict[str, ControlPlaneBinaries | BaseException] = {}
