@@ -23,6 +23,7 @@ from core.actions import (
     SetObserved,
     SetPhase,
     SetResizeTarget,
+    SetVmmVersion,
 )
 from core.constants import FINALIZER, VM_CONTAINER
 from core.model import (
@@ -104,6 +105,7 @@ _camel(
     pod_generation="podGeneration",
     started_at="startedAt",
     vmm_requested="vmmRequested",
+    wait_since="waitSince",
 )
 _camel(Condition, observed_generation="observedGeneration")
 
@@ -223,6 +225,7 @@ def parse_status(status: object) -> VmStatus:
             conditions.append(cond)
     generation = status.get("observedGeneration")
     node = status.get("nodeName")
+    version = status.get("vmmVersion")
     return VmStatus(
         phase=phase,
         node_name=node if isinstance(node, str) and node else None,
@@ -232,6 +235,7 @@ def parse_status(status: object) -> VmStatus:
         allocated=_lenient(status.get("allocated"), Allocation),
         resize=_lenient(status.get("resize"), ResizeRecord),
         conditions=tuple(conditions),
+        vmm_version=version if isinstance(version, str) and version else None,
     )
 
 
@@ -336,6 +340,8 @@ def apply_status(status: VmStatus, actions: tuple[Action, ...]) -> VmStatus:
             fields["allocated"] = action.allocation
         elif isinstance(action, SetCapacity):
             fields["capacity"] = action.capacity
+        elif isinstance(action, SetVmmVersion):
+            fields["vmm_version"] = action.version
         elif isinstance(action, SetObserved):
             fields["observed_generation"] = action.generation
             fields["desired"] = action.desired
@@ -354,6 +360,7 @@ def _status_fields(status: VmStatus) -> dict[str, Any]:
         "allocated": status.allocated,
         "resize": status.resize,
         "conditions": status.conditions,
+        "vmm_version": status.vmm_version,
     }
 
 
@@ -381,4 +388,5 @@ def render_status(
         "allocated": _unstructure(status.allocated) if status.allocated else None,
         "resize": _unstructure(status.resize) if status.resize else None,
         "conditions": conditions,
+        "vmmVersion": status.vmm_version,
     }
