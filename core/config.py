@@ -42,6 +42,10 @@ class KernelConfig:
     def vmm_backoff(self, attempts: int) -> float:
         return min(self.vmm_retry_base_s * (2 ** min(attempts, 32)), self.vmm_retry_cap_s)
 
+    def busy_backoff(self, attempts: int) -> float:
+        """After ``attempts`` 429s in a row: base * 2**attempts, capped."""
+        return min(self.vmm_busy_retry_s * 2 ** min(attempts, 32), self.wait_poll_cap_s)
+
     def poll_after(self, waited: float, deadline: float) -> float:
         """When to look again, ``waited`` seconds into a wait: capped exponential (each
         poll 1.5x after the previous), and no later than just past the deadline so the

@@ -267,6 +267,8 @@ class _Out:
     def __init__(self, vm: Vm, now: float | None = None) -> None:
         self.vm = vm
         self.now = now
+        # The phase the VMM is in, for a return the daemon makes in this decision.
+        self.daemon_return: Phase | None = None
         # The spec's problems, worked out once per decision (several steps ask).
         self.spec_problems = vm.spec_errors if vm.spec is None else spec_errors(vm.spec)
         self.spec_ok = vm.spec is not None and not self.spec_problems
@@ -282,6 +284,8 @@ class _Out:
         if to == RETURN:
             record = self.vm.status.resize
             to = record.return_phase if record is not None else Phase.RUNNING
+            if mv.owner is Owner.DAEMON and self.daemon_return is not None:
+                to = self.daemon_return
         assert isinstance(to, Phase)
         self.status.append(SetPhase(to, owner=mv.owner))
         text = message or f"{phase or 'new'} -> {to}"
@@ -609,7 +613,7 @@ def _track_return_phase(out: _Out, vm: Vm, vmm: VmmView) -> None:
     now = {VmmState.RUNNING: Phase.RUNNING, VmmState.PAUSED: Phase.PAUSED}.get(vmm.state)
     if record is not None and now is not None and record.return_phase is not now:
         out.record(Owner.DAEMON, evolve(record, return_phase=now))
-        out.vm = vm.evolve(status=evolve(vm.status, resize=evolve(record, return_phase=now)))
+        out.daemon_return = now
 
 
 def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:
@@ -714,14 +718,9 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
         return
     desired = _effective_desired(vm, out, Owner.CONTROLLER)
     current = vm.status.allocated
-    if (
-        record is not None
-        and record.step is Step.STALLED
-        and record.generation == vm.generation
-        and current != desired
-    ):
+    if record is not None and record.step is Step.STALLED and record.generation == vm.generation:
         # The guest did not get there in time (or cannot say): not retried for this
-        # generation. Should the guest still get there, the resize finishes after all.
+        # generation (``allocated`` still follows the guest); a new spec starts over.
         return
     if desired is None or current is None or pod.actual is None:
         return
@@ -775,6 +774,29 @@ def _daemon_steady(out: _Out, vm: Vm, vmm: VmmView) -> None:
         out.transition(Cause.VMM_PAUSED)
     elif vm.status.phase is Phase.PAUSED and vmm.state is VmmState.RUNNING:
         out.transition(Cause.VMM_RESUMED)
+    else:
+        _vmm_drift(out, vm, vmm, truth)
+
+
+def _vmm_drift(out: _Out, vm: Vm, vmm: VmmView, truth: Allocation | None) -> None:
+    """The VMM is configured for something else than the spec while the guest is known
+    to hold the spec: left so by a stalled step (a shrink a VMM before v52 cannot verify,
+    a vCPU removal that never finished) whose spec came back. Only the daemon sees it:
+    the guest step runs again (the pod covers ``allocated``, which is the target)."""
+    record = vm.status.resize
+    requested = vmm.requested
+    if vm.spec is None or not out.spec_ok or requested is None or truth is None:
+        return
+    desired = vm.spec.desired
+    in_force = record is not None and record.generation == vm.generation
+    if in_force or truth != desired or requested == desired or vm.status.allocated != truth:
+        return
+    phase = vm.status.phase
+    assert phase is not None
+    out.record(Owner.DAEMON, _new_record(vm, Step.VMM, desired, phase))
+    out.transition(
+        Cause.VMM_DRIFTED, f"the VMM is configured for {requested}, the spec asks {desired}"
+    )
 
 
 # --- the pod step (controller) --------------------------------------------------------
@@ -1136,7 +1158,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             )
             return
         out.effect(ResizeVmm(vcpus=requested.vcpus, probe=True))
-        _poll(out, Owner.DAEMON, record, config.vcpu_removal_deadline_s, config)
+        out.requeue(Owner.DAEMON, config.busy_backoff(record.attempts))
         return
     if truth != desired:
         if vmm.plugged_memory is None and truth.memory > requested.memory:
@@ -1248,10 +1270,7 @@ def _vmm_call_failed(
             )
             return
         out.record(Owner.DAEMON, record)
-        out.requeue(
-            Owner.DAEMON,
-            min(config.vmm_busy_retry_s * 2 ** min(attempts - 1, 32), config.wait_poll_cap_s),
-        )
+        out.requeue(Owner.DAEMON, config.busy_backoff(attempts - 1))
         return
     if truth is not None and (
         error.kind is VmmCallErrorKind.INVALID or _past(out, record, config.vmm_resize_deadline_s)

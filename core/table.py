@@ -37,6 +37,7 @@ class Cause(enum.StrEnum):
     FORBIDDEN = "pod resize refused for good"
     VMM_SHUTDOWN = "VMM reports Shutdown"
     VMM_LOST = "VMM lost the VM"
+    VMM_DRIFTED = "VMM configured otherwise"
 
 
 RETURN = "Return"  # the phase recorded in status.resize.returnPhase
@@ -66,6 +67,9 @@ TRANSITIONS: dict[tuple[Phase | None, Cause], Move] = {
     (P.PAUSED, Cause.NEEDS_POD_GROW): Move(P.POD_RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C),
     (P.RUNNING, Cause.NEEDS_VMM): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C),
     (P.PAUSED, Cause.NEEDS_VMM): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C),
+    # A stalled step left the VMM configured for another target than the spec's.
+    (P.RUNNING, Cause.VMM_DRIFTED): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _D),
+    (P.PAUSED, Cause.VMM_DRIFTED): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _D),
     (P.RUNNING, Cause.NEEDS_POD_SHRINK): Move(
         P.POD_RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C
     ),

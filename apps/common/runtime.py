@@ -13,6 +13,7 @@ from typing import Any
 from adapters.k8s.informer import Informer
 from apps.common import metrics as m
 from core import KernelConfig
+from core.config import DEADLINE_FLAGS, DEFAULT_CONFIG
 from core.quantity import parse_bytes
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,29 @@ def add_common_flags(parser: argparse.ArgumentParser, metrics_port: int) -> None
         default="256Mi",
         help="memory the VMM needs on top of guest RAM (RESIZE.md §2)",
     )
+    # One flag per deadline of RESIZE.md 4b, named after its KernelConfig field.
+    for name, flag in DEADLINE_FLAGS.items():
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=_seconds,
+            default=getattr(DEFAULT_CONFIG, name),
+            metavar="SECONDS",
+            help=f"deadline: {name.removesuffix('_deadline_s').replace('_', ' ')} "
+            f"(default {getattr(DEFAULT_CONFIG, name):g})",
+        )
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def kernel_config(args: argparse.Namespace) -> KernelConfig:
-    return KernelConfig(pod_memory_overhead=parse_bytes(args.pod_memory_overhead))
+    deadlines = {name: getattr(args, name) for name in DEADLINE_FLAGS if hasattr(args, name)}
+    return KernelConfig(pod_memory_overhead=parse_bytes(args.pod_memory_overhead), **deadlines)
 
 
 class Metrics:

@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     def vmm_for_pod(pod: dict[str, Any], vm: dict[str, Any]) -> Vmm:
         uid = pod["metadata"]["uid"]
         boot = ((vm.get("spec") or {}).get("instance") or {}).get("boot")
-        return Vmm(vmm_socket_path(args.vmm_socket_root, uid), boot, defaults, args.vmm_timeout)
+        version = (vm.get("status") or {}).get("vmmVersion")
+        return Vmm(
+            vmm_socket_path(args.vmm_socket_root, uid),
+            boot,
+            defaults,
+            args.vmm_timeout,
+            version if isinstance(version, str) and version else None,
+        )
 
     daemon = Daemon(
         VmApi(kube, EventRecorder(kube, "chscale-daemon", host=args.node_name)),

@@ -110,6 +110,16 @@ def test_the_daemon_never_asks_beyond_the_pod_nor_twice(
         held = granted(pod)
         assert vcpus is not None and memory is not None and held is not None
         assert covers(held, pod_resources_for(Allocation(vcpus, memory))), (call, pod)
+        allocated = vm.status.allocated
+        if call.probe:
+            # A probe asks for the count already configured, and nothing else.
+            assert call.vcpus == vmm.vcpus and call.memory is None, call
+            continue
+        # finding 3: while a removal may be pending (the guest may run more vCPUs than
+        # configured), a vCPU request other than the probe would wedge it: 204 for the
+        # count still running leaves the removal pending.
+        if call.vcpus is not None and allocated is not None and vmm.vcpus is not None:
+            assert allocated.vcpus <= vmm.vcpus, (call, allocated, vmm.vcpus)
         # Only what changes is sent: an identical desired_ram is a 500 from virtio-mem.
         assert call.vcpus is None or call.vcpus != vmm.vcpus
         assert call.memory is None or call.memory != vmm.requested_memory

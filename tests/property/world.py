@@ -67,6 +67,7 @@ from core import (
     ResizeVmm,
     Resources,
     SetPhase,
+    SetResizeTarget,
     Step,
     Vm,
     VmmCallError,
@@ -149,7 +150,9 @@ class Vmm:
             boot_memory=self.boot_memory,
             hotplug_size=self.hotplug_size,
             requested_memory=self.requested,
-            actual_memory=self.plugged if self.reports_actual else None,
+            # Before v52 memory_actual_size echoes the request (REALITY.md 1).
+            actual_memory=self.plugged if self.reports_actual else self.requested,
+            version="v53.0" if self.reports_actual else "v50.0",
         )
 
     @property
@@ -166,9 +169,10 @@ class Vmm:
     def resize(self, vcpus: int | None, memory: int | None) -> VmmCallError | None:
         if not self.reachable or self.state not in (VmmState.RUNNING, VmmState.PAUSED):
             return VmmCallError(VmmCallErrorKind.FAILED, "VM is not running")
+        if vcpus is not None and self.removal_pending:
+            # Every vCPU request while a removal is pending, the same count included.
+            return VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal still pending")
         if vcpus is not None and vcpus != self.vcpus:
-            if self.removal_pending:
-                return VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal still pending")
             if not 1 <= vcpus <= self.max_vcpus:
                 return VmmCallError(VmmCallErrorKind.FAILED, f"invalid vCPU count {vcpus}")
             if self.faults and memory is None:
@@ -699,6 +703,9 @@ class World:
             else VmmCallError(VmmCallErrorKind.FAILED, "no VMM")
         )
         if error is None:
+            if action.probe:
+                # 204 to the count already configured: the daemon tells the kernel.
+                self._decide(actor, slot.name, vmm_view=evolve(step.vmm_view, probe_ok=True))
             return
         if error.kind is VmmCallErrorKind.BUSY:
             self.stats.vmm_busy += 1
@@ -857,10 +864,17 @@ def check_phase_moves_in_table(old: Vm, actions: tuple[Action, ...]) -> None:
         moves = [(cause, mv) for (phase, cause), mv in _TABLE.items() if phase == old.status.phase]
         record = old.status.resize
         back_to = record.return_phase if record is not None else Phase.RUNNING
+        # The daemon moves the return phase with the VMM (a resume mid-resize) in the
+        # same decision that returns (RESIZE.md 4).
+        backs = {back_to} | {
+            a.record.return_phase
+            for a in actions
+            if isinstance(a, SetResizeTarget) and a.record is not None
+        }
         fitting = [
             mv
             for _, mv in moves
-            if mv.to == action.phase or (mv.to == RETURN and back_to == action.phase)
+            if mv.to == action.phase or (mv.to == RETURN and action.phase in backs)
         ]
         if not fitting:
             raise InvariantViolation(
@@ -931,6 +945,15 @@ def _outcome_problem(slot: Slot) -> str | None:
         return f"phase {status.phase}, VMM {vmm.state}"
     resized = status.condition(RESIZED)
     record = status.resize
+    if record is not None and record.step is Step.STALLED:
+        # Only a shrink a VMM before v52 cannot verify stalls without a clock.
+        if record.generation != vm.generation:
+            return f"stalled record of generation {record.generation} outlived it"
+        if resized is None or resized.reason != "GuestMemoryUnverifiable":
+            return f"stalled resize without its condition: {resized}"
+        if status.allocated is None or status.allocated.memory < vmm.guest_memory:
+            return f"allocated {status.allocated} below what the guest holds {vmm.guest_memory}"
+        return None
     if record is not None and record.step is Step.INFEASIBLE:
         if record.generation != vm.generation:
             return f"infeasible record of generation {record.generation} outlived it"
