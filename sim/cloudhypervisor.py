@@ -48,7 +48,27 @@ removal, so the config then shows more vCPUs than the guest ends up with
 Version knobs (``api_version``) select the behaviour of older releases: the status for
 "VM not created" (404 from v53, 500 before), error bodies (a JSON array of strings from
 v47, plain text before), ``memory_actual_size`` (the virtio-mem *plugged* size from v52;
-before, the *requested* size) and ``null`` optional fields (omitted from v53).
+before, the *requested* size), ``desired_ram`` below the boot size (before v52 a silent
+204 that only clears ``hotplugged_size``; a 500 from v52) and ``null`` optional fields
+(omitted from v53). ``vmm.ping`` reports ``v<N>.0``, as a release built from its tag.
+
+The guest is as kind as its knobs say (REALITY.md section 1): ``eject_delay_s=NEVER`` is
+a guest whose ACPI eject never comes, ``plug_rate=PLUG_NEVER`` a virtio-mem driver that
+does nothing, ``unplug_limit`` a guest that can give back only so much memory. The
+defaults are a cooperative guest at the latest version.
+
+``vm.boot`` checks the config as Cloud Hypervisor does: a payload with a kernel or
+firmware is required, and its files must open; the model asks ``file_exists`` (given by
+whoever owns a file system; in memory every path opens) and never reads them.
+
+HTTP: the model also answers what micro_http, Cloud Hypervisor's HTTP library, refuses
+before the router sees it (a method other than GET, PUT and PATCH; an oversized body):
+:func:`http_error`, a 400 ``{"error": ...}`` that closes the connection. The server
+uses the same function for requests it cannot frame.
+
+Two endpoints exist only here: ``GET sim.guest`` (what the guest and the VMM process
+hold: the simulated kubelet's cgroup usage) and ``PUT sim.exit`` (the process must exit
+with the given status, as a crash).
 """
 
 from __future__ import annotations
@@ -56,7 +76,9 @@ from __future__ import annotations
 import copy
 import enum
 import json
+import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -69,6 +91,13 @@ VIRTIO_MEM_BLOCK = 2 * MIB
 DEFAULT_BOOT_MEMORY = 512 * MIB
 DEFAULT_MAX_PHYS_BITS = 46
 JSON = "application/json"
+# The HTTP layer (micro_http, as Cloud Hypervisor v50-v53 pin it): the only methods it
+# parses, its own Server header, and the most body it reads.
+HTTP_METHODS = ("GET", "PUT", "PATCH")
+SERVER_HEADER = "Cloud Hypervisor API"
+HTTP_LIBRARY_SERVER_HEADER = "Firecracker API"
+MAX_PAYLOAD_SIZE = 51200
+INVALID_METHOD = "Invalid HTTP Method: Unsupported HTTP method."
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 # Float slack so that advance(next_event()) always sees the event as due.
@@ -77,9 +106,22 @@ _CLOCK_SLACK = 1e-9
 # The first API version with each behaviour (Cloud Hypervisor release numbers).
 JSON_ERRORS_SINCE = 47
 PLUGGED_MEMORY_ACTUAL_SIZE_SINCE = 52
+# Before v52, desired_ram below the boot size is accepted and silently does nothing to the
+# virtio-mem device (only config.memory.hotplugged_size is cleared).
+BELOW_BOOT_REFUSED_SINCE = 52
 NOT_CREATED_404_SINCE = 53
 OMIT_NULL_FIELDS_SINCE = 53
 LATEST_API_VERSION = 53
+# A guest that never gets there: an eject delay of NEVER leaves a vCPU removal pending for
+# ever; a plug rate of PLUG_NEVER plugs and unplugs nothing.
+NEVER = math.inf
+PLUG_NEVER = 0.0
+DEFAULT_VMM_OVERHEAD = 64 * MIB
+RUST_BACKTRACE_DELAY_S = 0.5
+RUST_BACKTRACE_TEXT = "\n\nStack backtrace:\n" + "".join(
+    f"  {i:>2}: vmm::frame_{i}\n             at ./vmm/src/lib.rs:{100 + 7 * i}:9\n"
+    for i in range(24)
+)
 
 
 class VmState(enum.Enum):
@@ -91,14 +133,19 @@ class VmState(enum.Enum):
 
 @attrs.frozen(slots=True)
 class Response:
-    """One HTTP answer. ``delay`` and ``hang`` are instructions for the server, not
-    part of the wire: wait ``delay`` seconds before answering, or never answer."""
+    """One HTTP answer. ``delay``, ``hang`` and ``close`` are instructions for the server,
+    not part of the wire: wait ``delay`` seconds before answering, never answer, or close
+    the connection once answered. ``server`` is the Server header: an answer from the HTTP
+    library itself (a request it cannot parse) never reaches Cloud Hypervisor's router,
+    which is what sets "Cloud Hypervisor API"."""
 
     status: int
     body: bytes = b""
     content_type: str | None = JSON
     delay: float = 0.0
     hang: bool = False
+    close: bool = False
+    server: str = SERVER_HEADER
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
@@ -106,10 +153,22 @@ class Response:
 
 @attrs.frozen(slots=True)
 class Knobs:
+    """How this VMM and its guest behave. The defaults are a cooperative guest on the
+    latest API version; every other value is a way the real world is less kind."""
+
     api_version: int = LATEST_API_VERSION
+    # Seconds (guest running time) the guest takes to eject vCPUs marked for removal;
+    # NEVER: no ACPI eject ever comes (hung guest, no hotplug support, a CPU that cannot
+    # go offline), so the removal stays pending and vCPU changes are 429s for ever.
     eject_delay_s: float = 0.5
-    # virtio-mem (un)plug speed of the guest in bytes/s; None = at once.
+    # virtio-mem (un)plug speed of the guest driver in bytes/s; None = at once;
+    # PLUG_NEVER (0) = the driver plugs and unplugs nothing.
     plug_rate: float | None = None
+    # Bytes the guest can give back over one boot, in total (Linux cannot unplug memory
+    # that holds unmovable pages); None = all of it, 0 = nothing. Unplug stops there.
+    unplug_limit: int | None = None
+    # Bytes the VMM process holds besides guest memory (sim.guest's rss).
+    vmm_overhead: int = DEFAULT_VMM_OVERHEAD
     latency_s: float = 0.0
     progress_while_paused: bool = False
     # Cloud Hypervisor drops the VM object on vm.shutdown and then reports "Created";
@@ -121,18 +180,36 @@ class Knobs:
     # True: every vCPU count change while a removal is pending is a 429 (RESIZE.md's
     # statement of the rule). False: Cloud Hypervisor's code, see the module docstring.
     strict_pending_removal: bool = False
-    # None: derived from api_version.
+    # None: derived from api_version, as a release built from its git tag reports it.
     build_version: str | None = None
+    # The VMM was started with RUST_BACKTRACE=1: every 500 carries a multi-line stack
+    # backtrace and takes RUST_BACKTRACE_DELAY_S longer.
+    rust_backtrace: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.api_version < 1:
             raise ValueError(f"api_version must be >= 1, got {self.api_version}")
-        if self.eject_delay_s < 0:
-            raise ValueError(f"eject_delay_s must be >= 0, got {self.eject_delay_s}")
-        if self.plug_rate is not None and self.plug_rate <= 0:
-            raise ValueError(f"plug_rate must be > 0 bytes/s or None, got {self.plug_rate}")
-        if self.latency_s < 0:
+        if not self.eject_delay_s >= 0:  # also refuses NaN
+            raise ValueError(f"eject_delay_s must be >= 0 or NEVER, got {self.eject_delay_s}")
+        if self.plug_rate is not None and not 0 <= self.plug_rate < math.inf:
+            raise ValueError(
+                f"plug_rate must be >= 0 bytes/s (0: never), or None (at once), "
+                f"got {self.plug_rate}"
+            )
+        if self.unplug_limit is not None and self.unplug_limit < 0:
+            raise ValueError(f"unplug_limit must be >= 0 bytes or None, got {self.unplug_limit}")
+        if self.vmm_overhead < 0:
+            raise ValueError(f"vmm_overhead must be >= 0 bytes, got {self.vmm_overhead}")
+        if not self.latency_s >= 0:
             raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
+
+    @property
+    def plugs(self) -> bool:
+        return self.plug_rate != PLUG_NEVER
+
+    @property
+    def below_boot_refused(self) -> bool:
+        return self.api_version >= BELOW_BOOT_REFUSED_SINCE
 
     @property
     def json_errors(self) -> bool:
@@ -152,7 +229,16 @@ class Knobs:
 
     @property
     def build(self) -> str:
-        return self.build_version or f"v{self.api_version}.0-chscale-sim"
+        return self.build_version or f"v{self.api_version}.0"
+
+
+def http_error(reason: str) -> Response:
+    """micro_http's answer to a request it cannot parse (a method it does not know, a bad
+    header, an oversized body): 400 with a ``{"error": ...}`` object, not the router's
+    JSON array, and the connection closed. The body is micro_http's format string
+    verbatim, a raw newline inside the string included (strict JSON parsers refuse it)."""
+    text = f'{{ "error": "{reason}\nAll previous unanswered requests will be dropped." }}'
+    return Response(status=400, body=text.encode(), close=True, server=HTTP_LIBRARY_SERVER_HEADER)
 
 
 class _ApiError(Exception):
@@ -167,6 +253,8 @@ class _ApiError(Exception):
 
 
 GET, PUT = "GET", "PUT"
+SIM_GUEST = "sim.guest"
+SIM_EXIT = "sim.exit"
 # endpoint -> the one method it serves
 _ENDPOINTS: dict[str, str] = {
     "vmm.ping": GET,
@@ -178,11 +266,18 @@ _ENDPOINTS: dict[str, str] = {
     "vm.shutdown": PUT,
     "vm.info": GET,
     "vm.resize": PUT,
+    "vm.delete": PUT,
+    # Simulator only (the real VMM answers 404): what the guest and the VMM process hold
+    # (the simulated kubelet's cgroup usage), and a crash on request.
+    SIM_GUEST: GET,
+    SIM_EXIT: PUT,
 }
 # Endpoints routed through Cloud Hypervisor's generic action handler: a method other
 # than GET/PUT gets a bare 400 there, where the dedicated handlers answer with a body.
-_ACTION_HANDLERS = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.resize"})
-_NO_BODY = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown"})
+_ACTION_HANDLERS = frozenset(
+    {"vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.resize", "vm.delete"}
+)
+_NO_BODY = frozenset({"vm.boot", "vm.pause", "vm.resume", "vm.shutdown", "vm.delete"})
 
 FROM_API = "Error from API"
 # The second message of each endpoint's error chain (Cloud Hypervisor's ApiError).
@@ -194,6 +289,7 @@ _FAILURE = {
     "vm.shutdown": "The VM could not shutdown",
     "vm.info": "The VM info is not available",
     "vm.resize": "The VM could not be resized",
+    "vm.delete": "The VM could not be deleted",
 }
 NOT_CREATED = "VM is not created"
 MISSING_CONFIG = "VM config is missing"
@@ -209,6 +305,15 @@ _TRANSITIONS: dict[str, tuple[frozenset[VmState], VmState, str]] = {
     "vm.shutdown": (_BOOTED, VmState.SHUTDOWN, "Cannot shutdown VM"),
 }
 HOTPLUG_METHODS = ("Acpi", "VirtioMem")
+CONSOLE_MODES = ("Off", "Pty", "Tty", "File", "Socket", "Null")
+# The payload's files, in the order Cloud Hypervisor opens them at boot.
+PAYLOAD_FILES = ("firmware", "kernel", "initramfs")
+_PAYLOAD_FILE_ERRORS = {
+    "firmware": "Cannot open the firmware image",
+    "kernel": "Cannot open the kernel image",
+    "initramfs": "Cannot open the initramfs image",
+}
+NO_SUCH_FILE = "No such file or directory (os error 2)"
 # serde defaults Cloud Hypervisor fills in for the fields a vm.create body leaves out.
 _CPUS_DEFAULTS: dict[str, Any] = {
     "kvm_hyperv": False,
@@ -254,6 +359,41 @@ def _object(value: Any, field: str) -> dict[str, Any]:
     return value
 
 
+def _every_file_exists(_path: str) -> bool:
+    return True
+
+
+def _str(value: Any, field: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _deserialize_error(f"{field}: expected a string, got {value!r}")
+    return value
+
+
+def _enum(value: Any, field: str, variants: tuple[str, ...]) -> None:
+    if value not in variants:
+        raise _deserialize_error(
+            f"{field}: unknown variant {value!r}, expected one of {', '.join(variants)}"
+        )
+
+
+def _check_shape(config: dict[str, Any]) -> None:
+    """serde's checks on the parts of a VmConfig besides cpus, memory and balloon that
+    chscale and its tests send: payload, serial and console."""
+    payload = config.get("payload")
+    if payload is not None:
+        _object(payload, "payload")
+        for field in (*PAYLOAD_FILES, "cmdline"):
+            _str(payload.get(field), f"payload.{field}")
+    for device in ("serial", "console"):
+        if config.get(device) is None:
+            continue
+        console = _object(config[device], device)
+        if "mode" not in console:
+            raise _deserialize_error(f"{device}: missing field `mode`")
+        _enum(console["mode"], f"{device}.mode", CONSOLE_MODES)
+        _str(console.get("file"), f"{device}.file")
+
+
 def _without_nulls(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
@@ -265,14 +405,25 @@ def _without_nulls(value: Any) -> Any:
 class VmmModel:
     """One VMM process: the API, the VM's state and the guest's asynchronous progress."""
 
-    def __init__(self, knobs: Knobs | None = None, pid: int = 0, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        knobs: Knobs | None = None,
+        pid: int = 0,
+        now: float = 0.0,
+        file_exists: Callable[[str], bool] | None = None,
+    ) -> None:
         self.knobs = knobs or Knobs()
         self.pid = pid
+        # The model's one view of the host: can vm.boot open the payload's files? The
+        # caller that owns a file system passes it; in memory every path opens.
+        self._file_exists = file_exists or _every_file_exists
         # None: no config. CREATED: a config, no VM object (never booted, failed to
         # boot, or shut down: SHUTDOWN keeps that apart for report_shutdown_state).
         self.state: VmState | None = None
         self.config: dict[str, Any] | None = None
         self.vmm_shutdown_requested = False
+        # Set by sim.exit: the process must exit with this status once it has answered.
+        self.exit_code: int | None = None
         self.hang = False
         # vCPUs the guest has, including those marked for removal (CpuManager's
         # "present" count), and the count a pending removal will leave.
@@ -284,6 +435,10 @@ class VmmModel:
         self._plugged = 0
         self._plug_from = 0  # plugged bytes when the current plug/unplug began
         self._plug_since = 0.0  # guest-clock time it began
+        # Bytes the guest has given back since it booted (Knobs.unplug_limit), and as of
+        # the start of the current plug/unplug.
+        self._unplugged = 0
+        self._unplugged_before = 0
         self._last_now = now
         self._guest_clock = 0.0
         self._forced: dict[str, deque[Response]] = {}
@@ -382,7 +537,10 @@ class VmmModel:
             assert self._removal_target is not None
             self._present_vcpus = self._removal_target
             self._removal_target = self._eject_at = None
-        self._plugged = self._plug_position(self._guest_clock)
+        plugged = self._plug_position(self._guest_clock)
+        if plugged < self._plugged:
+            self._unplugged += self._plugged - plugged
+        self._plugged = plugged
 
     def next_event(self) -> float | None:
         """When (caller's time) the guest will next change on its own, or None. While the
@@ -390,22 +548,35 @@ class VmmModel:
         if not self._guest_runs:
             return None
         due: list[float] = []
-        if self._eject_at is not None:
+        if self._eject_at is not None and math.isfinite(self._eject_at):
             due.append(self._eject_at)
-        target = self._hotplug_requested
-        if self._plugged != target and self.knobs.plug_rate is not None:
+        end = self._plug_end()
+        rate = self.knobs.plug_rate
+        if self._plugged != end and rate:
             moved = abs(self._plugged - self._plug_from)
-            step = min(VIRTIO_MEM_BLOCK, abs(target - self._plugged))
-            due.append(self._plug_since + (moved + step) / self.knobs.plug_rate)
+            step = min(VIRTIO_MEM_BLOCK, abs(end - self._plugged))
+            due.append(self._plug_since + (moved + step) / rate)
         if not due:
             return None
         return self._last_now + max(0.0, min(due) - self._guest_clock)
 
-    def _plug_position(self, guest_clock: float) -> int:
+    def _plug_end(self) -> int:
+        """Where the current plug/unplug stops: the requested size, unless the guest
+        cannot give that much back (``unplug_limit``) or its driver does nothing."""
         target = self._hotplug_requested
-        if self._plugged == target:
-            return target
-        distance = abs(target - self._plug_from)
+        if not self.knobs.plugs:
+            return self._plug_from
+        limit = self.knobs.unplug_limit
+        if target < self._plug_from and limit is not None:
+            budget = max(0, limit - self._unplugged_before)
+            return max(target, self._plug_from - budget)
+        return target
+
+    def _plug_position(self, guest_clock: float) -> int:
+        end = self._plug_end()
+        if self._plugged == end:
+            return end
+        distance = abs(end - self._plug_from)
         if self.knobs.plug_rate is None:
             moved = distance
         else:
@@ -414,7 +585,7 @@ class VmmModel:
             # so that advance(next_event()) always lands the block despite rounding.
             moved = int(elapsed * self.knobs.plug_rate + 0.5) // VIRTIO_MEM_BLOCK
             moved = min(moved * VIRTIO_MEM_BLOCK, distance)
-        return self._plug_from + moved if target > self._plug_from else self._plug_from - moved
+        return self._plug_from + moved if end > self._plug_from else self._plug_from - moved
 
     # ---- the API ------------------------------------------------------------------
 
@@ -422,17 +593,30 @@ class VmmModel:
         self.advance(now)
         if self.hang:
             return Response(status=0, body=b"", hang=True)
-        response = self._route(method.upper(), path, body or None)
+        if method not in HTTP_METHODS:  # case-sensitive, as micro_http parses it
+            return http_error(INVALID_METHOD)
+        if body is not None and len(body) > MAX_PAYLOAD_SIZE:
+            return http_error(
+                f"Request payload with size {len(body)} is larger than the limit of "
+                f"{MAX_PAYLOAD_SIZE} allowed by server."
+            )
+        response = self._route(method, path, body or None)
         if self.knobs.latency_s and not response.delay:
             response = attrs.evolve(response, delay=self.knobs.latency_s)
         return response
 
     def _route(self, method: str, path: str, body: bytes | None) -> Response:
-        path = path.split("?", 1)[0]
+        # micro_http's absolute path: an "http://host" prefix dropped, the rest (a query
+        # string included) matched exactly against the routes.
+        if path.startswith("http://"):
+            rest = path[len("http://") :]
+            path = rest[rest.index("/") :] if "/" in rest else ""
         endpoint = path[len(API_PREFIX) :] if path.startswith(API_PREFIX) else None
         if endpoint is None or endpoint not in _ENDPOINTS:
             return self._error(_ApiError(404, "Not Found"))
         if method != _ENDPOINTS[endpoint]:
+            # The generic action handler answers a method it has no handler for (PATCH)
+            # with a bare 400; the dedicated handlers answer ["Bad Request"].
             bare = endpoint in _ACTION_HANDLERS and method not in (GET, PUT)
             return self._error(_ApiError(400, "Bad Request", bare=bare))
         forced = self._forced.get(endpoint)
@@ -458,6 +642,14 @@ class VmmModel:
             return Response(status=204)
         if endpoint == "vm.info":
             return self._json(200, self._info())
+        if endpoint == SIM_GUEST:
+            return self._json(200, self.guest_usage())
+        if endpoint == SIM_EXIT:
+            self.exit_code = self._exit_code(body)
+            return Response(status=204)
+        if endpoint == "vm.delete":
+            self._delete()
+            return Response(status=204)
         if endpoint == "vm.resize":
             if body is None:
                 raise _ApiError(400, "Bad Request")
@@ -472,9 +664,17 @@ class VmmModel:
     def _error(self, exc: _ApiError) -> Response:
         if exc.bare:
             return Response(status=exc.status)
+        messages, delay = list(exc.messages), 0.0
+        if self.knobs.rust_backtrace and exc.status == 500 and messages:
+            # A VMM started with RUST_BACKTRACE=1 captures a backtrace with each error
+            # (slowly) and prints it with the innermost message.
+            messages[-1] += RUST_BACKTRACE_TEXT
+            delay = RUST_BACKTRACE_DELAY_S
         if self.knobs.json_errors:
-            return Response(status=exc.status, body=json.dumps(list(exc.messages)).encode())
-        return Response(status=exc.status, body=": ".join(exc.messages).encode())
+            body = json.dumps(messages).encode()
+        else:
+            body = ": ".join(messages).encode()
+        return Response(status=exc.status, body=body, delay=delay)
 
     @staticmethod
     def _json(status: int, value: Any) -> Response:
@@ -511,6 +711,34 @@ class VmmModel:
             self._set_state(VmState.SHUTDOWN)
         self.state = self.config = None
 
+    def _delete(self) -> None:
+        # Cloud Hypervisor's vm_delete: shut a booted VM down, then forget the config; a
+        # no-op (still 204) when there is none.
+        if self.booted:
+            self._set_state(VmState.SHUTDOWN)
+        self.state = self.config = None
+
+    def _exit_code(self, body: bytes | None) -> int:
+        if body is None:
+            raise _ApiError(400, "Bad Request", 'sim.exit needs a body {"code": N}')
+        request = self._parse(body)
+        if "code" not in request:
+            raise _deserialize_error("missing field `code`")
+        code = _uint(request["code"], "code", 255, required=True)
+        assert code is not None
+        return code
+
+    def guest_usage(self) -> dict[str, int]:
+        """``sim.guest``: the memory the guest holds (boot memory plus what virtio-mem has
+        plugged and the guest not yet given back), its vCPUs not yet ejected, and what the
+        VMM process holds (the guest's memory, touched once booted, plus its own)."""
+        held = self._boot_memory + self._plugged if self.booted else 0
+        return {
+            "memory_held": held,
+            "vcpus_online": self._present_vcpus if self.booted else 0,
+            "rss": held + self.knobs.vmm_overhead,
+        }
+
     def _create(self, raw: dict[str, Any]) -> None:
         """Shape only, as serde checks it; the values are checked at boot."""
         config = copy.deepcopy(raw)
@@ -536,6 +764,12 @@ class VmmModel:
         if config.get("balloon") is not None:
             balloon = _object(config["balloon"], "balloon")
             _uint(balloon.get("size"), "balloon.size", U64_MAX, required=True)
+        for field in ("kvm_hyperv", "nested"):
+            if field in cpus:
+                _bool(cpus[field], f"cpus.{field}")
+        if "max_phys_bits" in cpus:
+            _uint(cpus["max_phys_bits"], "cpus.max_phys_bits", 255, required=True)
+        _check_shape(config)
         if self.config is not None:
             raise self._refused("vm.create", ALREADY_CREATED)
         config["cpus"] = {**_CPUS_DEFAULTS, **cpus}
@@ -553,9 +787,12 @@ class VmmModel:
             raise self._refused("vm.boot", *problem)
         self._present_vcpus = self.requested_vcpus
         self._removal_target = self._eject_at = None
-        # A fresh guest starts with what the config asks for already plugged.
+        # A fresh guest starts with what the config asks for already plugged (unless its
+        # driver never plugs anything).
         self._hotplug_requested = self.config["memory"].get("hotplugged_size") or 0
-        self._plugged = self._plug_from = self._hotplug_requested
+        self._plugged = self._plug_from = self._hotplug_requested if self.knobs.plugs else 0
+        self._plug_since = self._guest_clock
+        self._unplugged = self._unplugged_before = 0
         self.state = VmState.RUNNING
 
     def _boot_problem(self) -> tuple[str, ...]:
@@ -563,6 +800,9 @@ class VmmModel:
         they build the VM), or an empty tuple."""
         assert self.config is not None
         cpus, memory = self.config["cpus"], self.config["memory"]
+        payload = self.config.get("payload") or {}
+        if not (payload.get("kernel") or payload.get("firmware")):
+            return ("Error validating configuration", "No kernel or firmware specified")
         if cpus["boot_vcpus"] < 1:
             return ("Error from CPU manager", "cpus.boot_vcpus must be at least 1")
         if cpus["max_vcpus"] < cpus["boot_vcpus"]:
@@ -590,6 +830,11 @@ class VmmModel:
                     f"memory.hotplugged_size ({hotplugged}) must be a multiple of "
                     f"{VIRTIO_MEM_BLOCK} within hotplug_size ({region})",
                 )
+        # Opened last, once the VM's managers exist, as Cloud Hypervisor loads the payload.
+        for field in PAYLOAD_FILES:
+            path = payload.get(field)
+            if path and not self._file_exists(path):
+                return (_PAYLOAD_FILE_ERRORS[field], NO_SUCH_FILE)
         return ()
 
     def _transition(self, action: str) -> None:
@@ -691,6 +936,12 @@ class VmmModel:
                 "Memory manager error",
                 "ACPI memory hotplug is not simulated (boot with hotplug_method VirtioMem)",
             )
+        if desired < boot and not self.knobs.below_boot_refused:
+            # Before v52 MemoryManager only acts on desired_ram >= boot size, and Vm then
+            # clears hotplugged_size: a 204 that leaves the device's requested size (and
+            # the guest) as they were, so re-asking for that size is "identical".
+            memory["hotplugged_size"] = None
+            return
         if desired < boot:
             raise self._refused(
                 "vm.resize",
@@ -722,6 +973,7 @@ class VmmModel:
             )
         self._hotplug_requested = size
         self._plug_from, self._plug_since = self._plugged, self._guest_clock
+        self._unplugged_before = self._unplugged
         # None, not 0, once back at the boot size: that is what Cloud Hypervisor stores.
         memory["hotplugged_size"] = size or None
         self.advance(self._last_now)

@@ -501,6 +501,8 @@ def _boot_body(action: BootVmm) -> bytes:
     config = {
         "cpus": {"boot_vcpus": action.boot_vcpus, "max_vcpus": action.max_vcpus},
         "memory": memory,
+        # A VMM boots nothing without a payload; the daemon is given a default kernel.
+        "payload": {"kernel": "/var/lib/chscale/vmlinux"},
     }
     return json.dumps(config).encode()
 

@@ -28,7 +28,14 @@ import attrs
 
 from apps.common import logs
 from apps.common.logs import kv
-from sim.cloudhypervisor import LATEST_API_VERSION, Knobs, VmmModel
+from sim.cloudhypervisor import (
+    DEFAULT_VMM_OVERHEAD,
+    LATEST_API_VERSION,
+    NEVER,
+    PLUG_NEVER,
+    Knobs,
+    VmmModel,
+)
 from testbed.chsim.server import ChSimServer, FaultPlan, SocketInUse
 
 log = logging.getLogger("chscale.chsim")
@@ -63,6 +70,43 @@ def parse_options(text: str, flag: str, allowed: set[str]) -> dict[str, str]:
             raise UsageError(f"{flag}: unknown option {key!r}; known: {sorted(allowed)}")
         options[key] = value
     return options
+
+
+def parse_eject_delay(text: str) -> float:
+    """``--sim-eject-delay``: seconds, or ``never``."""
+    if text.strip().lower() == "never":
+        return NEVER
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < NEVER:
+        raise UsageError(f"--sim-eject-delay: {text!r} is not a number of seconds >= 0 or never")
+    return value
+
+
+def parse_plug_rate(text: str) -> float | None:
+    """``--sim-plug-rate``: bytes/s (K/M/G suffixes), ``0`` for at once, ``never``."""
+    if text.strip().lower() == "never":
+        return PLUG_NEVER
+    rate = parse_size(text, "--sim-plug-rate")
+    return float(rate) if rate else None
+
+
+def parse_unplug_limit(text: str | None) -> int | None:
+    if text is None or text.strip().lower() in ("", "none", "unlimited"):
+        return None
+    return parse_size(text, "--sim-unplug-limit")
+
+
+def file_opens(path: str) -> bool:
+    """What vm.boot needs of a payload file: that it can be opened for reading. Its
+    content is not looked at, so an empty placeholder boots the simulated guest."""
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
 
 
 def socket_path(text: str) -> str:
@@ -117,6 +161,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="chscale-ch-sim",
         description="Cloud Hypervisor API simulator (HTTP over a Unix socket).",
+        epilog="Simulator-only endpoints (the real VMM answers 404): GET /api/v1/sim.guest "
+        '-> {"memory_held": bytes the guest holds (boot + plugged, 0 before boot), '
+        '"vcpus_online": vCPUs not yet ejected, "rss": memory_held + --sim-vmm-overhead}; '
+        'PUT /api/v1/sim.exit {"code": N} answers 204, then the process exits with status '
+        "N at once, as a crash would (socket file left behind). PUT /api/v1/vmm.shutdown "
+        "exits 0 after answering.",
     )
     p.add_argument("--api-socket", required=True, help="path=<socket> or a bare path")
     p.add_argument("--cpus", help="boot=N,max=M")
@@ -132,14 +182,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-v", dest="verbose", action="count", default=0, help=argparse.SUPPRESS)
     p.add_argument(
         "--sim-eject-delay",
-        type=float,
-        default=DEFAULT_EJECT_DELAY_S,
-        help="seconds the guest takes to eject vCPUs marked for removal",
+        default=str(DEFAULT_EJECT_DELAY_S),
+        metavar="SECONDS|never",
+        help="seconds of guest running time the guest takes to eject vCPUs marked for "
+        "removal (default %(default)s); never: the removal stays pending for ever, every "
+        "vCPU request (the same target included) answers 429, and asking for the count "
+        "still running answers 204 and leaves it pending",
     )
     p.add_argument(
         "--sim-plug-rate",
         default="0",
-        help="virtio-mem (un)plug speed in bytes/s, with K/M/G suffixes; 0 = instant",
+        metavar="BYTES_PER_S|0|never",
+        help="virtio-mem plug and unplug speed of the guest driver in bytes/s, with "
+        "K/M/G suffixes (default 0: at once); never: nothing plugs or unplugs, "
+        "memory_actual_size stays at the boot size (v52+)",
+    )
+    p.add_argument(
+        "--sim-unplug-limit",
+        default=None,
+        metavar="QUANTITY",
+        help="how much memory the guest can give back in total over one boot (e.g. 256Mi; "
+        "0: nothing; default: all); an unplug stops there and stays",
+    )
+    p.add_argument(
+        "--sim-vmm-overhead",
+        default=f"{DEFAULT_VMM_OVERHEAD >> 20}Mi",
+        metavar="QUANTITY",
+        help="memory the VMM process holds besides guest memory, reported as part of rss "
+        "by GET /api/v1/sim.guest (default %(default)s)",
     )
     p.add_argument("--sim-latency", type=float, default=0.0, help="seconds added to each answer")
     p.add_argument(
@@ -150,7 +220,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--sim-error-seed", type=int, default=0)
     p.add_argument("--sim-error-endpoints", default="vm.resize", help="comma-separated")
-    p.add_argument("--sim-api-version", type=int, default=LATEST_API_VERSION)
+    p.add_argument(
+        "--sim-api-version",
+        type=int,
+        default=LATEST_API_VERSION,
+        metavar="N",
+        help="the Cloud Hypervisor release to reproduce (default %(default)s): before 52 "
+        "memory_actual_size is the requested size and desired_ram below the boot size is "
+        "a silent 204 that leaves the virtio-mem device as it was (the next grow to that "
+        "size is a 500 'identical'); from 52 it is what the guest has plugged and below "
+        "the boot size is a 500; from 53 info/boot/resize with no VM answer 404 (500 "
+        "'VM is not created' before); vmm.ping reports v<N>.0",
+    )
     p.add_argument(
         "--sim-progress-while-paused",
         action="store_true",
@@ -166,6 +247,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="429 for every vCPU count change while a removal is pending, including "
         "the count the guest still has (Cloud Hypervisor accepts that one)",
+    )
+    p.add_argument(
+        "--sim-rust-backtrace",
+        action="store_true",
+        help="answer as a VMM started with RUST_BACKTRACE=1: a multi-line stack backtrace "
+        "appended to every 500 body, each such answer 0.5 s slower (a flag, not the "
+        "variable itself, so a developer's environment does not change the simulator)",
     )
     p.add_argument(
         "--sim-report-shutdown-state",
@@ -189,16 +277,18 @@ class Plan:
 
 
 def plan(args: argparse.Namespace) -> Plan:
-    plug_rate = parse_size(args.sim_plug_rate, "--sim-plug-rate")
     knobs = Knobs(
         api_version=args.sim_api_version,
-        eject_delay_s=args.sim_eject_delay,
-        plug_rate=float(plug_rate) if plug_rate else None,
+        eject_delay_s=parse_eject_delay(args.sim_eject_delay),
+        plug_rate=parse_plug_rate(args.sim_plug_rate),
+        unplug_limit=parse_unplug_limit(args.sim_unplug_limit),
+        vmm_overhead=parse_size(args.sim_vmm_overhead, "--sim-vmm-overhead"),
         latency_s=args.sim_latency,
         progress_while_paused=args.sim_progress_while_paused,
         report_memory_actual_size=not args.sim_omit_memory_actual_size,
         strict_pending_removal=args.sim_strict_pending_removal,
         report_shutdown_state=args.sim_report_shutdown_state,
+        rust_backtrace=args.sim_rust_backtrace,
     )
     faults = FaultPlan(
         rate=args.sim_error_rate,
@@ -256,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("bad arguments", extra=kv(error=str(exc)))
         return 2
     signals = _Signals()
-    model = VmmModel(wanted.knobs, pid=os.getpid())
+    model = VmmModel(wanted.knobs, pid=os.getpid(), file_exists=file_opens)
     try:
         server = ChSimServer(wanted.socket_path, model, wanted.faults, vm_name=wanted.vm_name)
     except SocketInUse as exc:

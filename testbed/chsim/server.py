@@ -5,6 +5,11 @@ clock (monotonic seconds since start), sleeps for the model's latency hints, wit
 answers the model says hang, and draws the seeded random faults. One lock serialises the
 model, as Cloud Hypervisor's single API thread does.
 
+Requests are read the way micro_http (Cloud Hypervisor's HTTP library) reads them, not
+the way Python's ``http.server`` does: its methods, its header rules, its 1024-byte lines
+and 51200-byte bodies, its 400 ``{"error": ...}`` and closed connection for anything it
+cannot parse, and its framing of answers (no reason phrase, no content headers on 204).
+
 Like Cloud Hypervisor (v53), the server holds an exclusive lock on ``<socket>.lock``
 while it serves, so a second VMM started on the same path fails instead of deleting a
 live socket; under that lock a socket file left by a crashed run is stale and removed.
@@ -14,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import http.server
 import logging
 import os
 import random
@@ -22,26 +26,37 @@ import socketserver
 import threading
 import time
 from collections.abc import Collection
-from typing import Any
 
 from apps.common.logs import kv
-from sim.cloudhypervisor import API_PREFIX, JSON, Response, VmmModel
+from sim.cloudhypervisor import (
+    API_PREFIX,
+    HTTP_LIBRARY_SERVER_HEADER,
+    HTTP_METHODS,
+    INVALID_METHOD,
+    JSON,
+    MAX_PAYLOAD_SIZE,
+    U32_MAX,
+    Response,
+    VmmModel,
+    http_error,
+)
 
 log = logging.getLogger("chscale.chsim")
 
-SERVER_HEADER = "Cloud Hypervisor API"
 INJECTED_FAULT = "injected fault (chscale-ch-sim --sim-error-rate)"
 LOCK_SUFFIX = ".lock"
 # How often a hanging request checks whether the server is stopping.
 _HANG_POLL_S = 0.1
+# micro_http reads into a 1024-byte buffer: a request or header line must fit in it.
+_LINE_MAX = 1024
 
 
 class SocketInUse(RuntimeError):
     pass
 
 
-class _FramingError(ValueError):
-    """The request cannot be read (its body has no usable length)."""
+class _ParseError(ValueError):
+    """A request micro_http cannot parse; the message is its RequestError's text."""
 
 
 class FaultPlan:
@@ -58,98 +73,209 @@ class FaultPlan:
         return self.rate > 0 and endpoint in self.endpoints and self._rng.random() < self.rate
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Also the version of the answer to an unparsable request line: the stdlib default
-    # (HTTP/0.9) would send that 400 with no status line at all.
-    default_request_version = "HTTP/1.1"
+class _Request:
+    def __init__(self, method: str, path: str) -> None:
+        self.method, self.path = method, path
+        self.content_length = 0
+        self.expect_continue = False
+        self.chunked = False
+        self.body: bytes | None = None
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """One connection, parsed the way micro_http parses it: requests one after another
+    (keep-alive) until the client closes; a request it cannot parse is answered with
+    its 400 and the connection closed."""
+
     server: ChSimServer
 
-    def _serve(self) -> None:
-        if self.server.stopping.is_set():
-            self.close_connection = True
-            return
+    def handle(self) -> None:
+        while not self.server.stopping.is_set():
+            try:
+                request = self._read_request()
+            except _ParseError as exc:
+                log.warning("unparsable request", extra=kv(vm=self.server.vm_name, error=str(exc)))
+                self._send(http_error(str(exc)))
+                return
+            except (OSError, EOFError):
+                return
+            if request is None:
+                return
+            if not self._serve(request):
+                return
+
+    # ---- reading, as micro_http does --------------------------------------------------
+
+    def _line(self) -> bytes | None:
+        """One CRLF-terminated line without its CRLF; None at EOF before any byte."""
+        line = self.rfile.readline(_LINE_MAX + 1)
+        if not line:
+            return None
+        if len(line) > _LINE_MAX and not line.endswith(b"\n"):
+            raise _ParseError("Invalid request.")
+        if not line.endswith(b"\r\n"):
+            if line.endswith(b"\n"):
+                raise _ParseError("Invalid request.")
+            raise EOFError  # the client went away mid-line
+        return line[:-2]
+
+    def _read_request(self) -> _Request | None:
+        line = self._line()
+        if line is None:
+            return None
+        request = self._request_line(line)
+        while True:
+            header = self._line()
+            if header is None:
+                raise EOFError
+            if not header:
+                break
+            self._header(request, header)
+        if request.chunked:
+            # micro_http reads no chunked body: the chunks are parsed as the next request
+            # line, which is not one.
+            raise _ParseError("Invalid request.")
+        if request.content_length:
+            if request.content_length > MAX_PAYLOAD_SIZE:
+                raise _ParseError(
+                    f"Request payload with size {request.content_length} is larger than "
+                    f"the limit of {MAX_PAYLOAD_SIZE} allowed by server."
+                )
+            if request.expect_continue:
+                # Queued by micro_http itself, hence its own Server header.
+                self._send(Response(status=100, server=HTTP_LIBRARY_SERVER_HEADER))
+            body = self.rfile.read(request.content_length)
+            if len(body) < request.content_length:
+                raise EOFError
+            request.body = body
+        return request
+
+    @staticmethod
+    def _request_line(line: bytes) -> _Request:
+        method, sep, rest = line.partition(b" ")
+        uri, sep2, version = rest.partition(b" ")
+        if not sep or not sep2:
+            raise _ParseError("Invalid request.")
+        if method.decode("latin-1") not in HTTP_METHODS:
+            raise _ParseError(INVALID_METHOD)
+        if not uri:
+            raise _ParseError("Invalid URI: Empty URI not allowed.")
         try:
-            body = self._read_body()
-        except _FramingError as exc:
-            log.warning("bad request framing", extra=kv(vm=self.server.vm_name, error=str(exc)))
-            self.close_connection = True
-            self._send(Response(status=400))
-            return
-        response = self.server.answer(self.command, self.path, body)
+            path = uri.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _ParseError("Invalid URI: Cannot parse URI as UTF-8.") from None
+        if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+            raise _ParseError("Invalid HTTP Version: Unsupported HTTP version.")
+        return _Request(method.decode("ascii"), path)
+
+    @staticmethod
+    def _header(request: _Request, line: bytes) -> None:
+        """micro_http's Headers::parse_header_line: a few names matter; a value it does
+        not support for Content-Type, Accept, Transfer-Encoding or Expect is ignored, so
+        those never change an answer; a line it cannot read refuses the request."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _ParseError(
+                f"Invalid header. Reason: Header contains invalid characters. Key: {exc}"
+            ) from None
+        name, sep, value = text.partition(":")
+        if not sep:
+            raise _ParseError(
+                f"Invalid header. Reason: Header is incorrectly formatted. Key: {name}"
+            )
+        key = name.strip().lower()
+        if key == "content-length":
+            try:
+                length = int(value.strip(), 10)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= U32_MAX or not value.strip().isdigit():
+                raise _ParseError(
+                    f"Invalid header. Reason: Invalid value. Key:{name}; Value:{value}"
+                )
+            request.content_length = length
+        elif key == "transfer-encoding":
+            request.chunked = request.chunked or value.strip() == "chunked"
+        elif key == "expect":
+            request.expect_continue = request.expect_continue or value.strip() == "100-continue"
+        elif key == "accept-encoding":
+            for encoding in value.strip().split(","):
+                refused = encoding.strip() == "identity;q=0" or (
+                    encoding.strip() == "*;q=0" and "identity" not in value
+                )
+                if refused:
+                    raise _ParseError(
+                        "Invalid header. Reason: Invalid value. "
+                        f"Key:Accept-Encoding; Value:{encoding}"
+                    )
+        # content-type, accept, server and every other name: nothing to do.
+
+    # ---- answering ----------------------------------------------------------------------
+
+    def _serve(self, request: _Request) -> bool:
+        """Answer one request; False when the connection is to be closed."""
+        response = self.server.answer(request.method, request.path, request.body)
         if response.delay:
             time.sleep(response.delay)
         if response.hang:
-            log.info("request hangs", extra=kv(vm=self.server.vm_name, path=self.path))
+            log.info("request hangs", extra=kv(vm=self.server.vm_name, path=request.path))
             while not self.server.stopping.wait(_HANG_POLL_S):
                 pass
-            self.close_connection = True
-            return
+            return False
         stopping = self.server.model.vmm_shutdown_requested
         if stopping:
             # Gone from the file system before the answer, so no later request connects;
             # the server stops only after answering, or the process could exit first.
-            self.close_connection = True
             self.server.unlink_socket()
         self._send(response)
-        if stopping:
-            self.server.stop_soon()
         log.info(
             "request",
             extra=kv(
                 vm=self.server.vm_name,
-                method=self.command,
-                path=self.path,
+                method=request.method,
+                path=request.path,
                 status=response.status,
             ),
         )
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
-
-    def _read_body(self) -> bytes | None:
-        """The request body, None when there is none."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _FramingError("chunked request bodies are not supported")
-        raw_length = self.headers.get("Content-Length") or "0"
-        try:
-            length = int(raw_length)
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise _FramingError(f"bad Content-Length {raw_length!r}")
-        return self.rfile.read(length) if length else None
+        if self.server.model.exit_code is not None:
+            self._crash(self.server.model.exit_code)
+        if stopping:
+            self.server.stop_soon()
+            return False
+        return not response.close
 
     def _send(self, response: Response) -> None:
-        self.send_response(response.status)
-        if response.content_type:
-            self.send_header("Content-Type", response.content_type)
-        if response.status != 204:
-            self.send_header("Content-Length", str(len(response.body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if response.status != 204 and response.body:
-            self.wfile.write(response.body)
-        self.wfile.flush()
+        """micro_http's framing: no reason phrase, Server and Connection always, and the
+        content headers on every answer but a 204."""
+        head = [
+            b"HTTP/1.1 %d " % response.status,
+            b"Server: " + _server(response.server),
+            b"Connection: keep-alive",
+        ]
+        if response.status not in (100, 204):
+            head.append(b"Content-Type: " + (response.content_type or JSON).encode())
+            head.append(b"Content-Length: %d" % len(response.body))
+        data = b"\r\n".join(head) + b"\r\n\r\n"
+        if response.status not in (100, 204):
+            data += response.body
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            pass  # the client went away; nothing to tell it
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # Malformed HTTP (request line, headers, unknown method): a bare status, then close.
-        self.close_connection = True
-        self.send_response(code, message)
-        self.send_header("Content-Type", JSON)
-        self.send_header("Content-Length", "0")
-        self.send_header("Connection", "close")
-        self.end_headers()
+    def _crash(self, code: int) -> None:
+        """sim.exit: die at once with ``code``, as a crashed VMM does: no cleanup, so the
+        socket file stays behind (the lock goes with the process)."""
+        log.warning("exiting on request", extra=kv(vm=self.server.vm_name, code=code))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(code)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        # Requests are logged above, structured; the stdlib line would name no VM.
-        pass
 
-    def version_string(self) -> str:
-        return SERVER_HEADER
-
-    def address_string(self) -> str:
-        return "unix"
+def _server(name: str) -> bytes:
+    return name.encode("ascii")
 
 
 class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

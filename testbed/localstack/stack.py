@@ -38,6 +38,9 @@ class StackError(RuntimeError):
     pass
 
 
+PLACEHOLDER_KERNEL = "vmlinux"
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     name: str
@@ -102,6 +105,12 @@ class Stack:
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.kernel is None:
+            # A VMM opens the kernel at boot (the simulator too): an empty file boots the
+            # simulated guest, so the daemons' default kernel is one in the state dir.
+            placeholder = self.state_dir / PLACEHOLDER_KERNEL
+            placeholder.touch()
+            self.kernel = str(placeholder)
         try:
             self._start()
         except BaseException:

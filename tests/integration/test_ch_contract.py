@@ -102,7 +102,15 @@ def _real_target() -> Target | str:
     )
 
 
-SIM = Target(name="sim", argv=_sim_argv, payload={"kernel": "/sim/vmlinux"}, slow_eject=True)
+# The simulator opens the kernel at boot, as Cloud Hypervisor does, but never reads it:
+# sim_target() points it at an empty file in the test's directory.
+SIM = Target(name="sim", argv=_sim_argv, payload={}, slow_eject=True)
+
+
+def sim_target(workdir: Path) -> Target:
+    kernel = workdir / "vmlinux"
+    kernel.touch()
+    return attrs.evolve(SIM, payload={"kernel": str(kernel)})
 
 
 def _targets() -> list[Any]:
@@ -188,6 +196,8 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(params=_targets())
 def vmm(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Vmm]:
     target: Target = request.param
+    if target is SIM:
+        target = sim_target(workdir)
     sock = str(workdir / "api.sock")
     proc, client = start(target, sock, workdir / "vmm.log")
     try:
@@ -485,7 +495,7 @@ def test_sigterm_removes_the_socket(vmm: Vmm):
     vmm.proc.wait(timeout=10)
     assert vmm.proc.returncode == 0
     assert not os.path.exists(vmm.socket)
-    if vmm.target is SIM:  # Cloud Hypervisor leaves its <socket>.lock file behind
+    if vmm.target.name == SIM.name:  # Cloud Hypervisor leaves its <socket>.lock file behind
         assert not os.path.exists(vmm.socket + ".lock")
     with pytest.raises(VmmUnreachable):
         vmm.client.ping()
@@ -494,7 +504,7 @@ def test_sigterm_removes_the_socket(vmm: Vmm):
 def test_vmm_shutdown_exits(vmm: Vmm):
     vmm.boot()
     vmm.client.shutdown_vmm()
-    vmm.proc.wait(timeout=10)
+    assert vmm.proc.wait(timeout=10) == 0
     with pytest.raises(VmmUnreachable):
         vmm.client.ping()
 
@@ -507,7 +517,7 @@ def sim_argv(workdir: Path, argv: list[str]) -> Iterator[Vmm]:
     sock = str(workdir / "api.sock")
     proc, client = start(SIM, sock, workdir / "vmm.log", argv)
     try:
-        yield Vmm(SIM, proc, sock, client)
+        yield Vmm(sim_target(workdir), proc, sock, client)
     finally:
         client.close()
         stop(proc)
@@ -520,6 +530,8 @@ def sim(workdir: Path, *flags: str) -> contextlib.AbstractContextManager[Vmm]:
 
 def test_sim_boots_from_its_command_line(workdir: Path):
     flags = [
+        "--kernel",
+        sim_target(workdir).payload["kernel"],
         "--cpus",
         "boot=2,max=6",
         "--memory",
@@ -534,11 +546,33 @@ def test_sim_boots_from_its_command_line(workdir: Path):
 
 def test_sim_refuses_a_region_not_multiple_of_128mib(workdir: Path):
     sock = str(workdir / "api.sock")
-    argv = [*_sim_argv(sock), "--memory", "size=1G,hotplug_method=virtio-mem,hotplug_size=100M"]
+    argv = [
+        *_sim_argv(sock),
+        "--kernel",
+        sim_target(workdir).payload["kernel"],
+        "--memory",
+        "size=1G,hotplug_method=virtio-mem,hotplug_size=100M",
+    ]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30, check=False)
     assert result.returncode != 0
     assert b"128 MiB" in result.stderr
     assert not os.path.exists(sock)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "message"),
+    [(None, b"No kernel or firmware"), ("missing-vmlinux", b"Cannot open the kernel image")],
+)
+def test_sim_command_line_vm_needs_a_kernel_that_opens(
+    workdir: Path, kernel: str | None, message: bytes
+):
+    sock = str(workdir / "api.sock")
+    argv = [*_sim_argv(sock), "--cpus", "boot=1"]
+    if kernel:
+        argv += ["--kernel", str(workdir / kernel)]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
 
 
 @pytest.mark.parametrize(("version", "plain"), [(46, True), (51, False)])
@@ -636,3 +670,111 @@ def test_sim_hang_makes_the_vmm_unreachable_by_timeout(workdir: Path):
         vmm.proc.send_signal(signal.SIGUSR1)
         wait_for("the simulator to answer again", lambda: not hangs(), deadline_s=10)
         impatient.close()
+
+
+# ---- simulator only: the guest model's flags, through the process ---------------------------
+
+FOREVER_S = 1.5  # seconds a test watches to see that something never happens
+
+
+def sim_guest(vmm: Vmm) -> dict[str, int]:
+    status, body = raw(vmm.socket, "GET", "/api/v1/sim.guest")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_sim_eject_delay_never_leaves_the_removal_pending(workdir: Path):
+    with sim(workdir, "--sim-eject-delay", "never") as vmm:
+        vmm.boot(boot=MAX_VCPUS)
+        vmm.client.resize(desired_vcpus=2)
+        deadline = time.monotonic() + FOREVER_S
+        while time.monotonic() < deadline:
+            with pytest.raises(VmmBusy):
+                vmm.client.resize(desired_vcpus=2)
+            time.sleep(0.1)
+        assert sim_guest(vmm)["vcpus_online"] == MAX_VCPUS
+        vmm.client.resize(desired_vcpus=MAX_VCPUS)  # the count still running: a 204
+        assert vmm.client.info().config.cpus.boot_vcpus == MAX_VCPUS
+        with pytest.raises(VmmBusy):
+            vmm.client.resize(desired_vcpus=3)
+
+
+def test_sim_plug_rate_never_plugs_nothing(workdir: Path):
+    with sim(workdir, "--sim-plug-rate", "never") as vmm:
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 256 * MIB)
+        time.sleep(FOREVER_S)
+        info = vmm.client.info()
+        assert info.config.memory.hotplugged_size == 256 * MIB
+        assert info.memory_actual_size == BOOT_MEMORY
+        assert sim_guest(vmm)["memory_held"] == BOOT_MEMORY
+
+
+def test_sim_unplug_limit_stops_the_unplug_there(workdir: Path):
+    with sim(workdir, "--sim-plug-rate", "0", "--sim-unplug-limit", "128Mi") as vmm:
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 512 * MIB)
+        vmm.client.resize(desired_ram=BOOT_MEMORY)
+        time.sleep(FOREVER_S)
+        assert vmm.client.info().memory_actual_size == BOOT_MEMORY + 384 * MIB
+        assert sim_guest(vmm)["memory_held"] == BOOT_MEMORY + 384 * MIB
+
+
+@pytest.mark.parametrize(
+    ("version", "below_boot_status"), [("50", 204), ("51", 204), ("52", 500), ("53", 500)]
+)
+def test_sim_api_version_below_boot(workdir: Path, version: str, below_boot_status: int):
+    with sim(workdir, "--sim-api-version", version, "--sim-plug-rate", "0") as vmm:
+        assert vmm.client.ping().build_version == f"v{version}.0"
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 256 * MIB)
+        status, _ = raw(
+            vmm.socket, "PUT", "/api/v1/vm.resize", b'{"desired_ram": %d}' % (BOOT_MEMORY - 2 * MIB)
+        )
+        assert status == below_boot_status
+        if below_boot_status == 204:
+            assert vmm.client.info().config.memory.hotplugged_size is None
+            assert sim_guest(vmm)["memory_held"] == BOOT_MEMORY + 256 * MIB
+            with pytest.raises(VmmError) as caught:
+                vmm.client.resize(desired_ram=BOOT_MEMORY + 256 * MIB)
+            assert caught.value.status == 500
+
+
+def test_sim_guest_and_vmm_overhead(workdir: Path):
+    with sim(workdir, "--sim-vmm-overhead", "100Mi", "--sim-plug-rate", "0") as vmm:
+        assert sim_guest(vmm) == {"memory_held": 0, "vcpus_online": 0, "rss": 100 * MIB}
+        vmm.boot()
+        vmm.client.resize(desired_ram=BOOT_MEMORY + 128 * MIB)
+        assert sim_guest(vmm) == {
+            "memory_held": BOOT_MEMORY + 128 * MIB,
+            "vcpus_online": BOOT_VCPUS,
+            "rss": BOOT_MEMORY + 228 * MIB,
+        }
+
+
+def test_sim_guest_default_overhead_is_64mib(workdir: Path):
+    with sim(workdir) as vmm:
+        assert sim_guest(vmm)["rss"] == 64 * MIB
+
+
+@pytest.mark.parametrize("code", [0, 3, 137])
+def test_sim_exit_makes_the_process_exit_with_the_code(workdir: Path, code: int):
+    with sim(workdir) as vmm:
+        vmm.boot()
+        status, _ = raw(vmm.socket, "PUT", "/api/v1/sim.exit", b'{"code": %d}' % code)
+        assert status == 204
+        assert vmm.proc.wait(timeout=10) == code
+        # A crash cleans nothing up: the socket file stays, and nobody answers on it.
+        assert os.path.exists(vmm.socket)
+        with pytest.raises(VmmUnreachable):
+            vmm.client.ping()
+
+
+def test_sim_rust_backtrace_makes_500s_long(workdir: Path):
+    with sim(workdir, "--sim-rust-backtrace") as vmm:
+        vmm.boot()
+        with pytest.raises(VmmError) as caught:
+            vmm.client.resize(desired_vcpus=MAX_VCPUS + 1)
+        assert caught.value.status == 500
+        assert "Stack backtrace" in caught.value.chain[-1]
+        assert caught.value.chain[-1].count("\n") > 20

@@ -7,6 +7,7 @@ Hypervisor simulator as the VMM. Assertions are about the objects the API server
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,12 @@ def kube(control_plane: Any) -> Kube:
 @pytest.fixture
 def ns(namespace: Any) -> str:
     return namespace if isinstance(namespace, str) else namespace["metadata"]["name"]
+
+
+def placeholder_kernel(directory: str) -> str:
+    path = os.path.join(directory, "vmlinux")
+    open(path, "wb").close()
+    return path
 
 
 @pytest.fixture
@@ -371,6 +378,8 @@ def test_a_memory_decrease_below_the_guest_is_an_error_until_the_guest_shrinks(
                         "hotplug_method": "VirtioMem",
                         "hotplug_size": 2 * GiB,
                     },
+                    # The VMM opens the kernel at boot; an empty file will do.
+                    "payload": {"kernel": placeholder_kernel(socket_root)},
                 }
             )
             vmm.boot()

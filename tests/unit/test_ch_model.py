@@ -8,7 +8,11 @@ from typing import Any
 import pytest
 
 from sim.cloudhypervisor import (
+    DEFAULT_VMM_OVERHEAD,
     MIB,
+    NEVER,
+    PLUG_NEVER,
+    RUST_BACKTRACE_DELAY_S,
     VIRTIO_MEM_BLOCK,
     Knobs,
     Response,
@@ -72,7 +76,9 @@ BARE = b""  # a status with no body at all
         ("GET", "/api/v1/vmm.ping", None, 200, None),
         ("GET", "/api/v1/vm.nope", None, 404, ["Not Found"]),
         ("GET", "/other", None, 404, ["Not Found"]),
-        ("GET", "/api/v1/vm.info?x=1", None, 200, None),
+        # micro_http matches the whole URI, a query string included.
+        ("GET", "/api/v1/vm.info?x=1", None, 404, ["Not Found"]),
+        ("GET", "http://localhost/api/v1/vm.info", None, 200, None),
         # A method the endpoint does not serve is a 400, not a 405.
         ("PUT", "/api/v1/vm.info", None, 400, ["Bad Request"]),
         ("PUT", "/api/v1/vmm.ping", None, 400, ["Bad Request"]),
@@ -80,10 +86,14 @@ BARE = b""  # a status with no body at all
         ("GET", "/api/v1/vm.create", None, 400, ["Bad Request"]),
         ("GET", "/api/v1/vm.resize", None, 400, ["Bad Request"]),
         ("GET", "/api/v1/vm.boot", None, 400, ["Bad Request"]),
-        ("DELETE", "/api/v1/vm.info", None, 400, ["Bad Request"]),
-        # ...and the generic action handler answers other methods with a bare 400.
-        ("POST", "/api/v1/vm.boot", None, 400, BARE),
+        # PATCH is parsed: the generic action handler answers it with a bare 400, the
+        # dedicated handlers with ["Bad Request"].
         ("PATCH", "/api/v1/vm.resize", b"{}", 400, BARE),
+        ("PATCH", "/api/v1/vm.boot", None, 400, BARE),
+        ("PATCH", "/api/v1/vm.delete", None, 400, BARE),
+        ("PATCH", "/api/v1/vm.info", None, 400, ["Bad Request"]),
+        ("PATCH", "/api/v1/vm.create", b"{}", 400, ["Bad Request"]),
+        ("GET", "/api/v1/vm.delete", None, 400, ["Bad Request"]),
         ("PUT", "/api/v1/vm.pause", b"{}", 400, ["Bad Request"]),
         ("PUT", "/api/v1/vm.resume", b"{}", 400, ["Bad Request"]),
         ("PUT", "/api/v1/vm.shutdown", b"{}", 400, ["Bad Request"]),
@@ -97,10 +107,42 @@ def test_routing(method, path, body, status, error_body):
     response = model.handle(0.0, method, path, body)
     assert response.status == status
     assert response.content_type == "application/json"
+    assert response.server == "Cloud Hypervisor API"
+    assert not response.close
     if error_body == BARE:
         assert response.body == b""
     elif error_body is not None:
         assert response.json() == error_body
+
+
+def http_error_text(response: Response) -> str:
+    """micro_http's {"error": ...} body; its raw newline needs a lenient parser."""
+    value = json.loads(response.body, strict=False)
+    assert set(value) == {"error"}, value
+    return value["error"]
+
+
+@pytest.mark.parametrize(
+    "method", ["HEAD", "OPTIONS", "TRACE", "DELETE", "POST", "CONNECT", "get", "Put", "BREW"]
+)
+@pytest.mark.parametrize("path", ["/api/v1/vm.info", "/api/v1/vm.boot", "/api/v1/nope"])
+def test_methods_micro_http_does_not_parse_are_its_400_and_close(method, path):
+    model = running()
+    before = info(model)
+    response = model.handle(0.0, method, path, None)
+    assert response.status == 400
+    assert response.close
+    assert response.server == "Firecracker API"
+    assert http_error_text(response).startswith("Invalid HTTP Method")
+    assert info(model) == before
+
+
+def test_a_body_beyond_micro_http_s_limit_is_its_400():
+    model = running()
+    response = put(model, "vm.resize", b" " * 51201)
+    assert response.status == 400 and response.close
+    assert "larger than the limit of 51200" in http_error_text(response)
+    assert put(model, "vm.resize", b'{"desired_vcpus": 3}' + b" " * 51180).status == 204
 
 
 @pytest.mark.parametrize(
@@ -579,7 +621,16 @@ def test_latency_and_hang_are_hints_for_the_server():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"eject_delay_s": -1.0}, {"plug_rate": 0.0}, {"latency_s": -0.1}, {"api_version": 0}],
+    [
+        {"eject_delay_s": -1.0},
+        {"eject_delay_s": float("nan")},
+        {"plug_rate": -1.0},
+        {"plug_rate": float("inf")},
+        {"unplug_limit": -1},
+        {"vmm_overhead": -1},
+        {"latency_s": -0.1},
+        {"api_version": 0},
+    ],
 )
 def test_knobs_validate(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -596,7 +647,8 @@ STARTS = {
 BODIES = [None, b"{}", b"{bad", b'{"desired_vcpus": 3, "desired_ram": 2147483648}']
 ENDPOINTS = [
     "vmm.ping", "vmm.shutdown", "vm.create", "vm.boot", "vm.pause", "vm.resume",
-    "vm.shutdown", "vm.info", "vm.resize", "vm.unknown",
+    "vm.shutdown", "vm.info", "vm.resize", "vm.delete", "sim.guest", "sim.exit",
+    "vm.unknown",
 ]  # fmt: skip
 
 
@@ -605,7 +657,7 @@ def test_every_request_in_every_state_is_answered(start):
     """Totality: no (state, endpoint, method, body) raises or answers outside the API's
     statuses, and an error never changes the reported state."""
     for endpoint in ENDPOINTS:
-        for method in ("GET", "PUT", "POST"):
+        for method in ("GET", "PUT", "PATCH", "POST"):
             for body in BODIES:
                 model = VmmModel()
                 for step in STARTS[start]:
@@ -616,5 +668,326 @@ def test_every_request_in_every_state_is_answered(start):
                 if response.status >= 400:
                     if endpoint != "vm.resize":  # resize is not atomic by design
                         assert get(model, "vm.info").body == before, (endpoint, method, body)
-                    if response.body:
+                    if response.close:
+                        http_error_text(response)
+                    elif response.body:
                         messages(response)
+
+
+# ---- the guest model: unkind guests --------------------------------------------------------
+
+FOREVER = 1e9  # seconds: long past any eject delay or plug a test configures
+
+
+def guest(model: VmmModel, now: float = 0.0) -> dict[str, int]:
+    response = get(model, "sim.guest", now)
+    assert response.status == 200, response
+    return response.json()
+
+
+def test_a_guest_that_never_ejects_keeps_the_removal_pending_for_ever():
+    model = running(Knobs(eject_delay_s=NEVER), boot=4, top=8)
+    assert put(model, "vm.resize", {"desired_vcpus": 2}).status == 204
+    assert model.next_event() is None
+    model.advance(FOREVER)
+    assert (model.present_vcpus, model.pending_vcpu_removal) == (4, 2)
+    assert guest(model, FOREVER)["vcpus_online"] == 4
+    # Every other count, the shrink's own target included, is busy for ever.
+    for desired in (2, 3, 1, 8):
+        response = put(model, "vm.resize", {"desired_vcpus": desired}, now=FOREVER)
+        assert response.status == 429, desired
+        assert messages(response) == ["Too Many Requests"]
+    # The count still running is a no-op CpuManager accepts: boot_vcpus goes back, the
+    # removal stays pending...
+    assert put(model, "vm.resize", {"desired_vcpus": 4}, now=FOREVER).status == 204
+    assert info(model, FOREVER)["config"]["cpus"]["boot_vcpus"] == 4
+    assert model.pending_vcpu_removal == 2
+    # ...so a later shrink is a 429 too, for ever.
+    assert put(model, "vm.resize", {"desired_vcpus": 3}, now=2 * FOREVER).status == 429
+
+
+def test_after_the_guest_ejects_the_same_target_is_a_204_no_op():
+    model = running(Knobs(eject_delay_s=1.0), boot=4, top=8)
+    put(model, "vm.resize", {"desired_vcpus": 2})
+    assert put(model, "vm.resize", {"desired_vcpus": 2}, now=0.5).status == 429
+    assert guest(model, 0.5)["vcpus_online"] == 4
+    assert put(model, "vm.resize", {"desired_vcpus": 2}, now=1.0).status == 204
+    assert (model.present_vcpus, model.pending_vcpu_removal) == (2, 0)
+    assert guest(model, 1.0)["vcpus_online"] == 2
+
+
+def test_a_guest_driver_that_never_plugs():
+    model = running(Knobs(plug_rate=PLUG_NEVER))
+    assert put(model, "vm.resize", {"desired_ram": 2 * GIB}).status == 204
+    assert model.next_event() is None
+    got = info(model, FOREVER)
+    # The request is recorded; the guest has none of it.
+    assert got["config"]["memory"]["hotplugged_size"] == 1 * GIB
+    assert got["memory_actual_size"] == BOOT_MEMORY
+    assert guest(model, FOREVER)["memory_held"] == BOOT_MEMORY
+    assert model.plugged_memory == 0
+
+
+def test_a_guest_driver_that_never_plugs_holds_nothing_hotplugged_at_boot():
+    model = VmmModel(Knobs(plug_rate=PLUG_NEVER))
+    cfg = config()
+    cfg["memory"]["hotplugged_size"] = 512 * MIB
+    put(model, "vm.create", cfg)
+    assert put(model, "vm.boot").status == 204
+    assert info(model)["memory_actual_size"] == BOOT_MEMORY
+
+
+@pytest.mark.parametrize("plug_rate", [None, 512 * MIB])
+def test_unplug_stops_at_the_limit_and_stays(plug_rate):
+    model = running(Knobs(plug_rate=plug_rate, unplug_limit=256 * MIB))
+    put(model, "vm.resize", {"desired_ram": 2 * GIB}, now=0.0)
+    model.advance(10.0)
+    assert model.plugged_memory == 1 * GIB
+    assert put(model, "vm.resize", {"desired_ram": BOOT_MEMORY}, now=10.0).status == 204
+    model.advance(FOREVER)
+    assert model.next_event() is None
+    assert info(model, FOREVER)["memory_actual_size"] == BOOT_MEMORY + 768 * MIB
+    assert guest(model, FOREVER)["memory_held"] == 2 * GIB - 256 * MIB
+    # Plugging still works; giving back does not, the budget is spent.
+    put(model, "vm.resize", {"desired_ram": 2 * GIB}, now=FOREVER)
+    model.advance(FOREVER + 10)
+    assert model.plugged_memory == 1 * GIB
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY}, now=FOREVER + 10)
+    model.advance(2 * FOREVER)
+    assert model.plugged_memory == 1 * GIB
+
+
+def test_unplug_limit_zero_gives_nothing_back_and_a_reboot_restores_the_budget():
+    model = running(Knobs(unplug_limit=0))
+    put(model, "vm.resize", {"desired_ram": 2 * GIB})
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 512 * MIB})
+    assert info(model)["memory_actual_size"] == 2 * GIB
+    put(model, "vm.shutdown")
+    put(model, "vm.boot")
+    # A fresh guest boots with what the config asks for and has given nothing back yet.
+    assert info(model)["memory_actual_size"] == BOOT_MEMORY + 512 * MIB
+
+
+def test_unplug_limit_counts_partial_unplugs_across_requests():
+    model = running(Knobs(unplug_limit=384 * MIB))
+    put(model, "vm.resize", {"desired_ram": 2 * GIB})
+    put(model, "vm.resize", {"desired_ram": 2 * GIB - 256 * MIB})
+    assert model.plugged_memory == 768 * MIB
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY})
+    assert model.plugged_memory == 1 * GIB - 384 * MIB
+
+
+@pytest.mark.parametrize("api_version", [50, 51])
+def test_before_v52_below_boot_is_a_silent_204_that_leaves_the_device(api_version):
+    model = running(Knobs(api_version=api_version))
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 256 * MIB})
+    assert model.plugged_memory == 256 * MIB
+    response = put(model, "vm.resize", {"desired_ram": BOOT_MEMORY - 256 * MIB})
+    assert response.status == 204 and response.body == b""
+    got = info(model)
+    assert got["config"]["memory"]["hotplugged_size"] is None
+    assert got["config"]["memory"]["size"] == BOOT_MEMORY
+    # The device still asks for 256 MiB and the guest still has them...
+    assert (model.requested_hotplug, model.plugged_memory) == (256 * MIB, 256 * MIB)
+    assert guest(model)["memory_held"] == BOOT_MEMORY + 256 * MIB
+    # ...while memory_actual_size, the request in these versions, shows the boot size.
+    assert got["memory_actual_size"] == BOOT_MEMORY
+    # Asking for that size again is "identical" to what the device has.
+    again = put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 256 * MIB})
+    assert again.status == 500
+    assert IDENTICAL in messages(again)[-1]
+    assert put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 512 * MIB}).status == 204
+
+
+@pytest.mark.parametrize("api_version", [52, 53])
+def test_from_v52_below_boot_is_a_500(api_version):
+    model = running(Knobs(api_version=api_version))
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 256 * MIB})
+    response = put(model, "vm.resize", {"desired_ram": BOOT_MEMORY - 256 * MIB})
+    assert response.status == 500
+    assert BELOW_BOOT in messages(response)[-1]
+    assert info(model)["config"]["memory"]["hotplugged_size"] == 256 * MIB
+
+
+@pytest.mark.parametrize(
+    ("api_version", "actual_while_plugging"),
+    [(50, BOOT_MEMORY + 1 * GIB), (53, BOOT_MEMORY)],
+)
+def test_memory_actual_size_is_the_request_before_v52_and_the_plug_after(
+    api_version, actual_while_plugging
+):
+    model = running(Knobs(api_version=api_version, plug_rate=PLUG_NEVER))
+    put(model, "vm.resize", {"desired_ram": BOOT_MEMORY + 1 * GIB})
+    assert info(model, FOREVER)["memory_actual_size"] == actual_while_plugging
+
+
+@pytest.mark.parametrize("api_version", [50, 53])
+def test_ping_reports_the_release(api_version):
+    body = get(VmmModel(Knobs(api_version=api_version), pid=7), "vmm.ping").json()
+    assert body == {
+        "build_version": f"v{api_version}.0",
+        "version": f"{api_version}.0.0",
+        "pid": 7,
+        "features": ["kvm"],
+    }
+
+
+def test_sim_guest_before_boot_holds_only_the_vmm_overhead():
+    model = VmmModel()
+    assert guest(model) == {"memory_held": 0, "vcpus_online": 0, "rss": DEFAULT_VMM_OVERHEAD}
+    put(model, "vm.create", config())
+    assert guest(model) == {"memory_held": 0, "vcpus_online": 0, "rss": DEFAULT_VMM_OVERHEAD}
+
+
+def test_sim_guest_follows_the_guest_not_the_request():
+    overhead = 100 * MIB
+    model = running(Knobs(plug_rate=512 * MIB, vmm_overhead=overhead), boot=2, top=4)
+    assert guest(model) == {
+        "memory_held": BOOT_MEMORY,
+        "vcpus_online": 2,
+        "rss": BOOT_MEMORY + overhead,
+    }
+    put(model, "vm.resize", {"desired_ram": 2 * GIB, "desired_vcpus": 4}, now=0.0)
+    halfway = guest(model, 1.0)
+    assert halfway["memory_held"] == BOOT_MEMORY + 512 * MIB
+    assert halfway["rss"] == BOOT_MEMORY + 512 * MIB + overhead
+    assert halfway["vcpus_online"] == 4
+    put(model, "vm.pause", now=1.0)
+    assert guest(model, 5.0)["memory_held"] == BOOT_MEMORY + 512 * MIB
+    put(model, "vm.shutdown", now=5.0)
+    assert guest(model, 5.0) == {"memory_held": 0, "vcpus_online": 0, "rss": overhead}
+
+
+@pytest.mark.parametrize(("method", "body"), [("PUT", None), ("PUT", b"{}"), ("PATCH", None)])
+def test_sim_guest_is_get_only(method, body):
+    response = running().handle(0.0, method, "/api/v1/sim.guest", body)
+    assert response.status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b'{"code": 3}', 204, 3),
+        (b'{"code": 0}', 204, 0),
+        (None, 400, None),
+        (b"{}", 400, None),
+        (b'{"code": 256}', 400, None),
+        (b'{"code": "1"}', 400, None),
+        (b"{oops", 400, None),
+    ],
+)
+def test_sim_exit_asks_the_process_to_exit_with_the_code(body, status, code):
+    model = running()
+    response = put(model, "sim.exit", body)
+    assert response.status == status
+    assert model.exit_code == code
+    assert info(model)["state"] == "Running"
+
+
+@pytest.mark.parametrize("api_version", [50, 53])
+def test_vm_delete_removes_the_config_in_any_state(api_version):
+    for steps in (
+        [],
+        ["vm.create"],
+        ["vm.create", "vm.boot"],
+        ["vm.create", "vm.boot", "vm.pause"],
+    ):
+        model = VmmModel(Knobs(api_version=api_version))
+        for step in steps:
+            assert put(model, step, config() if step == "vm.create" else None).status == 204
+        assert put(model, "vm.delete").status == 204
+        assert model.config is None and model.state is None
+        assert get(model, "vm.info").status == (404 if api_version >= 53 else 500)
+        assert guest(model)["memory_held"] == 0
+        assert put(model, "vm.create", config()).status == 204
+
+
+def test_vm_delete_refuses_a_body():
+    model = running()
+    assert put(model, "vm.delete", {}).status == 400
+    assert info(model)["state"] == "Running"
+
+
+# ---- boot checks the payload as Cloud Hypervisor does --------------------------------------
+
+
+def with_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = config()
+    if payload is None:
+        del cfg["payload"]
+    else:
+        cfg["payload"] = payload
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("payload", "files", "status", "message"),
+    [
+        (None, set(), 500, "No kernel or firmware specified"),
+        ({}, set(), 500, "No kernel or firmware specified"),
+        ({"cmdline": "console=ttyS0"}, set(), 500, "No kernel or firmware specified"),
+        ({"kernel": "/k"}, set(), 500, "No such file or directory"),
+        ({"kernel": "/k", "initramfs": "/i"}, {"/k"}, 500, "No such file or directory"),
+        ({"firmware": "/fw"}, set(), 500, "No such file or directory"),
+        ({"kernel": "/k"}, {"/k"}, 204, None),
+        ({"kernel": "/k", "initramfs": "/i"}, {"/k", "/i"}, 204, None),
+        ({"firmware": "/fw"}, {"/fw"}, 204, None),
+    ],
+)
+def test_boot_needs_a_payload_whose_files_open(payload, files, status, message):
+    model = VmmModel(file_exists=files.__contains__)
+    # vm.create stores any well-typed payload; only vm.boot looks at it.
+    assert put(model, "vm.create", with_payload(payload)).status == 204
+    response = put(model, "vm.boot")
+    assert response.status == status
+    if message:
+        chain = messages(response)
+        assert chain[:2] == ["Error from API", "The VM could not boot"]
+        assert message in chain[-1]
+        assert info(model)["state"] == "Created"
+        assert guest(model)["memory_held"] == 0
+    else:
+        assert info(model)["state"] == "Running"
+
+
+def test_the_missing_file_is_named_by_its_role():
+    model = VmmModel(file_exists={"/k"}.__contains__)
+    put(model, "vm.create", with_payload({"kernel": "/k", "initramfs": "/i"}))
+    assert "Cannot open the initramfs image" in messages(put(model, "vm.boot"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"payload": {"kernel": 3}},
+        {"payload": "/boot/vmlinux"},
+        {"payload": {"cmdline": ["a"]}},
+        {"serial": {"mode": "Nope"}},
+        {"serial": {}},
+        {"console": {"mode": "File", "file": 1}},
+        {"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "nested": "yes"}},
+        {"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "max_phys_bits": 300}},
+    ],
+)
+def test_create_types_the_body_as_serde_does(body):
+    model = VmmModel()
+    response = put(model, "vm.create", body)
+    assert response.status == 400
+    assert messages(response)[0] == "Failed to deserialize JSON"
+    assert model.config is None
+
+
+def test_rust_backtrace_makes_every_500_long_multi_line_and_slow():
+    model = running(Knobs(rust_backtrace=True))
+    response = put(model, "vm.resize", {"desired_vcpus": 99})
+    assert response.status == 500
+    chain = messages(response)
+    assert chain[:2] == ["Error from API", "The VM could not be resized"]
+    assert chain[-1].startswith("Requested vCPUs exceed maximum\n")
+    assert chain[-1].count("\n") > 20 and "Stack backtrace" in chain[-1]
+    assert response.delay == RUST_BACKTRACE_DELAY_S
+    # Other statuses are as without it.
+    busy = running(Knobs(rust_backtrace=True, eject_delay_s=NEVER), boot=4, top=8)
+    put(busy, "vm.resize", {"desired_vcpus": 2})
+    assert put(busy, "vm.resize", {"desired_vcpus": 3}).json() == ["Too Many Requests"]
+    assert put(model, "vm.resize", b"{bad").delay == 0.0
