@@ -65,6 +65,7 @@ class Stack:
         webhook: bool = True,
         progress: Progress | None = None,
         kubeconfigs: Mapping[str, Path] | None = None,
+        component_args: tuple[str, ...] = (),
     ) -> None:
         """``kubeconfigs`` gives a component (``controller-<i>``, ``daemon-<node>``) its own
         kubeconfig instead of the stack's, e.g. one that points at a fault-injecting proxy."""
@@ -78,6 +79,8 @@ class Stack:
         self.resize_delay = resize_delay
         self.vmm_command = vmm_command
         self.kernel = kernel
+        # Flags given to every controller and daemon (e.g. the kernel's deadlines).
+        self.component_args = component_args
         self.controller_replicas = controller_replicas
         self.with_webhook = webhook
         self.progress = progress or (lambda _msg: None)
@@ -153,6 +156,7 @@ class Stack:
                 # machine does not make a healthy leader miss its renewals and step down.
                 "8",
             ]
+        args += self.component_args
         child = Child(name, python_module("apps.controller.main", *args), self.logs / f"{name}.log")
         self.children[name] = child
         return child
@@ -171,6 +175,7 @@ class Stack:
         ]
         if self.kernel:
             args += ["--kernel", self.kernel]
+        args += self.component_args
         child = Child(name, python_module("apps.daemon.main", *args), self.logs / f"{name}.log")
         self.children[name] = child
         return child
