@@ -25,7 +25,11 @@ What is modelled
   plugs and unplugs memory later, in chunks; a removed vCPU stays until the guest ejects
   it, and meanwhile a vCPU count change is a 429; an identical ``desired_ram`` is a 500,
   and injected faults are 500s (the CPU part of a call sticks when the memory part fails).
-  The VMM may report ``memory_actual_size`` (v52+) or not (then plugging is immediate).
+  The VMM may report the plugged size in ``memory_actual_size`` (v52+) or echo the
+  request there (v50). Guests may be unkind: never plug, never eject, or give back only
+  so much memory. A ResourceQuota may refuse a pod resize (403, not NodeCapacity).
+- Time: the world has a clock the decisions are given (``now``); settling moves it on,
+  so a wait that cannot end ends at its deadline (RESIZE.md 4b).
 - Users change specs at any moment, but only in ways the admission webhook accepts
   (``core.resources.validate_vm``), pause and resume VMs, and pods may die.
 
@@ -90,6 +94,8 @@ CONFIG = DEFAULT_CONFIG
 OVERHEAD = CONFIG.pod_memory_overhead
 # Rounds of the settling driver before a world that has not settled counts as stuck.
 SETTLE_ROUNDS = 40
+# Seconds of the world's clock per settling round: the longest deadline passes in a few.
+SETTLE_ROUND_S = 20.0
 # Pod resize requests one spec generation may cause (grow, shrink, and a restore, with
 # room for a re-plan); an infeasible loop exceeds it within a few rounds.
 MAX_POD_REQUESTS_PER_GENERATION = 6
@@ -137,6 +143,12 @@ class Vmm:
     plugged: int = 0  # what the guest has onlined
     removal_pending: bool = False
     faults: int = 0  # upcoming vm.resize calls that fail with 500
+    # Unkind guests (REALITY.md 1): how much more memory the guest can give back (None:
+    # all of it), whether its virtio-mem driver plugs at all, whether it ejects vCPUs.
+    unplug_limit: int | None = None
+    plugs: bool = True
+    ejects: bool = True
+    running_vcpus: int = 0  # vCPU threads alive (more than ``vcpus`` while a removal waits)
 
     def view(self) -> VmmView:
         if not self.reachable:
@@ -165,6 +177,7 @@ class Vmm:
         self.vcpus, self.max_vcpus = action.boot_vcpus, action.max_vcpus
         self.boot_memory, self.hotplug_size = action.memory, action.hotplug_size
         self.requested = self.plugged = action.memory
+        self.running_vcpus = action.boot_vcpus
 
     def resize(self, vcpus: int | None, memory: int | None) -> VmmCallError | None:
         if not self.reachable or self.state not in (VmmState.RUNNING, VmmState.PAUSED):
@@ -178,8 +191,10 @@ class Vmm:
             if self.faults and memory is None:
                 self.faults -= 1
                 return VmmCallError(VmmCallErrorKind.FAILED, "failed to resize vCPUs")
-            self.removal_pending = vcpus < self.vcpus
+            self.removal_pending = vcpus < self.running_vcpus
             self.vcpus = vcpus  # sticks even if the memory part fails below
+            if vcpus > self.running_vcpus:
+                self.running_vcpus = vcpus
         if memory is not None:
             if self.faults:
                 self.faults -= 1
@@ -189,9 +204,9 @@ class Vmm:
                 return VmmCallError(VmmCallErrorKind.FAILED, "virtio-mem: identical size")
             if not 0 <= region <= self.hotplug_size or region % GUEST_MEMORY_ALIGNMENT:
                 return VmmCallError(VmmCallErrorKind.FAILED, f"invalid memory size {memory}")
+            # The guest (un)plugs later, whatever the version: before v52 the VMM just
+            # cannot say how far it got (memory_actual_size echoes the request).
             self.requested = memory
-            if not self.reports_actual:
-                self.plugged = memory
         return None
 
     def guest_step(self, chunk: int | None, eject: bool = True) -> bool:
@@ -200,12 +215,19 @@ class Vmm:
         changed."""
         if self.state is VmmState.PAUSED:
             return False
+        eject = eject and self.ejects
         changed = self.removal_pending and eject
+        if changed:
+            self.running_vcpus = self.vcpus
         self.removal_pending = self.removal_pending and not eject
-        gap = self.requested - self.plugged
+        gap = self.requested - self.plugged if self.plugs else 0
+        if gap < 0 and self.unplug_limit is not None:
+            gap = -min(-gap, self.unplug_limit)
         if gap:
             step = abs(gap) if chunk is None else min(abs(gap), chunk)
             self.plugged += step if gap > 0 else -step
+            if gap < 0 and self.unplug_limit is not None:
+                self.unplug_limit -= step
             changed = True
         return changed
 
@@ -213,7 +235,12 @@ class Vmm:
     def settled(self) -> bool:
         """Nothing left for the guest to do (or nothing it can do: it is paused)."""
         paused = self.state is VmmState.PAUSED
-        return paused or (not self.removal_pending and self.plugged == self.requested)
+        stuck = not (self.plugs and self.ejects) or self.unplug_limit is not None
+        return paused or stuck or (not self.removal_pending and self.plugged == self.requested)
+
+    @property
+    def unkind(self) -> bool:
+        return not (self.plugs and self.ejects) or self.unplug_limit is not None
 
 
 @attrs.define
@@ -232,6 +259,9 @@ class Slot:
     pod_requests: Counter[int] = attrs.Factory(Counter)  # per VM generation
     infeasible_generation: int | None = None  # the generation refused as infeasible
     dead: bool = False
+    # A ResourceQuota: a pods/resize asking more memory than this is a 403 (not
+    # NodeCapacity), which no retry fixes.
+    quota: int | None = None
 
     @property
     def vm(self) -> Vm:
@@ -312,6 +342,8 @@ class World:
     config: KernelConfig = CONFIG
     accommodating: bool = False  # the kubelet defers nothing (settling)
     stats: Stats = attrs.Factory(Stats)
+    # The decisions' clock (seconds): deadlines (RESIZE.md 4b) pass as it moves on.
+    now: float = 1_000_000.0
 
     @classmethod
     def create(
@@ -352,12 +384,14 @@ class World:
 
     # --- the user -----------------------------------------------------------------------
 
-    def set_spec(self, name: str, vcpus: int, memory: int) -> bool:
-        """A spec update, if the admission webhook accepts it."""
+    def set_spec(self, name: str, vcpus: int, memory: int, *, before_boot: bool = False) -> bool:
+        """A spec update, if the admission webhook accepts it (``before_boot``: one made
+        while the VM's pod exists but its VMM has not booted yet)."""
         slot = self.slots[name]
         old = slot.vm
-        if old.spec is None or old.status.capacity is None or slot.dead:
-            return False  # the world resizes running VMs only
+        booted = old.status.capacity is not None
+        if old.spec is None or slot.dead or booted == before_boot:
+            return False
         spec = evolve(old.spec, sockets=1, cores_per_socket=vcpus, memory=memory)
         if spec == old.spec:
             return False
@@ -592,7 +626,10 @@ class World:
             vmm = vmm_view
         else:
             vmm = slot.vmm.view() if slot.vmm is not None else VmmView(VmmState.UNREACHABLE)
-        if refused is not None:
+        if refused is not None and refused.startswith("forbidden:"):
+            assert pod is not None
+            pod = evolve(pod, resize_forbidden=refused)
+        elif refused is not None:
             assert pod is not None
             pod = evolve(pod, resize_refused=refused)
         if call_error is not None:
@@ -600,7 +637,7 @@ class World:
         self.stats.decisions += 1
         if index != len(slot.vms) - 1 or pod is not slot.pod:
             self.stats.stale_decisions += 1
-        actions = owned_by(decide(vm, pod, vmm, self.config), actor.owner)
+        actions = owned_by(decide(vm, pod, vmm, self.config, self.now), actor.owner)
         steps = [Task(actions, None, name, index, vmm)]
         steps += [
             Task(actions, a, name, index, vmm)
@@ -686,6 +723,11 @@ class World:
             )
             self._decide(actor, slot.name, refused=message)
             return
+        if slot.quota is not None and target.memory > slot.quota and pod.desired != target:
+            self.stats.refusals += 1
+            message = f"forbidden: exceeded quota: memory, requested: {target.memory}"
+            self._decide(actor, slot.name, refused=message)
+            return
         if pod.desired != target:
             patched = evolve(pod, desired=target, generation=pod.generation + 1)
             if node.legacy:  # before 1.33 the API server marked every resize Proposed
@@ -722,12 +764,14 @@ class World:
         for name, slot in self.slots.items():
             if slot.vmm is not None and not slot.vmm.settled:
                 return False
+            if slot.vm.status.phase in RESIZE_PHASES and not slot.dead:
+                return False  # waiting is not settled: it ends, at the latest at a deadline
             if self.kubelet_busy(name):
                 return False
             pod = slot.pod
             vmm = slot.vmm.view() if slot.vmm is not None else VmmView(VmmState.UNREACHABLE)
             for owner, view in ((Owner.CONTROLLER, UNOBSERVED_VMM), (Owner.DAEMON, vmm)):
-                acts = owned_by(decide(slot.vm, pod, view, self.config), owner)
+                acts = owned_by(decide(slot.vm, pod, view, self.config, self.now), owner)
                 if any(not isinstance(a, Requeue) for a in acts):
                     return False
         return True
@@ -750,6 +794,8 @@ class World:
         for actor in self.actors():
             self.finish(actor)
         for _ in range(rounds):
+            # Time passes while settling: a wait that cannot end ends at its deadline.
+            self.now += SETTLE_ROUND_S
             for name in self.slots:
                 for _ in range(3):
                     if not self.kubelet(name):
@@ -932,6 +978,7 @@ def check_converges(world: World) -> None:
         problem = _outcome_problem(slot)
         if problem:
             raise InvariantViolation("converges", f"{name}: {problem}")
+    check_allocated_truthful(world)
 
 
 def _outcome_problem(slot: Slot) -> str | None:
@@ -946,13 +993,24 @@ def _outcome_problem(slot: Slot) -> str | None:
     resized = status.condition(RESIZED)
     record = status.resize
     if record is not None and record.step is Step.STALLED:
-        # Only a shrink a VMM before v52 cannot verify stalls without a clock.
+        # A guest that did not (or a VMM that cannot say): settled, saying why.
         if record.generation != vm.generation:
             return f"stalled record of generation {record.generation} outlived it"
-        if resized is None or resized.reason != "GuestMemoryUnverifiable":
+        if resized is None or resized.reason not in STALL_REASONS:
             return f"stalled resize without its condition: {resized}"
-        if status.allocated is None or status.allocated.memory < vmm.guest_memory:
-            return f"allocated {status.allocated} below what the guest holds {vmm.guest_memory}"
+        if not vmm.unkind and resized.reason != "GuestMemoryUnverifiable":
+            return f"a cooperating guest stalled: {resized}"
+        return None
+    if (
+        record is not None
+        and record.step is Step.INFEASIBLE
+        and resized is not None
+        and resized.reason in ("PodResizeForbidden", "KubeletResizeStuck")
+    ):
+        if record.generation != vm.generation:
+            return f"refused record of generation {record.generation} outlived it"
+        if resized.reason == "PodResizeForbidden" and slot.quota is None:
+            return "forbidden without a quota"
         return None
     if record is not None and record.step is Step.INFEASIBLE:
         if record.generation != vm.generation:
@@ -1038,6 +1096,40 @@ def check_effects_safe_against_truth(slot: Slot, action: ResizePod | ResizeVmm) 
             f"{slot.name}: pod patched to {target} while the guest holds {vmm.vcpus} vCPUs, "
             f"{vmm.guest_memory} bytes",
         )
+
+
+STALL_REASONS = frozenset(
+    {
+        "GuestMemoryUnverifiable",
+        "GuestMemoryStuck",
+        "GuestVcpuRemovalStuck",
+        "VMMResizeStuck",
+    }
+)
+
+
+def _allocated_untruthful(slot: Slot) -> str | None:
+    status, vmm = slot.vm.status, slot.vmm
+    if slot.dead or vmm is None or vmm.state not in (VmmState.RUNNING, VmmState.PAUSED):
+        return None
+    allocated = status.allocated
+    if allocated is None:
+        return "no allocated for a running VMM"
+    if allocated.memory < vmm.plugged:
+        return f"allocated {allocated} claims less memory than the guest holds ({vmm.plugged})"
+    if allocated.vcpus < vmm.running_vcpus:
+        return f"allocated {allocated} claims fewer vCPUs than run ({vmm.running_vcpus})"
+    return None
+
+
+def check_allocated_truthful(world: World) -> None:
+    """(8) Once settled, ``status.allocated`` never claims less than the guest holds
+    (memory it has plugged and not given back, vCPU threads not ejected), whatever the VMM
+    version reports and however unkind the guest (RESIZE.md 4a)."""
+    for name, slot in world.slots.items():
+        problem = _allocated_untruthful(slot)
+        if problem:
+            raise InvariantViolation("allocated_truthful", f"{name}: {problem}")
 
 
 def check_state(world: World) -> None:
