@@ -378,7 +378,7 @@ def decide(
         if _vmm_ended(out, vm, vmm):
             return out.done()
         if phase in RESIZE_PHASES and vmm.observed:
-            _recover_status(out, vm, vmm)
+            _recover_status(out, vm, vmm, pod, config)
             _track_return_phase(out, vm, vmm)
         if phase in STEADY_PHASES:
             _steady(out, vm, pod, vmm, config)
@@ -707,7 +707,7 @@ def _poll(
 def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: KernelConfig) -> None:
     assert vm.status.phase is not None
     if vmm.observed:
-        _daemon_steady(out, vm, vmm)
+        _daemon_steady(out, vm, vmm, pod, config)
     if pod is None or pod.deleting:
         return
     record = vm.status.resize
@@ -747,25 +747,47 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
             out.effect(ResizePod(target))
 
 
-def _recover_status(out: _Out, vm: Vm, vmm: VmmView) -> None:
+def _recover_status(
+    out: _Out, vm: Vm, vmm: VmmView, pod: PodView | None, config: KernelConfig
+) -> None:
     """``status.allocated`` or ``status.capacity`` was lost mid-resize (it did not parse,
     or someone cleared it): the VMM says what they are. Without ``allocated`` the pod step
     could never plan, and the webhook could not check updates against the ceilings. With
-    nothing proven, the guest may hold the larger of what it was asked and reports."""
+    nothing proven, the guest may hold the most the pod covers: a vCPU removal may be
+    pending (only a probe can tell), and before v52 an unplug may be unfinished."""
     if vm.status.allocated is None:
-        current = _guest_truth(None, vmm)
+        current = _recovered(vmm, pod, config)
         if current is not None:
-            if vmm.actual_memory is not None:
-                current = evolve(current, memory=max(current.memory, vmm.actual_memory))
             out.status.append(SetAllocated(current, owner=Owner.DAEMON))
             out.vm = vm.evolve(status=evolve(vm.status, allocated=current))
     if vm.status.capacity is None and vmm.capacity is not None:
         out.status.append(SetCapacity(vmm.capacity, owner=Owner.DAEMON))
 
 
-def _daemon_steady(out: _Out, vm: Vm, vmm: VmmView) -> None:
+def _recovered(vmm: VmmView, pod: PodView | None, config: KernelConfig) -> Allocation | None:
+    """What the guest may hold when nothing was proven (``allocated`` lost): the most the
+    pod covers, as far as the VMM cannot rule it out (a vCPU removal may be pending, and
+    before v52 an unplug may be unfinished); a probe or the plugged size narrows it."""
+    current = _guest_truth(None, vmm)
+    held = granted(pod, config) if pod is not None else None
+    if current is None or held is None:
+        return current
+    vcpus = max(current.vcpus, held.cpu_millis // MILLICORES_PER_VCPU)
+    if vmm.max_vcpus is not None:
+        vcpus = min(vcpus, max(vmm.max_vcpus, current.vcpus))
+    memory = current.memory
+    if vmm.plugged_memory is None:
+        room = held.memory - config.pod_memory_overhead
+        memory = max(memory, room - room % GUEST_MEMORY_ALIGNMENT)
+    return Allocation(vcpus, memory)
+
+
+def _daemon_steady(
+    out: _Out, vm: Vm, vmm: VmmView, pod: PodView | None, config: KernelConfig
+) -> None:
     """Keep status in line with what the guest is seen to hold while no resize runs."""
-    truth = _guest_truth(vm.status.allocated, vmm)
+    known = vm.status.allocated
+    truth = _guest_truth(known, vmm) if known is not None else _recovered(vmm, pod, config)
     if truth is not None and truth != vm.status.allocated:
         out.status.append(SetAllocated(truth, owner=Owner.DAEMON))
     if vmm.capacity is not None and vm.status.capacity is None:
@@ -1059,7 +1081,14 @@ def _pod_stalled(
     )
     out.record(
         Owner.CONTROLLER,
-        evolve(record, step=Step.INFEASIBLE, generation=vm.generation, pod_generation=None),
+        evolve(
+            record,
+            step=Step.INFEASIBLE,
+            generation=vm.generation,
+            pod_generation=None,
+            attempts=0,
+            wait_since=None,
+        ),
     )
     out.condition(
         Owner.CONTROLLER, RESIZED, ConditionStatus.FALSE, Reasons.KUBELET_RESIZE_STUCK, message
@@ -1085,6 +1114,8 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
         out.requeue(Owner.DAEMON, config.vmm_poll_s)  # our pod view lags the controller's
         return
     known = vm.status.allocated
+    if known is None:  # lost: _recover_status wrote the most the guest may hold
+        known = _recovered(vmm, pod, config)
     truth = _guest_truth(known, vmm)
     requested = vmm.requested
     if truth is None or requested is None:
@@ -1222,9 +1253,18 @@ def _vmm_stalled(
     shrinks it below ``allocated``), and say why (RESIZE.md 4b)."""
     if truth != vm.status.allocated:
         out.status.append(SetAllocated(truth, owner=Owner.DAEMON))
+    # Given up: how many tries it took and since when no longer matter (and a restart
+    # that counted differently reaches the same record).
     out.record(
         Owner.DAEMON,
-        evolve(record, step=Step.STALLED, generation=vm.generation, pod_generation=None),
+        evolve(
+            record,
+            step=Step.STALLED,
+            generation=vm.generation,
+            pod_generation=None,
+            attempts=0,
+            wait_since=None,
+        ),
     )
     out.condition(Owner.DAEMON, RESIZED, ConditionStatus.FALSE, reason, message)
     out.transition(Cause.STALLED, message)

@@ -1308,7 +1308,10 @@ def test_lost_allocation_and_capacity_mid_resize_are_read_back_from_the_vmm(at: 
     rig.controller()
     rig.daemon()
     assert rig.vm.status.allocated is not None
-    assert rig.vm.status.allocated.vcpus == held.vcpus
+    # Nothing proves how many vCPUs run (a removal may be pending): the most the pod
+    # covers, narrowed later by a probe (issue 15).
+    assert rig.pod is not None and rig.pod.actual is not None
+    assert held.vcpus <= rig.vm.status.allocated.vcpus <= rig.pod.actual.cpu_millis // 1000
     assert rig.vm.status.capacity == capacity_for(EIGHT)
     rig.settle()
     assert rig.converged_to(VmSpec(2, 6, 6 * GiB))
