@@ -35,6 +35,14 @@ ResizeInProgress. Phase changes go through :mod:`core.table`, which also names t
 that announces each one and the process that owns it (the controller owns pod steps and
 the lifecycle; the daemon owns the VMM step and boot).
 
+What the guest holds is judged on evidence (RESIZE.md 4a, ADR 0010): *current* is
+``status.allocated``, which :func:`_guest_truth` moves only on proof (a vCPU probe's 204,
+the plugged size from Cloud Hypervisor v52 on); where nothing can prove a shrink (older
+VMMs) the pod keeps what the guest may still hold and a condition says so. Every wait has
+a deadline (:class:`core.config.KernelConfig`), counted from ``status.resize.waitSince``,
+which the kernel stamps with the ``now`` its caller passes in: past it the VM settles
+(``Stalled``) where the pod still covers the guest, and says what is stuck.
+
 Observations can be stale. ``status.resize.podGeneration`` records the pod generation our
 ``pods/resize`` patch produced, and, when the pod step hands over to the VMM step, the
 generation of the pod view that showed the guest covered; a pod view older than that, or
@@ -712,9 +720,20 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
         return
     record = vm.status.resize
     if record is not None and record.step is Step.INFEASIBLE and record.generation == vm.generation:
-        # Refused for this generation: keep the pod at what it has, do not ask again.
-        if pod.actual is not None and pod.desired != pod.actual:
-            out.effect(ResizePod(pod.actual))
+        # Refused for this generation: keep the pod at what it has, do not ask again. Only
+        # a spec above what the pod has is put back (a patch the kubelet will never
+        # actuate); one below it that still covers the guest is left alone, or a quota
+        # that refuses the increase back would be asked on every look.
+        actual, spec = pod.actual, pod.desired
+        if actual is not None and spec is not None and spec != actual:
+            above = spec.cpu_millis > actual.cpu_millis or spec.memory > actual.memory
+            allocated = vm.status.allocated
+            short = allocated is not None and not covers(
+                spec, pod_resources_for(allocated, config), config
+            )
+            keep = _keep(pod, allocated, config)
+            if (above or short) and keep is not None and keep != spec:
+                out.effect(ResizePod(keep))
         return
     desired = _effective_desired(vm, out, Owner.CONTROLLER)
     current = vm.status.allocated
@@ -724,6 +743,10 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
         return
     if desired is None or current is None or pod.actual is None:
         return
+    if record is not None and record.step is Step.STALLED:
+        # A stalled grow left the VMM asked for more than the guest has plugged: the guest
+        # may still get there, so the pod covers that too until the guest step runs again.
+        current = Allocation(max(current.vcpus, record.vcpus), max(current.memory, record.memory))
     step, target = plan(current, pod, desired, config)
     if step is None:
         out.record(Owner.CONTROLLER, None)
@@ -788,6 +811,10 @@ def _daemon_steady(
     """Keep status in line with what the guest is seen to hold while no resize runs."""
     known = vm.status.allocated
     truth = _guest_truth(known, vmm) if known is not None else _recovered(vmm, pod, config)
+    if truth is not None and vmm.requested is not None:
+        # No resize runs: a growth the guest has not finished plugging (a stalled one)
+        # may still finish, so ``allocated`` keeps what the VMM was asked.
+        truth = _may_reach(truth, vmm.requested)
     if truth is not None and truth != vm.status.allocated:
         out.status.append(SetAllocated(truth, owner=Owner.DAEMON))
     if vmm.capacity is not None and vm.status.capacity is None:
@@ -1028,11 +1055,27 @@ def _infeasible(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: 
     out.transition(Cause.INFEASIBLE, message)
 
 
+def _keep(
+    pod: PodView, allocated: Allocation | None, config: KernelConfig = DEFAULT_CONFIG
+) -> Resources | None:
+    """What to put a refused or stalled pod back to: what it has, and never less than the
+    guest holds (our view of the pod may lag the kubelet's)."""
+    if pod.actual is None:
+        return None
+    if allocated is None:
+        return pod.actual
+    cover = pod_resources_for(allocated, config)
+    return Resources(
+        max(pod.actual.cpu_millis, cover.cpu_millis), max(pod.actual.memory, cover.memory)
+    )
+
+
 def _forbidden(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: str) -> None:
     """A refusal no retry can fix (a ResourceQuota's 403, RBAC, a 422): reported once for
     this spec generation, like Infeasible; the pod keeps what it has."""
-    if pod.actual is not None and pod.desired != pod.actual:
-        out.effect(ResizePod(pod.actual))
+    keep = _keep(pod, vm.status.allocated)
+    if keep is not None and pod.desired != keep:
+        out.effect(ResizePod(keep))
     out.record(
         Owner.CONTROLLER,
         evolve(
@@ -1064,13 +1107,9 @@ def _pod_stalled(
 ) -> None:
     """The kubelet did not finish in time (Deferred, Error, or silence): put the pod's
     spec back to what it holds (never below what the guest holds) and settle."""
-    cover = pod_resources_for(current, config)
-    if pod.actual is not None:
-        keep = Resources(
-            max(pod.actual.cpu_millis, cover.cpu_millis), max(pod.actual.memory, cover.memory)
-        )
-        if pod.desired != keep:
-            out.effect(ResizePod(keep))
+    keep = _keep(pod, current, config)
+    if keep is not None and pod.desired != keep:
+        out.effect(ResizePod(keep))
     said = pod.resize_in_progress or pod.resize_pending
     kubelet = f": the kubelet says {said.reason}: {said.message}" if said and said.reason else ""
     message = (
@@ -1131,6 +1170,9 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
     if requested != desired and not removal_pending:
         step, _ = plan(truth, pod, desired, config)
         if step is Step.POD_GROW:
+            # The VMM may have been asked for more than the guest has plugged yet: the
+            # guest may still get there, so the pod step plans with that too.
+            out.status.append(SetAllocated(_may_reach(truth, requested), owner=Owner.DAEMON))
             out.record(Owner.DAEMON, _new_record(vm, step, desired, record.return_phase))
             out.transition(Cause.NEEDS_POD_GROW, f"the spec grew to {desired}; growing the pod")
             return
@@ -1219,6 +1261,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
                 f"{config.guest_memory_deadline_s:g}s; the pod keeps what the guest may hold. "
                 "Check the guest's virtio-mem driver (movable memory, memhp_default_state), "
                 "then change the spec to retry",
+                requested,
             )
             return
         _poll(out, Owner.DAEMON, record, config.guest_memory_deadline_s, config)
@@ -1246,11 +1289,23 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
         out.transition(Cause.NEEDS_POD_SHRINK, f"guest now has {desired}; shrinking the pod")
 
 
+def _may_reach(truth: Allocation, requested: Allocation) -> Allocation:
+    return Allocation(max(truth.vcpus, requested.vcpus), max(truth.memory, requested.memory))
+
+
 def _vmm_stalled(
-    out: _Out, vm: Vm, record: ResizeRecord, truth: Allocation, reason: str, message: str
+    out: _Out,
+    vm: Vm,
+    record: ResizeRecord,
+    truth: Allocation,
+    reason: str,
+    message: str,
+    requested: Allocation | None = None,
 ) -> None:
     """Settle where the pod still covers what the guest may hold (the pod step never
-    shrinks it below ``allocated``), and say why (RESIZE.md 4b)."""
+    shrinks it below ``allocated``), and say why (RESIZE.md 4b). A guest that plugged only
+    part of a growth may still plug the rest: ``allocated`` keeps what it was asked."""
+    truth = _may_reach(truth, requested) if requested is not None else truth
     if truth != vm.status.allocated:
         out.status.append(SetAllocated(truth, owner=Owner.DAEMON))
     # Given up: how many tries it took and since when no longer matter (and a restart

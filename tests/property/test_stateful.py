@@ -186,15 +186,6 @@ class ResizeMachine(RuleBasedStateMachine):
             vmm.ejects = False
         event(f"guest {kind}")
 
-    @rule(i=vm_index, quota=st.sampled_from([None, 1 * GiB, 2 * GiB, 3 * GiB]))
-    def quota(self, i: int, quota: int | None) -> None:
-        """A ResourceQuota that a pod resize may exceed: a 403 no retry fixes."""
-        self.world.slots[self._name(i)].quota = quota
-
-    @rule(seconds=st.sampled_from([1.0, 30.0, 200.0]))
-    def time_passes(self, seconds: float) -> None:
-        self.world.now += seconds
-
     @rule(i=vm_index, times=st.integers(1, 3))
     def kubelet(self, i: int, times: int) -> None:
         for _ in range(times):
