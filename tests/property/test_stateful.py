@@ -167,25 +167,6 @@ class ResizeMachine(RuleBasedStateMachine):
 
     # --- the node ---------------------------------------------------------------------
 
-    @rule(
-        i=vm_index,
-        kind=st.sampled_from(["never unplugs", "unplugs 256Mi", "never plugs", "never ejects"]),
-    )
-    def unkind_guest(self, i: int, kind: str) -> None:
-        """Issue 15: guests that never or only partly cooperate (REALITY.md 1)."""
-        vmm = self.world.slots[self._name(i)].vmm
-        if vmm is None:
-            return
-        if kind == "never unplugs":
-            vmm.unplug_limit = 0
-        elif kind == "unplugs 256Mi":
-            vmm.unplug_limit = 256 * MiB
-        elif kind == "never plugs":
-            vmm.plugs = False
-        else:
-            vmm.ejects = False
-        event(f"guest {kind}")
-
     @rule(i=vm_index, times=st.integers(1, 3))
     def kubelet(self, i: int, times: int) -> None:
         for _ in range(times):
