@@ -26,6 +26,7 @@ from core.actions import (
     SetObserved,
     SetPhase,
     SetResizeTarget,
+    SetVmmVersion,
     SharedAction,
     owned_by,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "SetObserved",
     "SetPhase",
     "SetResizeTarget",
+    "SetVmmVersion",
     "SharedAction",
     "Step",
     "Vm",

@@ -77,6 +77,13 @@ class SetCapacity(SharedAction):
 
 
 @frozen
+class SetVmmVersion(SharedAction):
+    """``status.vmmVersion``: what ``vmm.ping`` reported (it decides what counts as evidence)."""
+
+    version: str
+
+
+@frozen
 class SetObserved(SharedAction):
     """``status.observedGeneration``, ``status.desired``, ``status.nodeName`` and the VM
     pod's ``status.vmPodName`` / ``status.vmPodUID``."""
@@ -154,9 +161,20 @@ class ResizeVmm(DaemonAction):
 
     vcpus: int | None = None
     memory: int | None = None
+    # A probe: the vCPU count already configured, sent again to learn whether a removal
+    # is still pending (429) or done (204). Its success is fed back as ``probe_ok``.
+    probe: bool = False
 
 
-STATUS_ACTIONS = (SetPhase, SetCondition, SetResizeTarget, SetAllocated, SetCapacity, SetObserved)
+STATUS_ACTIONS = (
+    SetPhase,
+    SetCondition,
+    SetResizeTarget,
+    SetAllocated,
+    SetCapacity,
+    SetObserved,
+    SetVmmVersion,
+)
 
 
 def owned_by(actions: tuple[Action, ...], owner: Owner) -> tuple[Action, ...]:

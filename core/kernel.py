@@ -35,6 +35,14 @@ ResizeInProgress. Phase changes go through :mod:`core.table`, which also names t
 that announces each one and the process that owns it (the controller owns pod steps and
 the lifecycle; the daemon owns the VMM step and boot).
 
+What the guest holds is judged on evidence (RESIZE.md 4a, ADR 0010): *current* is
+``status.allocated``, which :func:`_guest_truth` moves only on proof (a vCPU probe's 204,
+the plugged size from Cloud Hypervisor v52 on); where nothing can prove a shrink (older
+VMMs) the pod keeps what the guest may still hold and a condition says so. Every wait has
+a deadline (:class:`core.config.KernelConfig`), counted from ``status.resize.waitSince``,
+which the kernel stamps with the ``now`` its caller passes in: past it the VM settles
+(``Stalled``) where the pod still covers the guest, and says what is stuck.
+
 Observations can be stale. ``status.resize.podGeneration`` records the pod generation our
 ``pods/resize`` patch produced, and, when the pod step hands over to the VMM step, the
 generation of the pod view that showed the guest covered; a pod view older than that, or
@@ -57,6 +65,7 @@ from attrs import evolve
 from core.actions import (
     Action,
     AddFinalizer,
+    BootVmm,
     CreatePod,
     DeletePod,
     EventType,
@@ -72,13 +81,17 @@ from core.actions import (
     SetObserved,
     SetPhase,
     SetResizeTarget,
+    SetVmmVersion,
 )
 from core.config import DEFAULT_CONFIG, KernelConfig
+from core.constants import GUEST_MEMORY_ALIGNMENT, HOTPLUG_REGION_ALIGNMENT, MILLICORES_PER_VCPU
 from core.model import (
+    PLUGGED_SIZE_SINCE,
     RESIZE_PHASES,
     STEADY_PHASES,
     TERMINAL_PHASES,
     UNOBSERVED_VMM,
+    VMM_PHASES,
     Allocation,
     Condition,
     ConditionStatus,
@@ -90,10 +103,13 @@ from core.model import (
     Resources,
     Step,
     Vm,
+    VmmCallError,
     VmmCallErrorKind,
     VmmState,
     VmmView,
+    VmSpec,
 )
+from core.quantity import format_bytes
 from core.resources import (
     capacity_errors,
     pod_resources,
@@ -108,6 +124,7 @@ __all__ = ["RESIZED", "VMM_REACHABLE", "Reasons", "decide", "plan"]
 RESIZED = "Resized"
 VMM_REACHABLE = "VMMReachable"
 SPEC_VALID = "SpecValid"
+BOOTED = "Booted"
 
 
 class Reasons:
@@ -125,12 +142,23 @@ class Reasons:
     VALID = "Valid"
     REACHABLE = "Reachable"
     UNREACHABLE = "Unreachable"
+    # RESIZE.md 4a/4b: what is stuck, named in the reason; the message says what to do.
+    GUEST_MEMORY_UNVERIFIABLE = "GuestMemoryUnverifiable"  # VMM < v52 cannot tell
+    GUEST_MEMORY_STUCK = "GuestMemoryStuck"  # the guest did not (un)plug in time
+    GUEST_VCPU_REMOVAL_STUCK = "GuestVcpuRemovalStuck"  # the guest did not eject in time
+    VMM_RESIZE_STUCK = "VMMResizeStuck"  # the VMM kept refusing until the deadline
+    KUBELET_RESIZE_STUCK = "KubeletResizeStuck"  # the kubelet did not resize in time
+    POD_RESIZE_FORBIDDEN = "PodResizeForbidden"  # a quota, RBAC or validation refusal
+    BOOT_FAILED = "BootFailed"
+    BOOT_STUCK = "BootStuck"
+    BOOTED = "Booted"
     # events
     EV_POD_INITIATED = "VMResizePodInitiated"
     EV_POD_DEFERRED = "VMPodResizeDeferred"
     EV_POD_ERROR = "VMPodResizeError"
     EV_VMM_INITIATED = "VMResizeInitiated"
     EV_VMM_FAILED = "VMResizeFailed"
+    EV_BOOT_FAILED = "VMBootFailed"
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,9 +196,10 @@ def granted(pod: PodView, config: KernelConfig = DEFAULT_CONFIG) -> Resources | 
     """What the pod is sure to hold now *and* after the kubelet acts on its spec.
 
     That is the smaller of the spec (a pending patch may be about to shrink the pod) and
-    what the kubelet reports (it may not have grown the pod yet). Kubernetes may round what
-    it reports, so once the kubelet is done with the spec, a report within the tolerance
-    below the spec counts as the spec. ``None``: the pod reports no resources.
+    what the kubelet reports (it may not have grown the pod yet), compared exactly: the 5%
+    tolerance decides only "is the kubelet done" (:func:`matches`), never how much the
+    guest may hold (RESIZE.md 4a; 5% of a 32Gi pod is five times the VMM overhead).
+    ``None``: the pod reports no resources.
     """
     actual = pod.actual
     if actual is None:
@@ -178,14 +207,7 @@ def granted(pod: PodView, config: KernelConfig = DEFAULT_CONFIG) -> Resources | 
     spec = pod.desired
     if spec is None:
         return actual
-    memory = actual.memory
-    if (
-        memory < spec.memory
-        and kubelet_done(pod)
-        and _within_tolerance(spec.memory - memory, spec.memory, config)
-    ):
-        memory = spec.memory
-    return Resources(min(actual.cpu_millis, spec.cpu_millis), min(memory, spec.memory))
+    return Resources(min(actual.cpu_millis, spec.cpu_millis), min(actual.memory, spec.memory))
 
 
 def _within_tolerance(difference: int, of: int, config: KernelConfig) -> bool:
@@ -250,8 +272,11 @@ class _Out:
     the order in which an executor must carry them out for crash safety (intent is
     recorded before the act)."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, now: float | None = None) -> None:
         self.vm = vm
+        self.now = now
+        # The phase the VMM is in, for a return the daemon makes in this decision.
+        self.daemon_return: Phase | None = None
         # The spec's problems, worked out once per decision (several steps ask).
         self.spec_problems = vm.spec_errors if vm.spec is None else spec_errors(vm.spec)
         self.spec_ok = vm.spec is not None and not self.spec_problems
@@ -267,6 +292,8 @@ class _Out:
         if to == RETURN:
             record = self.vm.status.resize
             to = record.return_phase if record is not None else Phase.RUNNING
+            if mv.owner is Owner.DAEMON and self.daemon_return is not None:
+                to = self.daemon_return
         assert isinstance(to, Phase)
         self.status.append(SetPhase(to, owner=mv.owner))
         text = message or f"{phase or 'new'} -> {to}"
@@ -315,9 +342,13 @@ def decide(
     pod: PodView | None,
     vmm: VmmView = UNOBSERVED_VMM,
     config: KernelConfig = DEFAULT_CONFIG,
+    now: float | None = None,
 ) -> tuple[Action, ...]:
-    """Everything that should happen next for ``vm``, given what was just observed."""
-    out = _Out(vm)
+    """Everything that should happen next for ``vm``, given what was just observed.
+
+    ``now`` (seconds since the epoch, from the adapter's clock) is what deadlines are
+    measured with; without it no wait ever times out (the kernel reads no clock)."""
+    out = _Out(vm, now)
     if vm.deleting:
         _deletion(out, pod)
         return out.done()
@@ -346,11 +377,17 @@ def decide(
     elif _pod_ended(out, pod):
         pass
     elif phase is Phase.SCHEDULED:
-        _scheduled(out, vm, vmm)
+        _vmm_version(out, vm, vmm)
+        if not _vmm_ended(out, vm, vmm):
+            _scheduled(out, vm, pod, vmm, config)
     else:
         _vmm_health(out, vm, vmm, config)
+        _vmm_version(out, vm, vmm)
+        if _vmm_ended(out, vm, vmm):
+            return out.done()
         if phase in RESIZE_PHASES and vmm.observed:
-            _recover_status(out, vm, vmm)
+            _recover_status(out, vm, vmm, pod, config)
+            _track_return_phase(out, vm, vmm)
         if phase in STEADY_PHASES:
             _steady(out, vm, pod, vmm, config)
         elif phase is Phase.POD_RESIZE_IN_PROGRESS:
@@ -429,30 +466,169 @@ def _scheduling(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) ->
         out.transition(Cause.POD_RUNNING, f"pod {pod.name} runs on {pod.node_name}")
 
 
-def _scheduled(out: _Out, vm: Vm, vmm: VmmView) -> None:
+def boot_config(
+    spec: VmSpec, pod: PodView, config: KernelConfig = DEFAULT_CONFIG
+) -> BootVmm | None:
+    """What the VMM boots with: what the pod holds, never more (RESIZE.md 4a).
+
+    A spec changed before boot is not yet in the pod (the pod was created for the spec of
+    its day, and no pod step runs before boot): the guest boots within the pod's grant,
+    with the ceilings of the current spec, and the rest becomes a resize after boot.
+    ``None``: the pod reports no resources yet, or they hold no guest at all."""
+    held = granted(pod, config)
+    if held is None:
+        return None
+    wanted = vmm_config(spec)
+    vcpus = min(wanted.boot_vcpus, held.cpu_millis // MILLICORES_PER_VCPU)
+    room = held.memory - config.pod_memory_overhead
+    memory = min(wanted.memory, room - room % GUEST_MEMORY_ALIGNMENT)
+    if vcpus < 1 or memory <= 0:
+        return None
+    if (vcpus, memory) == (wanted.boot_vcpus, wanted.memory):
+        return wanted
+    ceiling = wanted.memory + wanted.hotplug_size
+    region = -(-(ceiling - memory) // HOTPLUG_REGION_ALIGNMENT) * HOTPLUG_REGION_ALIGNMENT
+    return BootVmm(boot_vcpus=vcpus, max_vcpus=wanted.max_vcpus, memory=memory, hotplug_size=region)
+
+
+def _scheduled(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: KernelConfig) -> None:
+    assert pod is not None  # _pod_ended() handled a missing pod
+    record = vm.status.resize
     if vmm.state in (VmmState.NOT_CREATED, VmmState.CREATED) and vm.spec is not None:
-        out.effect(vmm_config(vm.spec))
-        out.requeue(Owner.DAEMON, 0.05)
+        if record is not None and record.step is Step.STALLED:
+            if record.generation == vm.generation:
+                return  # given up on this generation; a spec change retries
+            record = None
+        boot = boot_config(vm.spec, pod, config)
+        if boot is None:
+            out.requeue(Owner.DAEMON, config.unreachable_retry_s)
+            return
+        if record is None or record.step is not Step.BOOT:
+            record = ResizeRecord(
+                vcpus=boot.boot_vcpus,
+                memory=boot.memory,
+                generation=vm.generation,
+                step=Step.BOOT,
+                wait_since=out.now,
+            )
+        if vmm.call_error is not None:
+            _boot_failed(out, vm, record, vmm.call_error, config)
+            return
+        out.record(Owner.DAEMON, record)
+        out.effect(boot)
+        out.requeue(Owner.DAEMON, config.poll_after(_waited(out, record), config.boot_deadline_s))
     elif vmm.state is VmmState.UNREACHABLE:
         # The kubelet has not started the VMM yet, or its socket is not there yet.
         out.requeue(Owner.DAEMON, 0.2)
     elif vmm.state in (VmmState.RUNNING, VmmState.PAUSED) and vmm.capacity is not None:
         out.status.append(SetCapacity(vmm.capacity, owner=Owner.DAEMON))
-        current = _vmm_current(vmm)
+        current = _guest_truth(None, vmm)
         if current is not None:
             out.status.append(SetAllocated(current, owner=Owner.DAEMON))
+        if record is not None and record.step in (Step.BOOT, Step.STALLED):
+            out.record(Owner.DAEMON, None)
+        if (cond := vm.status.condition(BOOTED)) and cond.status is not ConditionStatus.TRUE:
+            out.condition(
+                Owner.DAEMON, BOOTED, ConditionStatus.TRUE, Reasons.BOOTED, f"booted with {current}"
+            )
         out.transition(Cause.VMM_BOOTED, f"VMM booted with {current}")
+
+
+def _boot_failed(
+    out: _Out, vm: Vm, record: ResizeRecord, error: VmmCallError, config: KernelConfig
+) -> None:
+    """vm.create or vm.boot refused: back off, say so once, give up at the deadline (or at
+    once when no retry can help); the daemon deletes the created config before a retry,
+    so a fixed spec is what the next boot uses."""
+    attempts = record.attempts + 1
+    first = record.attempts == 0
+    record = evolve(record, attempts=attempts, wait_since=record.wait_since or out.now)
+    waited = _waited(out, record)
+    hopeless = error.kind is VmmCallErrorKind.INVALID
+    if hopeless or waited >= config.boot_deadline_s:
+        out.record(Owner.DAEMON, evolve(record, step=Step.STALLED))
+        why = (
+            "it cannot work as written"
+            if hopeless
+            else (f"it kept failing for {config.boot_deadline_s:g}s ({attempts} attempts)")
+        )
+        message = f"the VMM did not boot, {why}: {error.message}; fix the spec to retry"
+        out.condition(Owner.DAEMON, BOOTED, ConditionStatus.FALSE, Reasons.BOOT_STUCK, message)
+        out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_BOOT_FAILED, message)
+        return
+    out.record(Owner.DAEMON, record)
+    out.condition(
+        Owner.DAEMON,
+        BOOTED,
+        ConditionStatus.FALSE,
+        Reasons.BOOT_FAILED,
+        f"the VMM refused to boot (retrying with backoff): {error.message}",
+    )
+    if first:
+        out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_BOOT_FAILED, error.message)
+    out.requeue(Owner.DAEMON, config.vmm_backoff(record.attempts - 1))
 
 
 # --- shared guards --------------------------------------------------------------------
 
 
-def _vmm_current(vmm: VmmView) -> Allocation | None:
-    """The most the guest may hold right now: requested, or more while unplugging."""
+def _guest_truth(known: Allocation | None, vmm: VmmView) -> Allocation | None:
+    """What the guest holds on evidence (RESIZE.md 4a), part by part, given ``known``
+    (``status.allocated``, the last thing proven).
+
+    vCPUs: threads start when a grow is accepted, but leave only when the guest ejects,
+    which only a probe shows (the caller lowers the count on ``probe_ok``); so a count
+    below ``known`` is not believed. Memory: from v52 ``memory_actual_size`` is what the
+    guest plugged (a paused guest's accepted growth counts, it sees it on resume); before
+    v52 it echoes the request, so growth is believed and a shrink is not: the guest may
+    still hold ``known``."""
     if vmm.vcpus is None or vmm.requested_memory is None:
         return None
-    plugged = vmm.plugged_memory or 0
-    return Allocation(vmm.vcpus, max(vmm.requested_memory, plugged))
+    vcpus = vmm.vcpus if known is None else max(vmm.vcpus, known.vcpus)
+    plugged = vmm.plugged_memory
+    if plugged is not None:
+        memory = plugged
+        if vmm.state is VmmState.PAUSED and plugged < vmm.requested_memory:
+            memory = vmm.requested_memory
+    elif known is None:
+        memory = vmm.requested_memory
+    else:
+        memory = max(vmm.requested_memory, known.memory)
+    return Allocation(vcpus, memory)
+
+
+def _vmm_version(out: _Out, vm: Vm, vmm: VmmView) -> None:
+    if vmm.observed and vmm.version and vmm.version != vm.status.vmm_version:
+        out.status.append(SetVmmVersion(vmm.version, owner=Owner.DAEMON))
+
+
+def _vmm_ended(out: _Out, vm: Vm, vmm: VmmView) -> bool:
+    """The guest powered off, or the VMM no longer has the VM it booted (it exited and
+    came back, or someone deleted it): the VM ends visibly (RESIZE.md 4b)."""
+    if vmm.state is VmmState.SHUTDOWN:
+        out.record(Owner.DAEMON, None)
+        out.transition(Cause.VMM_SHUTDOWN, "the VMM reports Shutdown: the guest powered off")
+        return True
+    booted = vm.status.phase in VMM_PHASES
+    if booted and vmm.state in (VmmState.NOT_CREATED, VmmState.CREATED):
+        out.record(Owner.DAEMON, None)
+        out.transition(
+            Cause.VMM_LOST,
+            f"the VMM has no running VM any more (state {vmm.state}); the guest is gone: "
+            "delete and re-create the VirtualMachine to start it again",
+        )
+        return True
+    return False
+
+
+def _track_return_phase(out: _Out, vm: Vm, vmm: VmmView) -> None:
+    """A resize returns to the phase the VMM is in at its end: a resume (or pause) in the
+    middle moves the return phase with it (RESIZE.md 4)."""
+    record = vm.status.resize
+    now = {VmmState.RUNNING: Phase.RUNNING, VmmState.PAUSED: Phase.PAUSED}.get(vmm.state)
+    if record is not None and now is not None and record.return_phase is not now:
+        out.record(Owner.DAEMON, evolve(record, return_phase=now))
+        out.daemon_return = now
 
 
 def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:
@@ -513,25 +689,71 @@ def _settled(out: _Out, owner: Owner, desired: Allocation) -> None:
     )
 
 
+def _waited(out: _Out, record: ResizeRecord) -> float:
+    """Seconds since ``record``'s wait began; 0 without a clock (no deadline passes)."""
+    if out.now is None or record.wait_since is None:
+        return 0.0
+    return max(out.now - record.wait_since, 0.0)
+
+
+def _waiting(out: _Out, owner: Owner, record: ResizeRecord) -> ResizeRecord:
+    """``record`` with its wait begun (``now``), recorded if it just began."""
+    if record.wait_since is None and out.now is not None:
+        record = evolve(record, wait_since=out.now)
+        out.record(owner, record)
+    return record
+
+
+def _past(out: _Out, record: ResizeRecord, deadline: float) -> bool:
+    return (
+        out.now is not None and record.wait_since is not None and _waited(out, record) >= deadline
+    )
+
+
+def _poll(
+    out: _Out, owner: Owner, record: ResizeRecord, deadline: float, config: KernelConfig
+) -> None:
+    out.requeue(owner, config.poll_after(_waited(out, record), deadline))
+
+
 # --- steady state: Running / Paused ---------------------------------------------------
 
 
 def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: KernelConfig) -> None:
     assert vm.status.phase is not None
     if vmm.observed:
-        _daemon_steady(out, vm, vmm)
+        _daemon_steady(out, vm, vmm, pod, config)
     if pod is None or pod.deleting:
         return
     record = vm.status.resize
     if record is not None and record.step is Step.INFEASIBLE and record.generation == vm.generation:
-        # Refused for this generation: keep the pod at what it has, do not ask again.
-        if pod.actual is not None and pod.desired != pod.actual:
-            out.effect(ResizePod(pod.actual))
+        # Refused for this generation: keep the pod at what it has, do not ask again. Only
+        # a spec above what the pod has is put back (a patch the kubelet will never
+        # actuate); one below it that still covers the guest is left alone, or a quota
+        # that refuses the increase back would be asked on every look.
+        actual, spec = pod.actual, pod.desired
+        if actual is not None and spec is not None and spec != actual:
+            above = spec.cpu_millis > actual.cpu_millis or spec.memory > actual.memory
+            allocated = vm.status.allocated
+            short = allocated is not None and not covers(
+                spec, pod_resources_for(allocated, config), config
+            )
+            keep = _keep(pod, allocated, config)
+            if (above or short) and keep is not None and keep != spec:
+                out.effect(ResizePod(keep))
         return
     desired = _effective_desired(vm, out, Owner.CONTROLLER)
     current = vm.status.allocated
+    if record is not None and record.step is Step.STALLED and record.generation == vm.generation:
+        # The guest did not get there in time (or cannot say): not retried for this
+        # generation (``allocated`` still follows the guest); a new spec starts over.
+        return
     if desired is None or current is None or pod.actual is None:
         return
+    if record is not None and record.step is Step.STALLED:
+        # A stalled grow left the VMM asked for more than the guest has plugged: the guest
+        # may still get there, so the pod covers that too until the guest step runs again.
+        current = Allocation(max(current.vcpus, record.vcpus), max(current.memory, record.memory))
     step, target = plan(current, pod, desired, config)
     if step is None:
         out.record(Owner.CONTROLLER, None)
@@ -555,29 +777,91 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
             out.effect(ResizePod(target))
 
 
-def _recover_status(out: _Out, vm: Vm, vmm: VmmView) -> None:
+def _recover_status(
+    out: _Out, vm: Vm, vmm: VmmView, pod: PodView | None, config: KernelConfig
+) -> None:
     """``status.allocated`` or ``status.capacity`` was lost mid-resize (it did not parse,
     or someone cleared it): the VMM says what they are. Without ``allocated`` the pod step
-    could never plan, and the webhook could not check updates against the ceilings."""
+    could never plan, and the webhook could not check updates against the ceilings. With
+    nothing proven, the guest may hold the most the pod covers: a vCPU removal may be
+    pending (only a probe can tell), and before v52 an unplug may be unfinished."""
     if vm.status.allocated is None:
-        current = _vmm_current(vmm)
+        current = _recovered(vmm, pod, config)
         if current is not None:
             out.status.append(SetAllocated(current, owner=Owner.DAEMON))
+            out.vm = vm.evolve(status=evolve(vm.status, allocated=current))
     if vm.status.capacity is None and vmm.capacity is not None:
         out.status.append(SetCapacity(vmm.capacity, owner=Owner.DAEMON))
 
 
-def _daemon_steady(out: _Out, vm: Vm, vmm: VmmView) -> None:
-    """Keep status in line with the VMM while no resize runs."""
-    settled = vmm.settled
-    if settled is not None and settled != vm.status.allocated:
-        out.status.append(SetAllocated(settled, owner=Owner.DAEMON))
+def _recovered(vmm: VmmView, pod: PodView | None, config: KernelConfig) -> Allocation | None:
+    """What the guest may hold when nothing was proven (``allocated`` lost): the most the
+    pod covers, as far as the VMM cannot rule it out (a vCPU removal may be pending, and
+    before v52 an unplug may be unfinished); a probe or the plugged size narrows it."""
+    current = _guest_truth(None, vmm)
+    held = granted(pod, config) if pod is not None else None
+    if current is None or held is None:
+        return current
+    vcpus = max(current.vcpus, held.cpu_millis // MILLICORES_PER_VCPU)
+    if vmm.max_vcpus is not None:
+        vcpus = min(vcpus, max(vmm.max_vcpus, current.vcpus))
+    memory = current.memory
+    if vmm.plugged_memory is None:
+        room = held.memory - config.pod_memory_overhead
+        memory = max(memory, room - room % GUEST_MEMORY_ALIGNMENT)
+    return Allocation(vcpus, memory)
+
+
+def _daemon_steady(
+    out: _Out, vm: Vm, vmm: VmmView, pod: PodView | None, config: KernelConfig
+) -> None:
+    """Keep status in line with what the guest is seen to hold while no resize runs."""
+    known = vm.status.allocated
+    truth = _guest_truth(known, vmm) if known is not None else _recovered(vmm, pod, config)
+    if truth is not None and vmm.requested is not None:
+        # No resize runs: a growth the guest has not finished plugging (a stalled one)
+        # may still finish, so ``allocated`` keeps what the VMM was asked.
+        truth = _may_reach(truth, vmm.requested)
+    if truth is not None and truth != vm.status.allocated:
+        out.status.append(SetAllocated(truth, owner=Owner.DAEMON))
     if vmm.capacity is not None and vm.status.capacity is None:
         out.status.append(SetCapacity(vmm.capacity, owner=Owner.DAEMON))
     if vm.status.phase is Phase.RUNNING and vmm.state is VmmState.PAUSED:
-        out.transition(Cause.VMM_PAUSED)
+        _steady_record_follows(out, vm, out.transition(Cause.VMM_PAUSED))
     elif vm.status.phase is Phase.PAUSED and vmm.state is VmmState.RUNNING:
-        out.transition(Cause.VMM_RESUMED)
+        _steady_record_follows(out, vm, out.transition(Cause.VMM_RESUMED))
+    else:
+        _vmm_drift(out, vm, vmm, truth)
+
+
+def _steady_record_follows(out: _Out, vm: Vm, phase: Phase) -> None:
+    """A record kept while no resize runs (a stalled or infeasible generation) names the
+    phase the VM is in, whether the pause or resume came before the resize ended or after:
+    the same world then reads the same, however the daemon's restarts fell."""
+    record = vm.status.resize
+    if record is not None and record.return_phase is not phase:
+        out.record(Owner.DAEMON, evolve(record, return_phase=phase))
+
+
+def _vmm_drift(out: _Out, vm: Vm, vmm: VmmView, truth: Allocation | None) -> None:
+    """The VMM is configured for something else than the spec while the guest is known
+    to hold the spec: left so by a stalled step (a shrink a VMM before v52 cannot verify,
+    a vCPU removal that never finished) whose spec came back. Only the daemon sees it:
+    the guest step runs again (the pod covers ``allocated``, which is the target)."""
+    record = vm.status.resize
+    requested = vmm.requested
+    if vm.spec is None or not out.spec_ok or requested is None or truth is None:
+        return
+    desired = vm.spec.desired
+    in_force = record is not None and record.generation == vm.generation
+    if in_force or truth != desired or requested == desired or vm.status.allocated != truth:
+        return
+    phase = vm.status.phase
+    assert phase is not None
+    out.record(Owner.DAEMON, _new_record(vm, Step.VMM, desired, phase))
+    out.transition(
+        Cause.VMM_DRIFTED, f"the VMM is configured for {requested}, the spec asks {desired}"
+    )
 
 
 # --- the pod step (controller) --------------------------------------------------------
@@ -606,6 +890,7 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
     # A 403 answers the patch a decision just sent, aimed at the target recorded then. If
     # the spec has moved on since, it says nothing about the new target: try that one.
     refused = pod.resize_refused if record is not None and record.target == desired else None
+    forbidden = pod.resize_forbidden if record is not None and record.target == desired else None
     if record is None or record.target != desired or record.generation != vm.generation:
         step = record.step if record is not None else Step.POD_GROW
         fresh_record = _new_record(vm, step, desired, return_phase)
@@ -618,6 +903,9 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
     stale = pod_stale(pod, record.pod_generation)
     if refused is not None:
         _infeasible(out, vm, pod, record, refused)
+        return
+    if forbidden is not None:
+        _forbidden(out, vm, pod, record, forbidden)
         return
     if record.pod_generation is not None and not stale:
         pending = pod.resize_pending
@@ -632,6 +920,9 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
             return
 
     if stale:
+        if record.pod_generation is not None and record.wait_since is not None:
+            # The kubelet has not even looked at our patch: that wait has a deadline too.
+            _pod_waiting(out, vm, pod, record, config)
         return
     if (
         record.step in (Step.POD_GROW, Step.POD_SHRINK)
@@ -650,7 +941,7 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         or pod.legacy_resize_status is not None  # Proposed, InProgress, Deferred
     )
     if step is None and kubelet_busy:
-        _pod_waiting(out, vm, pod, record)  # not done while the kubelet still works on it
+        _pod_waiting(out, vm, pod, record, config)  # not done while the kubelet still works
         return
     if step is None:
         out.record(Owner.CONTROLLER, None)
@@ -668,6 +959,7 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
                 pod_generation=pod.generation,
                 attempts=0,
                 vmm_requested=False,
+                wait_since=None,
             ),
         )
         out.transition(Cause.NEEDS_VMM, f"pod holds {pod.actual}; resizing the guest to {desired}")
@@ -675,17 +967,17 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
 
     assert isinstance(target, Resources)
     if step is not record.step:
-        record = evolve(record, step=step, pod_generation=None)
+        record = evolve(record, step=step, pod_generation=None, wait_since=None)
         out.record(Owner.CONTROLLER, record)
     if pod.desired != target:
         out.effect(ResizePod(target))
         if record.pod_generation is not None:
-            out.record(Owner.CONTROLLER, evolve(record, pod_generation=None))
+            out.record(Owner.CONTROLLER, evolve(record, pod_generation=None, wait_since=None))
         return
     if record.pod_generation is None or record.pod_generation < pod.generation:
         _patch_accepted(out, record, pod)
         return
-    _pod_waiting(out, vm, pod, record)
+    _pod_waiting(out, vm, pod, record, config)
 
 
 def _pod_target(
@@ -698,7 +990,8 @@ def _pod_target(
 
 
 def _patch_accepted(out: _Out, record: ResizeRecord, pod: PodView) -> None:
-    out.record(Owner.CONTROLLER, evolve(record, pod_generation=pod.generation))
+    # The kubelet's part begins: the pod step's deadline counts from here.
+    out.record(Owner.CONTROLLER, evolve(record, pod_generation=pod.generation, wait_since=out.now))
     out.event(
         Owner.CONTROLLER,
         EventType.NORMAL,
@@ -707,7 +1000,17 @@ def _patch_accepted(out: _Out, record: ResizeRecord, pod: PodView) -> None:
     )
 
 
-def _pod_waiting(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord) -> None:
+def _pod_waiting(
+    out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, config: KernelConfig
+) -> None:
+    record = _waiting(out, Owner.CONTROLLER, record)
+    current = vm.status.allocated
+    if current is not None and _past(out, record, config.pod_resize_deadline_s):
+        _pod_stalled(out, vm, pod, record, current, config)
+        return
+    # Pod conditions wake us by themselves; this poll only makes the deadline come.
+    if out.now is not None:
+        _poll(out, Owner.CONTROLLER, record, config.pod_resize_deadline_s, config)
     pending, progress = pod.resize_pending, pod.resize_in_progress
     if pending is None and pod.legacy_resize_status == "Deferred":
         # A kubelet before 1.33 says only this, in status.resize, with no generation.
@@ -768,6 +1071,86 @@ def _infeasible(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: 
     out.transition(Cause.INFEASIBLE, message)
 
 
+def _keep(
+    pod: PodView, allocated: Allocation | None, config: KernelConfig = DEFAULT_CONFIG
+) -> Resources | None:
+    """What to put a refused or stalled pod back to: what it has, and never less than the
+    guest holds (our view of the pod may lag the kubelet's)."""
+    if pod.actual is None:
+        return None
+    if allocated is None:
+        return pod.actual
+    cover = pod_resources_for(allocated, config)
+    return Resources(
+        max(pod.actual.cpu_millis, cover.cpu_millis), max(pod.actual.memory, cover.memory)
+    )
+
+
+def _forbidden(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: str) -> None:
+    """A refusal no retry can fix (a ResourceQuota's 403, RBAC, a 422): reported once for
+    this spec generation, like Infeasible; the pod keeps what it has."""
+    keep = _keep(pod, vm.status.allocated)
+    if keep is not None and pod.desired != keep:
+        out.effect(ResizePod(keep))
+    out.record(
+        Owner.CONTROLLER,
+        evolve(
+            record,
+            step=Step.INFEASIBLE,
+            generation=vm.generation,
+            pod_generation=None,
+            wait_since=None,
+        ),
+    )
+    out.condition(
+        Owner.CONTROLLER,
+        RESIZED,
+        ConditionStatus.FALSE,
+        Reasons.POD_RESIZE_FORBIDDEN,
+        "the API server refused the pod resize (a ResourceQuota, RBAC or validation); "
+        f"raise the quota or change the spec to retry: {message}",
+    )
+    out.transition(Cause.FORBIDDEN, message)
+
+
+def _pod_stalled(
+    out: _Out,
+    vm: Vm,
+    pod: PodView,
+    record: ResizeRecord,
+    current: Allocation,
+    config: KernelConfig,
+) -> None:
+    """The kubelet did not finish in time (Deferred, Error, or silence): put the pod's
+    spec back to what it holds (never below what the guest holds) and settle."""
+    keep = _keep(pod, current, config)
+    if keep is not None and pod.desired != keep:
+        out.effect(ResizePod(keep))
+    said = pod.resize_in_progress or pod.resize_pending
+    kubelet = f": the kubelet says {said.reason}: {said.message}" if said and said.reason else ""
+    message = (
+        f"the kubelet did not resize pod {pod.name} to {pod.desired} within "
+        f"{config.pod_resize_deadline_s:g}s{kubelet}; the pod keeps {pod.actual} and the "
+        f"guest {current}. Free the node (or the VM's memory usage) and change the spec "
+        "to retry"
+    )
+    out.record(
+        Owner.CONTROLLER,
+        evolve(
+            record,
+            step=Step.INFEASIBLE,
+            generation=vm.generation,
+            pod_generation=None,
+            attempts=0,
+            wait_since=None,
+        ),
+    )
+    out.condition(
+        Owner.CONTROLLER, RESIZED, ConditionStatus.FALSE, Reasons.KUBELET_RESIZE_STUCK, message
+    )
+    out.transition(Cause.STALLED, message)
+
+
 # --- the VMM step (daemon) ------------------------------------------------------------
 
 
@@ -785,14 +1168,27 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
     if pod_stale(pod, record.pod_generation):
         out.requeue(Owner.DAEMON, config.vmm_poll_s)  # our pod view lags the controller's
         return
-    current = _vmm_current(vmm)
+    known = vm.status.allocated
+    if known is None:  # lost: _recover_status wrote the most the guest may hold
+        known = _recovered(vmm, pod, config)
+    truth = _guest_truth(known, vmm)
     requested = vmm.requested
-    if current is None or requested is None:
+    if truth is None or requested is None:
         return
-    if requested != desired:
-        step, _ = plan(current, pod, desired, config)
+    if vmm.probe_ok and truth.vcpus > requested.vcpus:
+        # A vCPU request answered 204: no removal is pending, the guest ejected them.
+        truth = evolve(truth, vcpus=requested.vcpus)
+    if truth != known:
+        out.status.append(SetAllocated(truth, owner=Owner.DAEMON))  # part by part
+    # A removal the guest has not finished: every vCPU request answers 429 until it has,
+    # and asking for the count still running would answer 204 but leave it pending.
+    removal_pending = truth.vcpus > requested.vcpus
+    if requested != desired and not removal_pending:
+        step, _ = plan(truth, pod, desired, config)
         if step is Step.POD_GROW:
-            out.status.append(SetAllocated(current, owner=Owner.DAEMON))
+            # The VMM may have been asked for more than the guest has plugged yet: the
+            # guest may still get there, so the pod step plans with that too.
+            out.status.append(SetAllocated(_may_reach(truth, requested), owner=Owner.DAEMON))
             out.record(Owner.DAEMON, _new_record(vm, step, desired, record.return_phase))
             out.transition(Cause.NEEDS_POD_GROW, f"the spec grew to {desired}; growing the pod")
             return
@@ -804,9 +1200,11 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
                 generation=vm.generation,
                 attempts=0,
                 vmm_requested=False,
+                wait_since=None,
             )
         first_call = not record.vmm_requested
-        out.record(Owner.DAEMON, evolve(record, vmm_requested=True))
+        record = evolve(record, vmm_requested=True, wait_since=record.wait_since or out.now)
+        out.record(Owner.DAEMON, record)
         out.effect(
             ResizeVmm(
                 vcpus=desired.vcpus if requested.vcpus != desired.vcpus else None,
@@ -822,10 +1220,68 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             )
         out.requeue(Owner.DAEMON, config.vmm_poll_s)
         return
-    if vmm.settled != desired:
-        out.requeue(Owner.DAEMON, config.vmm_poll_s)  # the guest is still (un)plugging
+    if record.target != desired or record.generation != vm.generation:
+        record = evolve(
+            record,
+            vcpus=desired.vcpus,
+            memory=desired.memory,
+            generation=vm.generation,
+            attempts=0,
+            wait_since=None,
+        )
+        out.record(Owner.DAEMON, record)
+    record = _waiting(out, Owner.DAEMON, record)
+    if removal_pending:
+        # Ask again for the count already configured: 204 = ejected, 429 = not yet.
+        if _past(out, record, config.vcpu_removal_deadline_s):
+            _vmm_stalled(
+                out,
+                vm,
+                record,
+                truth,
+                Reasons.GUEST_VCPU_REMOVAL_STUCK,
+                f"the guest did not eject vCPUs ({truth.vcpus} still run, {requested.vcpus} "
+                f"asked) within {config.vcpu_removal_deadline_s:g}s; the pod keeps "
+                f"{truth.vcpus} vCPUs. Check the guest's ACPI CPU hot-unplug support (or "
+                "restart the VM), then change the spec to retry",
+            )
+            return
+        out.effect(ResizeVmm(vcpus=requested.vcpus, probe=True))
+        out.requeue(Owner.DAEMON, config.busy_backoff(record.attempts))
         return
-    out.status.append(SetAllocated(desired, owner=Owner.DAEMON))
+    if truth != desired:
+        if vmm.plugged_memory is None and truth.memory > requested.memory:
+            # A VMM before v52 cannot say what the guest gave back: nothing to wait for.
+            _vmm_stalled(
+                out,
+                vm,
+                record,
+                truth,
+                Reasons.GUEST_MEMORY_UNVERIFIABLE,
+                f"the guest was asked to shrink to {format_bytes(requested.memory)}, but this "
+                f"VMM ({vmm.version or 'version unknown'}) cannot report unplugged memory "
+                f"(Cloud Hypervisor < v{PLUGGED_SIZE_SINCE}): the guest may still hold "
+                f"{format_bytes(truth.memory)}, so the pod keeps it. Upgrade the VMM, or "
+                "restart the VM to shrink it",
+            )
+            return
+        if _past(out, record, config.guest_memory_deadline_s):
+            _vmm_stalled(
+                out,
+                vm,
+                record,
+                truth,
+                Reasons.GUEST_MEMORY_STUCK,
+                f"the guest holds {format_bytes(truth.memory)} of memory, not the "
+                f"{format_bytes(requested.memory)} asked, after "
+                f"{config.guest_memory_deadline_s:g}s; the pod keeps what the guest may hold. "
+                "Check the guest's virtio-mem driver (movable memory, memhp_default_state), "
+                "then change the spec to retry",
+                requested,
+            )
+            return
+        _poll(out, Owner.DAEMON, record, config.guest_memory_deadline_s, config)
+        return
     step, _ = plan(desired, pod, desired, config)
     if step is None:
         out.record(Owner.DAEMON, None)
@@ -841,6 +1297,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
                 pod_generation=None,
                 attempts=0,
                 vmm_requested=False,
+                wait_since=None,
                 vcpus=desired.vcpus,
                 memory=desired.memory,
             ),
@@ -848,12 +1305,48 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
         out.transition(Cause.NEEDS_POD_SHRINK, f"guest now has {desired}; shrinking the pod")
 
 
+def _may_reach(truth: Allocation, requested: Allocation) -> Allocation:
+    return Allocation(max(truth.vcpus, requested.vcpus), max(truth.memory, requested.memory))
+
+
+def _vmm_stalled(
+    out: _Out,
+    vm: Vm,
+    record: ResizeRecord,
+    truth: Allocation,
+    reason: str,
+    message: str,
+    requested: Allocation | None = None,
+) -> None:
+    """Settle where the pod still covers what the guest may hold (the pod step never
+    shrinks it below ``allocated``), and say why (RESIZE.md 4b). A guest that plugged only
+    part of a growth may still plug the rest: ``allocated`` keeps what it was asked."""
+    truth = _may_reach(truth, requested) if requested is not None else truth
+    if truth != vm.status.allocated:
+        out.status.append(SetAllocated(truth, owner=Owner.DAEMON))
+    # Given up: how many tries it took and since when no longer matter (and a restart
+    # that counted differently reaches the same record).
+    out.record(
+        Owner.DAEMON,
+        evolve(
+            record,
+            step=Step.STALLED,
+            generation=vm.generation,
+            pod_generation=None,
+            attempts=0,
+            wait_since=None,
+        ),
+    )
+    out.condition(Owner.DAEMON, RESIZED, ConditionStatus.FALSE, reason, message)
+    out.transition(Cause.STALLED, message)
+
+
 def _vmm_step_unrecorded(out: _Out, vm: Vm, vmm: VmmView) -> None:
     """``status.resize`` was lost (it did not parse, or someone cleared it): nothing says
     which pod view showed the guest covered, so hand back to the controller, which checks
     the pod again before the guest moves. The guest's extent goes to ``allocated`` so the
     controller plans from what the guest may really hold."""
-    current = _vmm_current(vmm)
+    current = _guest_truth(vm.status.allocated, vmm)
     if current is None:
         return
     desired = _effective_desired(vm, out, Owner.DAEMON) or current
@@ -868,12 +1361,43 @@ def _vmm_call_failed(
 ) -> None:
     error = vmm.call_error
     assert error is not None
-    if error.kind is VmmCallErrorKind.BUSY:
-        # A vCPU removal is still pending in the guest: not a failure, just not yet.
-        out.requeue(Owner.DAEMON, config.vmm_busy_retry_s)
-        return
     attempts = record.attempts + 1
-    out.record(Owner.DAEMON, evolve(record, attempts=attempts))
+    record = evolve(record, attempts=attempts, wait_since=record.wait_since or out.now)
+    truth = _guest_truth(vm.status.allocated, vmm) or vm.status.allocated
+    if error.kind is VmmCallErrorKind.BUSY:
+        # A vCPU removal is still pending in the guest: not a failure, just not yet; the
+        # probe backs off (counted), up to the removal's deadline.
+        if truth is not None and _past(out, record, config.vcpu_removal_deadline_s):
+            _vmm_stalled(
+                out,
+                vm,
+                record,
+                truth,
+                Reasons.GUEST_VCPU_REMOVAL_STUCK,
+                f"the VMM answered 429 for {config.vcpu_removal_deadline_s:g}s "
+                f"({attempts} attempts): the guest has not finished ejecting vCPUs; the pod "
+                f"keeps {truth}. Check the guest's ACPI CPU hot-unplug support (or restart "
+                "the VM), then change the spec to retry",
+            )
+            return
+        out.record(Owner.DAEMON, record)
+        out.requeue(Owner.DAEMON, config.busy_backoff(attempts - 1))
+        return
+    if truth is not None and (
+        error.kind is VmmCallErrorKind.INVALID or _past(out, record, config.vmm_resize_deadline_s)
+    ):
+        _vmm_stalled(
+            out,
+            vm,
+            record,
+            truth,
+            Reasons.VMM_RESIZE_STUCK,
+            f"the VMM refused the resize ({attempts} attempts): {error.message}; the guest "
+            f"holds {truth}. Check the VMM's log, then change the spec to retry",
+        )
+        out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_VMM_FAILED, error.message)
+        return
+    out.record(Owner.DAEMON, record)
     out.condition(
         Owner.DAEMON,
         RESIZED,
@@ -881,5 +1405,6 @@ def _vmm_call_failed(
         Reasons.VM_RESIZE_FAILED,
         f"the VMM refused the resize (attempt {attempts}, retrying): {error.message}",
     )
-    out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_VMM_FAILED, error.message)
-    out.requeue(Owner.DAEMON, config.vmm_backoff(record.attempts))
+    if attempts == 1:  # one event per refusal streak, not one per retry
+        out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_VMM_FAILED, error.message)
+    out.requeue(Owner.DAEMON, config.vmm_backoff(attempts - 1))

@@ -51,6 +51,10 @@ class Step(enum.StrEnum):
     VMM = "Vmm"  # the guest changes; the pod already covers both old and new
     POD_SHRINK = "PodShrink"  # the guest has shrunk; the pod follows
     INFEASIBLE = "Infeasible"  # the node can never hold it; kept to avoid a retry loop
+    # A wait passed its deadline, or the guest's part cannot be verified (RESIZE.md 4b):
+    # kept, like Infeasible, so the same generation is not retried; a new spec starts over.
+    STALLED = "Stalled"
+    BOOT = "Boot"  # the VMM is being booted; attempts and the wait count boot failures
 
 
 @frozen
@@ -178,6 +182,9 @@ class ResizeRecord:
     # The daemon has asked the VMM for this target (recorded before the call, so the call
     # is guarded by the status write's resourceVersion and is announced only once).
     vmm_requested: bool = False
+    # When the current wait began (``now`` of the decision that started it, seconds since
+    # the epoch; the adapters pass ``now`` in): deadlines of RESIZE.md 4b count from here.
+    wait_since: float | None = None
 
     @property
     def target(self) -> Allocation:
@@ -197,6 +204,7 @@ class VmStatus:
     allocated: Allocation | None = None
     resize: ResizeRecord | None = None
     conditions: tuple[Condition, ...] = ()
+    vmm_version: str | None = None  # from vmm.ping, e.g. "v50.0"
 
     def condition(self, type_: str) -> Condition | None:
         for cond in self.conditions:
@@ -274,6 +282,9 @@ class PodView:
     # A ``pods/resize`` patch refused synchronously (1.36 PodResizeValidator, 403
     # NodeCapacity). Adapters set it for the re-decision right after the refusal.
     resize_refused: str | None = None
+    # A ``pods/resize`` patch refused for a reason no retry fixes (a ResourceQuota's or
+    # RBAC's 403, a 422): reported once per spec generation, like Infeasible.
+    resize_forbidden: str | None = None
 
 
 class VmmState(enum.StrEnum):
@@ -290,6 +301,7 @@ class VmmState(enum.StrEnum):
 class VmmCallErrorKind(enum.StrEnum):
     BUSY = "Busy"  # 429: a vCPU removal is still pending in the guest
     FAILED = "Failed"  # any other refusal
+    INVALID = "Invalid"  # the request cannot work as written (no kernel): do not retry
 
 
 @frozen
@@ -298,13 +310,27 @@ class VmmCallError:
     message: str
 
 
+# The first Cloud Hypervisor release whose ``memory_actual_size`` is the virtio-mem plugged
+# size; before it the field echoes the requested size (REALITY.md 1).
+PLUGGED_SIZE_SINCE = 52
+
+
+def vmm_major(version: str | None) -> int | None:
+    """The major number of a ``vmm.ping`` version such as ``"v50.0"``; None if unreadable."""
+    if not version:
+        return None
+    digits = version.strip().lstrip("vV").split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
 @frozen
 class VmmView:
-    """What ``vm.info`` says, reduced to what resize needs.
+    """What ``vm.info`` (and ``vmm.ping``) say, reduced to what resize needs.
 
-    ``vcpus`` and ``requested_memory`` are the configuration (Cloud Hypervisor updates it
-    as soon as it accepts a resize); ``plugged_memory`` is what the guest has actually
-    onlined, from ``memory_actual_size`` when the VMM reports it.
+    ``vcpus`` and ``requested_memory`` are the configuration: Cloud Hypervisor updates it
+    the moment it accepts a resize, before the guest did anything. ``actual_memory`` is
+    ``memory_actual_size``, which is what the guest plugged only from v52 on (see
+    :attr:`plugged_memory`); vCPU removals are seen only through :attr:`probe_ok`.
     """
 
     state: VmmState
@@ -315,38 +341,32 @@ class VmmView:
     requested_memory: int | None = None
     actual_memory: int | None = None
     detail: str = ""  # why the VMM is unreachable, for the condition message
-    # The error of a vm.resize call just made; adapters set it for the re-decision.
+    # The error of a vm.resize or boot call just made; adapters set it for the re-decision.
     call_error: VmmCallError | None = None
+    version: str | None = None  # vmm.ping's version, e.g. "v50.0"; None if not known
+    # A vCPU probe (vm.resize to the count already configured) just answered 204: no
+    # removal is pending any more. Adapters set it for the re-decision.
+    probe_ok: bool = False
 
     @property
     def observed(self) -> bool:
         return self.state not in (VmmState.UNOBSERVED, VmmState.UNREACHABLE)
 
     @property
+    def reports_plugged(self) -> bool:
+        """Does ``memory_actual_size`` tell what the guest plugged (>= v52)? An unknown
+        version counts as no: believing an echo of the request is how shrinks went wrong."""
+        major = vmm_major(self.version)
+        return major is not None and major >= PLUGGED_SIZE_SINCE
+
+    @property
     def plugged_memory(self) -> int | None:
-        return self.actual_memory if self.actual_memory is not None else self.requested_memory
+        """What the guest has plugged, when the VMM can say; else None."""
+        return self.actual_memory if self.reports_plugged else None
 
     @property
     def requested(self) -> Allocation | None:
         if self.vcpus is None or self.requested_memory is None:
-            return None
-        return Allocation(self.vcpus, self.requested_memory)
-
-    @property
-    def settled(self) -> Allocation | None:
-        """The allocation once nothing is in flight; ``None`` while the guest still plugs."""
-        if self.vcpus is None or self.requested_memory is None:
-            return None
-        plugged = self.plugged_memory
-        # A paused guest plugs nothing until it resumes: a growth Cloud Hypervisor has
-        # accepted counts as done (the guest sees it on resume, RESIZE.md §4). A shrink
-        # does not: the guest still holds the memory, so the pod must keep covering it.
-        paused_growth = (
-            self.state is VmmState.PAUSED
-            and plugged is not None
-            and plugged <= self.requested_memory
-        )
-        if plugged != self.requested_memory and not paused_growth:
             return None
         return Allocation(self.vcpus, self.requested_memory)
 

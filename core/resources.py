@@ -5,6 +5,7 @@ ones it refuses; ADR 0013)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from core.actions import BootVmm
@@ -65,6 +66,14 @@ KEPT_NOT_USED: tuple[tuple[str, str], ...] = (
     ),
     ("spec.resources.claims", "chscale's VM pod claims no dynamically allocated resources"),
 )
+NAME_PATH = "metadata.name"
+# The VM's name is a label value of its pod (at most 63 characters) and its pod is named
+# "vm-<name>", which must be a DNS label (RFC 1123: 63 characters, [a-z0-9-]).
+POD_NAME_PREFIX = "vm-"
+MAX_NAME_LENGTH = 63 - len(POD_NAME_PREFIX)
+# The end is not checked: a generateName prefix ends in "-", and the API server refuses
+# a whole name that does.
+_DNS_LABEL = re.compile(r"[a-z0-9][-a-z0-9]*")
 
 
 def pod_resources_for(allocation: Allocation, config: KernelConfig = DEFAULT_CONFIG) -> Resources:
@@ -214,11 +223,35 @@ def capacity_errors(spec: VmSpec, capacity: Capacity) -> tuple[FieldError, ...]:
     return tuple(errors)
 
 
+def name_errors(name: str) -> tuple[FieldError, ...]:
+    """A name chscale cannot run: its pod ``vm-<name>`` and the label naming the VM would
+    be refused by the API server, and the VM would wait in Scheduling for ever."""
+    if len(name) > MAX_NAME_LENGTH:
+        return (
+            FieldError(
+                NAME_PATH,
+                f"is {len(name)} characters; at most {MAX_NAME_LENGTH} (the VM's pod is "
+                f"named {POD_NAME_PREFIX}<name>, a DNS label of at most 63 characters, and "
+                "the name is a label value)",
+            ),
+        )
+    if not _DNS_LABEL.fullmatch(name):
+        return (
+            FieldError(
+                NAME_PATH,
+                f"{name!r} must be a DNS label (lower-case letters, digits and '-', starting "
+                f"with a letter or digit): the VM's pod is {POD_NAME_PREFIX}<name>",
+            ),
+        )
+    return ()
+
+
 def validate_vm(new: Vm, old: Vm | None = None) -> tuple[FieldError, ...]:
     """Admission rules (RESIZE.md §5) for a create (``old`` None) or an update."""
+    naming = name_errors(new.name) if old is None else ()
     if new.spec is None:
-        return new.spec_errors or (FieldError("spec", "is required"),)
-    errors = list(spec_errors(new.spec))
+        return naming + (new.spec_errors or (FieldError("spec", "is required"),))
+    errors = list(naming) + list(spec_errors(new.spec))
     if errors or old is None or not vmm_running(old):
         return tuple(errors)
     capacity = old.status.capacity

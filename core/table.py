@@ -33,6 +33,11 @@ class Cause(enum.StrEnum):
     POD_SUCCEEDED = "pod succeeded"
     POD_FAILED = "pod failed"
     POD_LOST = "pod gone"
+    STALLED = "a wait passed its deadline"
+    FORBIDDEN = "pod resize refused for good"
+    VMM_SHUTDOWN = "VMM reports Shutdown"
+    VMM_LOST = "VMM lost the VM"
+    VMM_DRIFTED = "VMM configured otherwise"
 
 
 RETURN = "Return"  # the phase recorded in status.resize.returnPhase
@@ -62,6 +67,9 @@ TRANSITIONS: dict[tuple[Phase | None, Cause], Move] = {
     (P.PAUSED, Cause.NEEDS_POD_GROW): Move(P.POD_RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C),
     (P.RUNNING, Cause.NEEDS_VMM): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C),
     (P.PAUSED, Cause.NEEDS_VMM): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C),
+    # A stalled step left the VMM configured for another target than the spec's.
+    (P.RUNNING, Cause.VMM_DRIFTED): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _D),
+    (P.PAUSED, Cause.VMM_DRIFTED): Move(P.RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _D),
     (P.RUNNING, Cause.NEEDS_POD_SHRINK): Move(
         P.POD_RESIZE_IN_PROGRESS, _N, "VMResizeInitiated", _C
     ),
@@ -79,6 +87,11 @@ TRANSITIONS: dict[tuple[Phase | None, Cause], Move] = {
         P.POD_RESIZE_IN_PROGRESS, _N, "VMResizeInProgress", _D
     ),
     (P.RESIZE_IN_PROGRESS, Cause.RESIZED): Move(RETURN, _N, "VMResizeCompleted", _D),
+    # RESIZE.md 4b: past a deadline, or on a refusal no retry fixes, the VM settles where
+    # the pod still covers what the guest may hold, and says why.
+    (P.POD_RESIZE_IN_PROGRESS, Cause.STALLED): Move(RETURN, _W, "VMResizeStalled", _C),
+    (P.RESIZE_IN_PROGRESS, Cause.STALLED): Move(RETURN, _W, "VMResizeStalled", _D),
+    (P.POD_RESIZE_IN_PROGRESS, Cause.FORBIDDEN): Move(RETURN, _W, "VMPodResizeForbidden", _C),
 }
 
 # A pod that ends or disappears ends the VM from any phase that has one.
@@ -94,6 +107,11 @@ for _phase in (
     TRANSITIONS[(_phase, Cause.POD_FAILED)] = Move(P.FAILED, _W, "VMFailed", _C)
     if _phase is not P.SCHEDULING:  # while scheduling, a lost pod is simply re-created
         TRANSITIONS[(_phase, Cause.POD_LOST)] = Move(P.FAILED, _W, "VMPodLost", _C)
+        # The guest powered off, or the VMM lost its VM (restarted, exited): the VM ends
+        # visibly instead of waiting on a socket for ever (RESIZE.md 4b).
+        TRANSITIONS[(_phase, Cause.VMM_SHUTDOWN)] = Move(P.SUCCEEDED, _N, "VMShutdown", _D)
+        if _phase is not P.SCHEDULED:
+            TRANSITIONS[(_phase, Cause.VMM_LOST)] = Move(P.FAILED, _W, "VMMLost", _D)
 
 
 class IllegalTransition(Exception):

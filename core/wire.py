@@ -23,6 +23,7 @@ from core.actions import (
     SetObserved,
     SetPhase,
     SetResizeTarget,
+    SetVmmVersion,
 )
 from core.constants import FINALIZER, VM_CONTAINER
 from core.model import (
@@ -105,6 +106,7 @@ _camel(
     pod_generation="podGeneration",
     started_at="startedAt",
     vmm_requested="vmmRequested",
+    wait_since="waitSince",
 )
 _camel(Condition, observed_generation="observedGeneration")
 
@@ -268,6 +270,7 @@ def parse_status(status: object) -> VmStatus:
         allocated=_lenient(status.get("allocated"), Allocation),
         resize=_lenient(status.get("resize"), ResizeRecord),
         conditions=tuple(conditions),
+        vmm_version=_text(status.get("vmmVersion")),
     )
 
 
@@ -377,6 +380,8 @@ def apply_status(status: VmStatus, actions: tuple[Action, ...]) -> VmStatus:
             fields["allocated"] = action.allocation
         elif isinstance(action, SetCapacity):
             fields["capacity"] = action.capacity
+        elif isinstance(action, SetVmmVersion):
+            fields["vmm_version"] = action.version
         elif isinstance(action, SetObserved):
             fields["observed_generation"] = action.generation
             fields["desired"] = action.desired
@@ -399,6 +404,7 @@ def _status_fields(status: VmStatus) -> dict[str, Any]:
         "allocated": status.allocated,
         "resize": status.resize,
         "conditions": status.conditions,
+        "vmm_version": status.vmm_version,
     }
 
 
@@ -428,4 +434,5 @@ def render_status(
         "allocated": _unstructure(status.allocated) if status.allocated else None,
         "resize": _unstructure(status.resize) if status.resize else None,
         "conditions": conditions,
+        "vmmVersion": status.vmm_version,
     }

@@ -932,7 +932,10 @@ class Cluster:
         last = s.info_view
         if last is None or key != s.info_key or self.cfg.exact_vmm_info:
             response = self._vmm_call(s, "GET", "vm.info", None)
-            view = vmm_view(response.status, response.body)
+            # The daemon reads vmm.ping's version once per VMM; the model's knob is it.
+            view = attrs.evolve(
+                vmm_view(response.status, response.body), version=f"v{vmm.knobs.api_version}.0"
+            )
             s.info_key, s.info_view = key, view
             return view
         self.vmm_calls += 1
@@ -984,6 +987,15 @@ class Cluster:
                     busy = r is not None and r.status == 429
                     kind = VmmCallErrorKind.BUSY if busy else VmmCallErrorKind.FAILED
                     error = VmmCallError(kind, _error_text(r))
+            if error is None and isinstance(action, ResizeVmm) and action.probe:
+                # The probe answered 204: no removal pending; the kernel hears it at once.
+                done = attrs.evolve(vmm, probe_ok=True)
+                vm, rv = cache.vm, cache.vm_rv
+                actions = owned_by(decide(vm, pod, done, self.kcfg), Owner.DAEMON)
+                rv = yield from self._write_status(s, cache, vm, rv, actions)
+                if rv < 0:
+                    return 0.0
+                return _requeue(actions)
             if error is not None:
                 # A refused call goes straight back to the kernel, decided on the newest
                 # cached VM (our own status write included), as apps/daemon does.

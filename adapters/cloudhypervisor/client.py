@@ -362,6 +362,9 @@ class CloudHypervisorClient:
     def shutdown(self) -> None:
         self._call("PUT", "vm.shutdown")
 
+    def delete(self) -> None:
+        self._call("PUT", "vm.delete")
+
     def shutdown_vmm(self) -> None:
         self._call("PUT", "vmm.shutdown")
 

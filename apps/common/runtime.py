@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from adapters.k8s.informer import Informer
 from apps.common import metrics as m
 from core import KernelConfig, Phase
+from core.config import DEADLINE_FLAGS, DEFAULT_CONFIG
 from core.kernel import RESIZED, Reasons
 from core.quantity import parse_bytes
 
@@ -77,6 +78,17 @@ def add_common_flags(parser: argparse.ArgumentParser, metrics_port: int) -> None
         default="256Mi",
         help="memory the VMM needs on top of guest RAM (RESIZE.md §2; default: %(default)s)",
     )
+    # One flag per deadline of RESIZE.md 4b, named after its KernelConfig field.
+    for name, flag in DEADLINE_FLAGS.items():
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=_positive_float,
+            default=getattr(DEFAULT_CONFIG, name),
+            metavar="SECONDS",
+            help=f"deadline: {name.removesuffix('_deadline_s').replace('_', ' ')} "
+            f"(default {getattr(DEFAULT_CONFIG, name):g})",
+        )
 
 
 def _positive_int(text: str) -> int:
@@ -94,7 +106,8 @@ def _positive_float(text: str) -> float:
 
 
 def kernel_config(args: argparse.Namespace) -> KernelConfig:
-    return KernelConfig(pod_memory_overhead=parse_bytes(args.pod_memory_overhead))
+    deadlines = {name: getattr(args, name) for name in DEADLINE_FLAGS if hasattr(args, name)}
+    return KernelConfig(pod_memory_overhead=parse_bytes(args.pod_memory_overhead), **deadlines)
 
 
 class EventSink(Protocol):

@@ -59,8 +59,10 @@ def run_worker(
             after = reconcile(key)
         except Exception as exc:
             if is_conflict(exc):
+                # Re-read and re-decide, but with the key's backoff: a cache lagging the
+                # API server would otherwise turn one stale object into a PATCH storm.
                 metrics.reconciled("conflict")
-                queue.add(key)
+                queue.add_rate_limited(key)
             else:
                 metrics.reconciled("error")
                 log.warning("reconcile failed", exc_info=True, extra=kv(vm=key))

@@ -9,6 +9,7 @@ A key is never reconciled by two workers at once (the work queue guarantees it).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -71,6 +72,7 @@ class Controller(Reconciler):
         config: KernelConfig,
         is_conflict: Callable[[BaseException], bool],
         refusal: Callable[[BaseException], str | None],
+        forbidden: Callable[[BaseException], str | None] = lambda _exc: None,
     ) -> None:
         super().__init__(queue, metrics, is_conflict)
         self.metrics: ControllerMetrics = metrics
@@ -78,6 +80,8 @@ class Controller(Reconciler):
         self.image = image
         self.config = config
         self.refusal = refusal
+        # A refusal no retry fixes (quota, RBAC, 422): reported once per spec generation.
+        self.forbidden = forbidden
         self.shared = SharedExecutor(api, vms.observe_write, metrics.resize_done)
 
     # --- events -> keys ---------------------------------------------------------------
@@ -98,7 +102,9 @@ class Controller(Reconciler):
             return None
         pod_obj = owned_pod(vm_obj, self.pods.get(namespace, pod_name(name)))
         pod = parse_pod(pod_obj) if pod_obj is not None else None
-        actions = owned_by(decide(vm, pod, UNOBSERVED_VMM, self.config), Owner.CONTROLLER)
+        actions = owned_by(
+            decide(vm, pod, UNOBSERVED_VMM, self.config, time.time()), Owner.CONTROLLER
+        )
         if not actions:
             return None
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
@@ -124,10 +130,14 @@ class Controller(Reconciler):
                     )
                 except Exception as exc:
                     message = self.refusal(exc)
-                    self.metrics.pod_resize_requested("refused" if message else "error")
-                    if message is None:
-                        raise
-                    return self._refused(key, message)
+                    forbidden = None if message is not None else self.forbidden(exc)
+                    refused = message is not None or forbidden is not None
+                    self.metrics.pod_resize_requested("refused" if refused else "error")
+                    if message is not None:
+                        return self._refused(key, resize_refused=message)
+                    if forbidden is not None:
+                        return self._refused(key, resize_forbidden=forbidden)
+                    raise
                 self.metrics.pod_resize_requested("accepted")
                 self.pods.observe_write(resized)
                 log.info(
@@ -136,7 +146,7 @@ class Controller(Reconciler):
                 )
         return self.shared.requeue_after(actions)
 
-    def _refused(self, key: str, message: str) -> float | None:
+    def _refused(self, key: str, **refusal: str) -> float | None:
         """Feed a synchronous refusal back into the kernel at once."""
         namespace, _, name = key.partition("/")
         vm_obj = self.vms.get(namespace, name)
@@ -145,8 +155,10 @@ class Controller(Reconciler):
             return None
         vm = parse_vm(vm_obj)
         pod = parse_pod(pod_obj)
-        refused = evolve(pod, resize_refused=message)
-        actions = owned_by(decide(vm, refused, UNOBSERVED_VMM, self.config), Owner.CONTROLLER)
+        refused = evolve(pod, **refusal)
+        actions = owned_by(
+            decide(vm, refused, UNOBSERVED_VMM, self.config, time.time()), Owner.CONTROLLER
+        )
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
         self.shared.record_events(vm_obj, vm, actions)
         for action in actions:

@@ -9,7 +9,14 @@ import socket
 import sys
 import threading
 
-from adapters.k8s.client import Kube, is_conflict, load_api_client, node_capacity_refusal
+from adapters.k8s.client import (
+    ApiError,
+    Forbidden,
+    Kube,
+    is_conflict,
+    load_api_client,
+    node_capacity_refusal,
+)
 from adapters.k8s.events import EventRecorder
 from adapters.k8s.informer import Informer
 from adapters.k8s.leader import LeaderElector
@@ -28,6 +35,16 @@ from apps.controller.controller import Controller
 from core.constants import API_GROUP, API_VERSION, PLURAL, VM_NAME_LABEL
 
 log = logging.getLogger("chscale.controller")
+
+
+def permanent_refusal(exc: BaseException) -> str | None:
+    """The message of a ``pods/resize`` refusal no retry fixes: a 403 other than
+    NodeCapacity (a ResourceQuota, RBAC, an admission webhook) or a 422 (invalid)."""
+    if isinstance(exc, Forbidden) and node_capacity_refusal(exc) is None:
+        return f"forbidden: {exc.message}"
+    if isinstance(exc, ApiError) and exc.status == 422:
+        return f"invalid: {exc.message}"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         config=kernel_config(args),
         is_conflict=is_conflict,
         refusal=node_capacity_refusal,
+        forbidden=permanent_refusal,
     )
     vms.add_handler(controller.on_vm)
     pods.add_handler(controller.on_pod)

@@ -104,11 +104,11 @@ class Daemon(Reconciler):
         pod = parse_pod(pod_obj)
         client = self.vmm_for_pod(pod_obj, vm_obj)
         vmm = client.view()
-        actions = owned_by(decide(vm, pod, vmm, self.config), Owner.DAEMON)
+        actions = owned_by(decide(vm, pod, vmm, self.config, time.time()), Owner.DAEMON)
         if not actions:
             return None
         held = self._held(key)
-        if held and any(isinstance(a, ResizeVmm) for a in actions):
+        if held and any(isinstance(a, ResizeVmm | BootVmm) for a in actions):
             # A refused call is retried on the kernel's backoff, not on the next watch
             # event (our own status write would otherwise trigger an instant retry).
             return held
@@ -121,6 +121,10 @@ class Daemon(Reconciler):
                     log.info("VMM booted", extra=kv(vm=key, pod=pod.name))
                 elif isinstance(action, ResizeVmm):
                     client.resize(action.vcpus, action.memory)
+                    if action.probe:
+                        # 204 to the count already configured: the removal is done.
+                        log.info("vCPU removal done", extra=kv(vm=key, vcpus=action.vcpus))
+                        return self._feed_back(key, evolve(vmm, probe_ok=True))
                     log.info(
                         "VMM resize requested",
                         extra=kv(vm=key, vcpus=action.vcpus, memory=action.memory),
@@ -131,19 +135,23 @@ class Daemon(Reconciler):
 
     def _call_failed(self, key: str, vmm: VmmView, error: VmmCallError) -> float | None:
         """Let the kernel decide what a VMM refusal means (retry, backoff, event)."""
+        level = logging.INFO if error.kind is VmmCallErrorKind.BUSY else logging.WARNING
+        log.log(level, "VMM call refused", extra=kv(vm=key, kind=error.kind, error=error.message))
+        return self._feed_back(key, evolve(vmm, call_error=error))
+
+    def _feed_back(self, key: str, vmm: VmmView) -> float | None:
+        """Re-decide at once on what a VMM call just answered (its error, or a probe's
+        204), on the newest cached VM (our own status write included)."""
         namespace, _, name = key.partition("/")
         vm_obj = self.vms.get(namespace, name)
         pod_obj = self.pods.get(namespace, pod_name(name))
         if vm_obj is None or pod_obj is None:
             return None
-        level = logging.INFO if error.kind is VmmCallErrorKind.BUSY else logging.WARNING
-        log.log(level, "VMM call refused", extra=kv(vm=key, kind=error.kind, error=error.message))
         vm = parse_vm(vm_obj)
         if vmm.state is VmmState.UNOBSERVED:
             return None
         actions = owned_by(
-            decide(vm, parse_pod(pod_obj), evolve(vmm, call_error=error), self.config),
-            Owner.DAEMON,
+            decide(vm, parse_pod(pod_obj), vmm, self.config, time.time()), Owner.DAEMON
         )
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
         self.shared.record_events(vm_obj, vm, actions)

@@ -73,9 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     def vmm_for_pod(pod: dict[str, Any], vm: dict[str, Any]) -> Vmm:
         uid = pod["metadata"]["uid"]
         boot = ((vm.get("spec") or {}).get("instance") or {}).get("boot")
+        version = (vm.get("status") or {}).get("vmmVersion")
         # Only inside the pod's own directory, only to the pod's own VMM (ADR 0011).
         client = CloudHypervisorClient.for_pod(args.vmm_socket_root, uid, args.vmm_timeout)
-        return Vmm(client.socket_path, boot, defaults, args.vmm_timeout, client=client)
+        return Vmm(
+            client.socket_path,
+            boot,
+            defaults,
+            args.vmm_timeout,
+            version if isinstance(version, str) and version else None,
+            client=client,
+        )
 
     daemon = Daemon(
         VmApi(

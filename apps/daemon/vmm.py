@@ -57,6 +57,11 @@ def vm_config(
     return config
 
 
+NO_KERNEL = (
+    "no guest kernel to boot: set spec.instance.boot.kernel, or start chscale-daemon with --kernel"
+)
+
+
 class Vmm:
     def __init__(
         self,
@@ -64,12 +69,23 @@ class Vmm:
         spec_boot: dict[str, Any] | None,
         defaults: BootDefaults,
         timeout: float = 5.0,
+        version: str | None = None,
         client: CloudHypervisorClient | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.client = client or CloudHypervisorClient(socket_path, timeout=timeout)
         self.spec_boot = spec_boot
         self.defaults = defaults
+        # vmm.ping's version as status already records it; read once when unknown.
+        self.version = version
+
+    def _version(self) -> str | None:
+        if self.version is None:
+            try:
+                self.version = self.client.ping().version
+            except CloudHypervisorError:
+                return None  # unknown counts as "cannot report unplugged memory"
+        return self.version
 
     def view(self) -> VmmView:
         try:
@@ -91,16 +107,20 @@ class Vmm:
             hotplug_size=memory.hotplug_size or 0,
             requested_memory=boot_memory + hotplugged,
             actual_memory=info.memory_actual_size,
+            version=self._version(),
         )
 
     def boot(self, action: BootVmm) -> None:
+        config = vm_config(action, self.spec_boot, self.defaults)
+        if not (config.get("payload") or {}).get("kernel"):
+            # Cloud Hypervisor would accept the config and refuse the boot with a 500.
+            raise VmmCallFailed(VmmCallError(VmmCallErrorKind.INVALID, NO_KERNEL))
         try:
-            try:
-                self.client.create(vm_config(action, self.spec_boot, self.defaults))
-            except CloudHypervisorError:
-                # Created already (a daemon restart between create and boot): just boot.
-                if self.view().state is VmmState.NOT_CREATED:
-                    raise
+            if self.view().state is VmmState.CREATED:
+                # A config from an earlier attempt (failed boot, or a daemon restart
+                # between create and boot): delete it, so the boot uses today's spec.
+                self.client.delete()
+            self.client.create(config)
             self.client.boot()
         except CloudHypervisorError as exc:
             raise VmmCallFailed(VmmCallError(VmmCallErrorKind.FAILED, str(exc))) from exc

@@ -77,6 +77,7 @@ class Stack:
         kubeconfigs: Mapping[str, Path] | None = None,
         cluster_controllers: bool = True,
         kubelet: str = "simulated",
+        component_args: tuple[str, ...] = (),
     ) -> None:
         """``kubeconfigs`` gives a component (``controller-<i>``, ``daemon-<node>``) its own
         kubeconfig instead of the stack's, e.g. one that points at a fault-injecting proxy.
@@ -105,6 +106,8 @@ class Stack:
         self.resize_delay = resize_delay
         self.vmm_command = vmm_command
         self.kernel = kernel
+        # Flags given to every controller and daemon (e.g. the kernel's deadlines).
+        self.component_args = component_args
         self.controller_replicas = controller_replicas
         self.with_webhook = webhook
         self.progress = progress or (lambda _msg: None)
@@ -192,6 +195,7 @@ class Stack:
                 # machine does not make a healthy leader miss its renewals and step down.
                 "8",
             ]
+        args += self.component_args
         child = Child(name, python_module("apps.controller.main", *args), self.logs / f"{name}.log")
         self.children[name] = child
         return child
@@ -213,6 +217,7 @@ class Stack:
             kernel = VM_POD_KERNEL  # the VMM runs in its container: the image's placeholder
         if kernel:
             args += ["--kernel", kernel]
+        args += self.component_args
         child = Child(name, python_module("apps.daemon.main", *args), self.logs / f"{name}.log")
         self.children[name] = child
         return child

@@ -48,6 +48,7 @@ CHECKS = {
     "infeasible_bounded": "check_infeasible_bounded",
     "restart_changes_no_outcome": "check_restart_changes_no_outcome",
     "effects_safe_against_truth": "check_effects_safe_against_truth",
+    "allocated_truthful": "check_allocated_truthful",
 }
 
 ONE_GIB = VmSpec(1, 2, 1 * GiB, max_vcpus=8, max_memory=4 * GiB)
@@ -58,10 +59,16 @@ Plan = tuple[Step | None, Resources | Allocation | None]
 # --- scenarios --------------------------------------------------------------------------
 
 
-def one_vm(*, node_memory: int = 32 * GiB, validator: bool = False, rss: int = 0) -> World:
+def one_vm(
+    *,
+    node_memory: int = 32 * GiB,
+    validator: bool = False,
+    rss: int = 0,
+    reports_actual: bool = True,
+) -> World:
     world = World.create(
         [Node("node-0", cpu_millis=16000, memory=node_memory, validator=validator)],
-        [("vm-0", "node-0", ONE_GIB, True, rss)],
+        [("vm-0", "node-0", ONE_GIB, reports_actual, rss)],
     )
     assert world.settle(), "did not boot"
     return world
@@ -174,6 +181,62 @@ def grow_then_shrink_with_a_busy_vmm() -> None:
     resize(world, 1 * GiB)
 
 
+def v50_shrink_then_settle() -> None:
+    """Issue 15 finding 1: a VMM before v52 cannot say what the guest gave back; here
+    the guest gives nothing back."""
+    world = one_vm(reports_actual=False)
+    resize(world, 3 * GiB)
+    vmm = world.slots["vm-0"].vmm
+    assert vmm is not None
+    vmm.unplug_limit = 0
+    world.set_spec("vm-0", 2, 2 * GiB)
+    world.settle()
+    world_module.check_converges(world)
+    world_module.check_allocated_truthful(world)
+
+
+def cpu_shrink_never_ejected_then_settle() -> None:
+    """Issue 15 findings 2 and 3: boot_vcpus moves on accept; the guest never ejects."""
+    world = one_vm()
+    vmm = world.slots["vm-0"].vmm
+    assert vmm is not None
+    vmm.ejects = False
+    world.set_spec("vm-0", 1, 1 * GiB)
+    world.settle()
+    world_module.check_converges(world)
+    world_module.check_allocated_truthful(world)
+
+
+def never_unplugging_guest_settles() -> None:
+    """Issue 15 finding 4: a guest that gives nothing back; the wait has a deadline."""
+    world = one_vm()
+    resize(world, 3 * GiB)
+    vmm = world.slots["vm-0"].vmm
+    assert vmm is not None
+    vmm.unplug_limit = 0
+    world.set_spec("vm-0", 2, 2 * GiB)
+    world_module.check_converges(world)
+
+
+def grow_beyond_the_quota() -> None:
+    """Issue 15 finding 8: a ResourceQuota's 403 is not retried for the generation."""
+    world = one_vm()
+    world.slots["vm-0"].quota = 2 * GiB
+    resize(world, 3 * GiB, turns=12)
+    resize(world, 3 * GiB - 2 * MiB, turns=12)
+
+
+def trust_the_vmm(known: Allocation | None, vmm: VmmView) -> Allocation | None:
+    """The kernel before issue 15: what the VMM was asked is what the guest holds."""
+    if vmm.vcpus is None or vmm.requested_memory is None:
+        return None
+    return Allocation(vmm.vcpus, vmm.requested_memory)
+
+
+def retry_forbidden(*args: object) -> None:
+    """Forgets a quota's refusal: the next look asks again."""
+
+
 # --- broken kernels -----------------------------------------------------------------------
 
 
@@ -203,16 +266,25 @@ def never_shrink_the_pod(
 
 
 def without_events(
-    vm: Vm, pod: PodView | None, vmm: VmmView, config: KernelConfig = DEFAULT_CONFIG
+    vm: Vm,
+    pod: PodView | None,
+    vmm: VmmView,
+    config: KernelConfig = DEFAULT_CONFIG,
+    now: float | None = None,
 ) -> tuple[Action, ...]:
-    return tuple(a for a in real_decide(vm, pod, vmm, config) if not isinstance(a, RecordEvent))
+    actions = real_decide(vm, pod, vmm, config, now)
+    return tuple(a for a in actions if not isinstance(a, RecordEvent))
 
 
 def trusting_unseen_patches(
-    vm: Vm, pod: PodView | None, vmm: VmmView, config: KernelConfig = DEFAULT_CONFIG
+    vm: Vm,
+    pod: PodView | None,
+    vmm: VmmView,
+    config: KernelConfig = DEFAULT_CONFIG,
+    now: float | None = None,
 ) -> tuple[Action, ...]:
     """Takes a pod patch it cannot see yet as sent: true, unless the process died."""
-    actions = real_decide(vm, pod, vmm, config)
+    actions = real_decide(vm, pod, vmm, config, now)
     record = vm.status.resize
     if (
         vm.status.phase is Phase.POD_RESIZE_IN_PROGRESS
@@ -282,6 +354,15 @@ BITES = [
          lambda pod, generation: False, daemon_with_an_old_pod_view),
     Bite("effects_safe_against_truth", "pod shrunk first", kernel, "plan", shrink_pod_first,
          grow_then_shrink_with_a_busy_vmm),
+    # Issue 15: evidence and deadlines.
+    Bite("allocated_truthful", "v50 echo trusted", kernel, "_guest_truth", trust_the_vmm,
+         v50_shrink_then_settle),
+    Bite("allocated_truthful", "boot_vcpus trusted", kernel, "_guest_truth", trust_the_vmm,
+         cpu_shrink_never_ejected_then_settle),
+    Bite("converges", "deadlines never pass", kernel, "_past", lambda *args: False,
+         never_unplugging_guest_settles),
+    Bite("infeasible_bounded", "quota refusal retried", kernel, "_forbidden", retry_forbidden,
+         grow_beyond_the_quota),
 ]  # fmt: skip
 
 

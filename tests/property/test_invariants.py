@@ -107,9 +107,20 @@ def test_the_daemon_never_asks_beyond_the_pod_nor_twice(
         assert not pod_stale(pod, vm.status.resize.pod_generation)
         vcpus = call.vcpus if call.vcpus is not None else vmm.vcpus
         memory = call.memory if call.memory is not None else vmm.requested_memory
+        if call.probe:
+            # A probe asks for the count already configured, and nothing else: it
+            # changes nothing, so it needs no more of the pod than there is.
+            assert call.vcpus == vmm.vcpus and call.memory is None, call
+            continue
         held = granted(pod)
         assert vcpus is not None and memory is not None and held is not None
         assert covers(held, pod_resources_for(Allocation(vcpus, memory))), (call, pod)
+        allocated = vm.status.allocated
+        # finding 3: while a removal may be pending (the guest may run more vCPUs than
+        # configured), a vCPU request other than the probe would wedge it: 204 for the
+        # count still running leaves the removal pending.
+        if call.vcpus is not None and allocated is not None and vmm.vcpus is not None:
+            assert allocated.vcpus <= vmm.vcpus, (call, allocated, vmm.vcpus)
         # Only what changes is sent: an identical desired_ram is a 500 from virtio-mem.
         assert call.vcpus is None or call.vcpus != vmm.vcpus
         assert call.memory is None or call.memory != vmm.requested_memory

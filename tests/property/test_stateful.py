@@ -100,10 +100,26 @@ class ResizeMachine(RuleBasedStateMachine):
         self.forks = 0
         self.killed = False
 
-    @initialize(world=worlds())
-    def boot(self, world: World) -> None:
+    @initialize(world=worlds(), early=st.none() | st.integers(0, 2), grow=st.integers(1, 4))
+    def boot(self, world: World, early: int | None, grow: int) -> None:
         self.world = world
-        # Every VM is created, scheduled and booted; no resize happens on the way.
+        if early is not None:
+            # Issue 15 finding 5: a spec changed after the pod exists, before the VMM
+            # boots. The VMM must boot with what the pod holds; the rest is a resize.
+            name = list(world.slots)[early % len(world.slots)]
+            for _ in range(4):
+                world.refresh(world.controller, name)
+                world.act(world.controller, name)
+                world.finish(world.controller)
+                world.kubelet(name)
+            spec = world.slots[name].vm.spec
+            assert spec is not None and spec.max_vcpus is not None
+            assert spec.max_memory is not None
+            memory = min(spec.memory + grow * 256 * MiB, spec.max_memory)
+            vcpus = min(spec.vcpus + 1, spec.max_vcpus)
+            if world.set_spec(name, vcpus, memory, before_boot=True):
+                event("spec changed before boot")
+        # Every VM is created, scheduled and booted.
         assert world.settle(), "the VMs did not boot"
         note(f"nodes: {list(world.nodes.values())}")
 

@@ -224,6 +224,9 @@ def check_decision(vm: Vm, actions: tuple[Action, ...]) -> None:
             _check_move(vm, phases[0], actions)
 
 
+STEADY = (Phase.RUNNING, Phase.PAUSED)
+
+
 def _check_move(vm: Vm, set_phase: SetPhase, actions: tuple[Action, ...]) -> None:
     at = vm.status.phase
     legal = []
@@ -233,6 +236,9 @@ def _check_move(vm: Vm, set_phase: SetPhase, actions: tuple[Action, ...]) -> Non
         if mv.to == RETURN:
             record = vm.status.resize
             to = record.return_phase if record is not None else Phase.RUNNING
+            if mv.owner is Owner.DAEMON and set_phase.phase in STEADY:
+                # The daemon returns to the phase the VMM is in (a resume mid-resize).
+                to = set_phase.phase
         else:
             to = mv.to
         if to == set_phase.phase and mv.owner is set_phase.owner:

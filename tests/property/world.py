@@ -25,7 +25,11 @@ What is modelled
   plugs and unplugs memory later, in chunks; a removed vCPU stays until the guest ejects
   it, and meanwhile a vCPU count change is a 429; an identical ``desired_ram`` is a 500,
   and injected faults are 500s (the CPU part of a call sticks when the memory part fails).
-  The VMM may report ``memory_actual_size`` (v52+) or not (then plugging is immediate).
+  The VMM may report the plugged size in ``memory_actual_size`` (v52+) or echo the
+  request there (v50). Guests may be unkind: never plug, never eject, or give back only
+  so much memory. A ResourceQuota may refuse a pod resize (403, not NodeCapacity).
+- Time: the world has a clock the decisions are given (``now``); settling moves it on,
+  so a wait that cannot end ends at its deadline (RESIZE.md 4b).
 - Users change specs at any moment, but only in ways the admission webhook accepts
   (``core.resources.validate_vm``), pause and resume VMs, and pods may die.
 
@@ -67,6 +71,7 @@ from core import (
     ResizeVmm,
     Resources,
     SetPhase,
+    SetResizeTarget,
     Step,
     Vm,
     VmmCallError,
@@ -89,6 +94,9 @@ CONFIG = DEFAULT_CONFIG
 OVERHEAD = CONFIG.pod_memory_overhead
 # Rounds of the settling driver before a world that has not settled counts as stuck.
 SETTLE_ROUNDS = 40
+# Seconds of the world's clock per settling round: the longest deadline passes in a few.
+SETTLE_ROUND_S = 20.0
+SETTLE_ROUNDS_BEFORE_TIME = 10
 # Pod resize requests one spec generation may cause (grow, shrink, and a restore, with
 # room for a re-plan); an infeasible loop exceeds it within a few rounds.
 MAX_POD_REQUESTS_PER_GENERATION = 6
@@ -136,6 +144,12 @@ class Vmm:
     plugged: int = 0  # what the guest has onlined
     removal_pending: bool = False
     faults: int = 0  # upcoming vm.resize calls that fail with 500
+    # Unkind guests (REALITY.md 1): how much more memory the guest can give back (None:
+    # all of it), whether its virtio-mem driver plugs at all, whether it ejects vCPUs.
+    unplug_limit: int | None = None
+    plugs: bool = True
+    ejects: bool = True
+    running_vcpus: int = 0  # vCPU threads alive (more than ``vcpus`` while a removal waits)
 
     def view(self) -> VmmView:
         if not self.reachable:
@@ -149,7 +163,9 @@ class Vmm:
             boot_memory=self.boot_memory,
             hotplug_size=self.hotplug_size,
             requested_memory=self.requested,
-            actual_memory=self.plugged if self.reports_actual else None,
+            # Before v52 memory_actual_size echoes the request (REALITY.md 1).
+            actual_memory=self.plugged if self.reports_actual else self.requested,
+            version="v53.0" if self.reports_actual else "v50.0",
         )
 
     @property
@@ -162,20 +178,24 @@ class Vmm:
         self.vcpus, self.max_vcpus = action.boot_vcpus, action.max_vcpus
         self.boot_memory, self.hotplug_size = action.memory, action.hotplug_size
         self.requested = self.plugged = action.memory
+        self.running_vcpus = action.boot_vcpus
 
     def resize(self, vcpus: int | None, memory: int | None) -> VmmCallError | None:
         if not self.reachable or self.state not in (VmmState.RUNNING, VmmState.PAUSED):
             return VmmCallError(VmmCallErrorKind.FAILED, "VM is not running")
+        if vcpus is not None and self.removal_pending:
+            # Every vCPU request while a removal is pending, the same count included.
+            return VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal still pending")
         if vcpus is not None and vcpus != self.vcpus:
-            if self.removal_pending:
-                return VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal still pending")
             if not 1 <= vcpus <= self.max_vcpus:
                 return VmmCallError(VmmCallErrorKind.FAILED, f"invalid vCPU count {vcpus}")
             if self.faults and memory is None:
                 self.faults -= 1
                 return VmmCallError(VmmCallErrorKind.FAILED, "failed to resize vCPUs")
-            self.removal_pending = vcpus < self.vcpus
+            self.removal_pending = vcpus < self.running_vcpus
             self.vcpus = vcpus  # sticks even if the memory part fails below
+            if vcpus > self.running_vcpus:
+                self.running_vcpus = vcpus
         if memory is not None:
             if self.faults:
                 self.faults -= 1
@@ -185,9 +205,9 @@ class Vmm:
                 return VmmCallError(VmmCallErrorKind.FAILED, "virtio-mem: identical size")
             if not 0 <= region <= self.hotplug_size or region % GUEST_MEMORY_ALIGNMENT:
                 return VmmCallError(VmmCallErrorKind.FAILED, f"invalid memory size {memory}")
+            # The guest (un)plugs later, whatever the version: before v52 the VMM just
+            # cannot say how far it got (memory_actual_size echoes the request).
             self.requested = memory
-            if not self.reports_actual:
-                self.plugged = memory
         return None
 
     def guest_step(self, chunk: int | None, eject: bool = True) -> bool:
@@ -196,12 +216,19 @@ class Vmm:
         changed."""
         if self.state is VmmState.PAUSED:
             return False
+        eject = eject and self.ejects
         changed = self.removal_pending and eject
+        if changed:
+            self.running_vcpus = self.vcpus
         self.removal_pending = self.removal_pending and not eject
-        gap = self.requested - self.plugged
+        gap = self.requested - self.plugged if self.plugs else 0
+        if gap < 0 and self.unplug_limit is not None:
+            gap = -min(-gap, self.unplug_limit)
         if gap:
             step = abs(gap) if chunk is None else min(abs(gap), chunk)
             self.plugged += step if gap > 0 else -step
+            if gap < 0 and self.unplug_limit is not None:
+                self.unplug_limit -= step
             changed = True
         return changed
 
@@ -209,7 +236,12 @@ class Vmm:
     def settled(self) -> bool:
         """Nothing left for the guest to do (or nothing it can do: it is paused)."""
         paused = self.state is VmmState.PAUSED
-        return paused or (not self.removal_pending and self.plugged == self.requested)
+        stuck = not (self.plugs and self.ejects) or self.unplug_limit is not None
+        return paused or stuck or (not self.removal_pending and self.plugged == self.requested)
+
+    @property
+    def unkind(self) -> bool:
+        return not (self.plugs and self.ejects) or self.unplug_limit is not None
 
 
 @attrs.define
@@ -228,6 +260,9 @@ class Slot:
     pod_requests: Counter[int] = attrs.Factory(Counter)  # per VM generation
     infeasible_generation: int | None = None  # the generation refused as infeasible
     dead: bool = False
+    # A ResourceQuota: a pods/resize asking more memory than this is a 403 (not
+    # NodeCapacity), which no retry fixes.
+    quota: int | None = None
 
     @property
     def vm(self) -> Vm:
@@ -308,6 +343,8 @@ class World:
     config: KernelConfig = CONFIG
     accommodating: bool = False  # the kubelet defers nothing (settling)
     stats: Stats = attrs.Factory(Stats)
+    # The decisions' clock (seconds): deadlines (RESIZE.md 4b) pass as it moves on.
+    now: float = 1_000_000.0
 
     @classmethod
     def create(
@@ -348,12 +385,14 @@ class World:
 
     # --- the user -----------------------------------------------------------------------
 
-    def set_spec(self, name: str, vcpus: int, memory: int) -> bool:
-        """A spec update, if the admission webhook accepts it."""
+    def set_spec(self, name: str, vcpus: int, memory: int, *, before_boot: bool = False) -> bool:
+        """A spec update, if the admission webhook accepts it (``before_boot``: one made
+        while the VM's pod exists but its VMM has not booted yet)."""
         slot = self.slots[name]
         old = slot.vm
-        if old.spec is None or old.status.capacity is None or slot.dead:
-            return False  # the world resizes running VMs only
+        booted = old.status.capacity is not None
+        if old.spec is None or slot.dead or booted == before_boot:
+            return False
         spec = evolve(old.spec, sockets=1, cores_per_socket=vcpus, memory=memory)
         if spec == old.spec:
             return False
@@ -588,7 +627,10 @@ class World:
             vmm = vmm_view
         else:
             vmm = slot.vmm.view() if slot.vmm is not None else VmmView(VmmState.UNREACHABLE)
-        if refused is not None:
+        if refused is not None and refused.startswith("forbidden:"):
+            assert pod is not None
+            pod = evolve(pod, resize_forbidden=refused)
+        elif refused is not None:
             assert pod is not None
             pod = evolve(pod, resize_refused=refused)
         if call_error is not None:
@@ -596,7 +638,7 @@ class World:
         self.stats.decisions += 1
         if index != len(slot.vms) - 1 or pod is not slot.pod:
             self.stats.stale_decisions += 1
-        actions = owned_by(decide(vm, pod, vmm, self.config), actor.owner)
+        actions = owned_by(decide(vm, pod, vmm, self.config, self.now), actor.owner)
         steps = [Task(actions, None, name, index, vmm)]
         steps += [
             Task(actions, a, name, index, vmm)
@@ -682,6 +724,13 @@ class World:
             )
             self._decide(actor, slot.name, refused=message)
             return
+        grows = pod.desired is None or target.memory > pod.desired.memory
+        if slot.quota is not None and target.memory > slot.quota and grows:
+            # A quota refuses an increase beyond it; a decrease is always admitted.
+            self.stats.refusals += 1
+            message = f"forbidden: exceeded quota: memory, requested: {target.memory}"
+            self._decide(actor, slot.name, refused=message)
+            return
         if pod.desired != target:
             patched = evolve(pod, desired=target, generation=pod.generation + 1)
             if node.legacy:  # before 1.33 the API server marked every resize Proposed
@@ -699,6 +748,9 @@ class World:
             else VmmCallError(VmmCallErrorKind.FAILED, "no VMM")
         )
         if error is None:
+            if action.probe:
+                # 204 to the count already configured: the daemon tells the kernel.
+                self._decide(actor, slot.name, vmm_view=evolve(step.vmm_view, probe_ok=True))
             return
         if error.kind is VmmCallErrorKind.BUSY:
             self.stats.vmm_busy += 1
@@ -715,12 +767,14 @@ class World:
         for name, slot in self.slots.items():
             if slot.vmm is not None and not slot.vmm.settled:
                 return False
+            if slot.vm.status.phase in RESIZE_PHASES and not slot.dead:
+                return False  # waiting is not settled: it ends, at the latest at a deadline
             if self.kubelet_busy(name):
                 return False
             pod = slot.pod
             vmm = slot.vmm.view() if slot.vmm is not None else VmmView(VmmState.UNREACHABLE)
             for owner, view in ((Owner.CONTROLLER, UNOBSERVED_VMM), (Owner.DAEMON, vmm)):
-                acts = owned_by(decide(slot.vm, pod, view, self.config), owner)
+                acts = owned_by(decide(slot.vm, pod, view, self.config, self.now), owner)
                 if any(not isinstance(a, Requeue) for a in acts):
                     return False
         return True
@@ -742,7 +796,11 @@ class World:
                 slot.vmm.reachable = True
         for actor in self.actors():
             self.finish(actor)
-        for _ in range(rounds):
+        for round_ in range(rounds):
+            # Time passes while settling, once everything that can finish has had rounds
+            # to: a wait that cannot end ends at its deadline.
+            if round_ >= SETTLE_ROUNDS_BEFORE_TIME:
+                self.now += SETTLE_ROUND_S
             for name in self.slots:
                 for _ in range(3):
                     if not self.kubelet(name):
@@ -857,10 +915,17 @@ def check_phase_moves_in_table(old: Vm, actions: tuple[Action, ...]) -> None:
         moves = [(cause, mv) for (phase, cause), mv in _TABLE.items() if phase == old.status.phase]
         record = old.status.resize
         back_to = record.return_phase if record is not None else Phase.RUNNING
+        # The daemon moves the return phase with the VMM (a resume mid-resize) in the
+        # same decision that returns (RESIZE.md 4).
+        backs = {back_to} | {
+            a.record.return_phase
+            for a in actions
+            if isinstance(a, SetResizeTarget) and a.record is not None
+        }
         fitting = [
             mv
             for _, mv in moves
-            if mv.to == action.phase or (mv.to == RETURN and back_to == action.phase)
+            if mv.to == action.phase or (mv.to == RETURN and action.phase in backs)
         ]
         if not fitting:
             raise InvariantViolation(
@@ -918,6 +983,7 @@ def check_converges(world: World) -> None:
         problem = _outcome_problem(slot)
         if problem:
             raise InvariantViolation("converges", f"{name}: {problem}")
+    check_allocated_truthful(world)
 
 
 def _outcome_problem(slot: Slot) -> str | None:
@@ -931,6 +997,22 @@ def _outcome_problem(slot: Slot) -> str | None:
         return f"phase {status.phase}, VMM {vmm.state}"
     resized = status.condition(RESIZED)
     record = status.resize
+    if record is not None and record.step is Step.STALLED:
+        # A guest that did not (or a VMM that cannot say): settled, saying why.
+        if record.generation != vm.generation:
+            return f"stalled record of generation {record.generation} outlived it"
+        if resized is None or resized.reason not in STALL_REASONS:
+            return f"stalled resize without its condition: {resized}"
+        return None
+    if (
+        record is not None
+        and record.step is Step.INFEASIBLE
+        and resized is not None
+        and resized.reason in ("PodResizeForbidden", "KubeletResizeStuck")
+    ):
+        if record.generation != vm.generation:
+            return f"refused record of generation {record.generation} outlived it"
+        return None
     if record is not None and record.step is Step.INFEASIBLE:
         if record.generation != vm.generation:
             return f"infeasible record of generation {record.generation} outlived it"
@@ -1015,6 +1097,40 @@ def check_effects_safe_against_truth(slot: Slot, action: ResizePod | ResizeVmm) 
             f"{slot.name}: pod patched to {target} while the guest holds {vmm.vcpus} vCPUs, "
             f"{vmm.guest_memory} bytes",
         )
+
+
+STALL_REASONS = frozenset(
+    {
+        "GuestMemoryUnverifiable",
+        "GuestMemoryStuck",
+        "GuestVcpuRemovalStuck",
+        "VMMResizeStuck",
+    }
+)
+
+
+def _allocated_untruthful(slot: Slot) -> str | None:
+    status, vmm = slot.vm.status, slot.vmm
+    if slot.dead or vmm is None or vmm.state not in (VmmState.RUNNING, VmmState.PAUSED):
+        return None
+    allocated = status.allocated
+    if allocated is None:
+        return "no allocated for a running VMM"
+    if allocated.memory < vmm.plugged:
+        return f"allocated {allocated} claims less memory than the guest holds ({vmm.plugged})"
+    if allocated.vcpus < vmm.running_vcpus:
+        return f"allocated {allocated} claims fewer vCPUs than run ({vmm.running_vcpus})"
+    return None
+
+
+def check_allocated_truthful(world: World) -> None:
+    """(8) Once settled, ``status.allocated`` never claims less than the guest holds
+    (memory it has plugged and not given back, vCPU threads not ejected), whatever the VMM
+    version reports and however unkind the guest (RESIZE.md 4a)."""
+    for name, slot in world.slots.items():
+        problem = _allocated_untruthful(slot)
+        if problem:
+            raise InvariantViolation("allocated_truthful", f"{name}: {problem}")
 
 
 def check_state(world: World) -> None:

@@ -42,6 +42,7 @@ from core import (
     ResizeRecord,
     ResizeVmm,
     Resources,
+    SetAllocated,
     SetPhase,
     Step,
     Vm,
@@ -82,8 +83,15 @@ class Rig:
     # The answer to the next vm.resize / pods/resize call (None: success).
     vmm_errors: list[VmmCallError] = attrs.Factory(list)
     patch_refusal: str | None = None
-    # Does the VMM report memory_actual_size (Cloud Hypervisor >= v52)?
+    # Does the VMM report the plugged size in memory_actual_size (Cloud Hypervisor >= v52)?
+    # Before v52 the field echoes the requested size (REALITY.md 1).
     reports_actual: bool = True
+    # Does the guest eject vCPUs (at once)? If not, a removal stays pending: every vCPU
+    # request answers 429 and the vCPU threads keep running.
+    ejects: bool = True
+    running_vcpus: int | None = None  # vCPU threads alive, when a removal is pending
+    # The decisions' clock (seconds); None: no deadline ever passes.
+    now: float | None = None
     steps: int = 0
 
     # --- construction -----------------------------------------------------------------
@@ -108,6 +116,7 @@ class Rig:
             desired=spec.desired,
             capacity=capacity,
             allocated=spec.desired,
+            **_with_version(reports_actual),
         )
         vm = Vm("default", "a", uid="uid-a", generation=1, spec=spec, status=status)
         resources = pod_resources(spec, config)
@@ -141,13 +150,24 @@ class Rig:
 
     # --- the two processes ------------------------------------------------------------
 
+    def _clock(self) -> dict[str, float]:
+        return {} if self.now is None else {"now": self.now}
+
     def controller(self) -> tuple[Action, ...]:
-        actions = owned_by(decide(self.vm, self.pod, UNOBSERVED_VMM, self.config), Owner.CONTROLLER)
+        actions = owned_by(
+            decide(self.vm, self.pod, UNOBSERVED_VMM, self.config, **self._clock()),
+            Owner.CONTROLLER,
+        )
         refused = self._carry_out(actions)
         if refused is not None:
             assert self.pod is not None
-            pod = evolve(self.pod, resize_refused=refused)
-            again = owned_by(decide(self.vm, pod, UNOBSERVED_VMM, self.config), Owner.CONTROLLER)
+            if refused.startswith("forbidden:"):
+                pod = evolve(self.pod, resize_forbidden=refused)
+            else:
+                pod = evolve(self.pod, resize_refused=refused)
+            again = owned_by(
+                decide(self.vm, pod, UNOBSERVED_VMM, self.config, **self._clock()), Owner.CONTROLLER
+            )
             assert self._carry_out(again) is None
             actions += again
         self._check()
@@ -155,11 +175,25 @@ class Rig:
 
     def daemon(self) -> tuple[Action, ...]:
         view = self.vmm_view()
-        actions = owned_by(decide(self.vm, self.pod, view, self.config), Owner.DAEMON)
+        actions = owned_by(
+            decide(self.vm, self.pod, view, self.config, **self._clock()), Owner.DAEMON
+        )
         error = self._carry_out(actions)
         if isinstance(error, VmmCallError):
             again = owned_by(
-                decide(self.vm, self.pod, evolve(view, call_error=error), self.config),
+                decide(
+                    self.vm, self.pod, evolve(view, call_error=error), self.config, **self._clock()
+                ),
+                Owner.DAEMON,
+            )
+            assert self._carry_out(again) is None
+            actions += again
+        elif any(isinstance(a, ResizeVmm) and _probe(a) for a in actions):
+            # The probe answered 204: the daemon says so to the kernel at once.
+            again = owned_by(
+                decide(
+                    self.vm, self.pod, evolve(view, probe_ok=True), self.config, **self._clock()
+                ),
                 Owner.DAEMON,
             )
             assert self._carry_out(again) is None
@@ -169,8 +203,8 @@ class Rig:
 
     def vmm_view(self) -> VmmView:
         if self.reports_actual:
-            return self.vmm
-        return evolve(self.vmm, actual_memory=None)
+            return _versioned(self.vmm, "v53.0")
+        return _versioned(evolve(self.vmm, actual_memory=self.vmm.requested_memory), "v50.0")
 
     def _carry_out(self, actions: tuple[Action, ...]) -> str | VmmCallError | None:
         """Status first, then events, then side effects, as the executors do."""
@@ -193,6 +227,8 @@ class Rig:
                 self._patch_pod(action.resources)
             elif isinstance(action, ResizeVmm):
                 self.vmm_calls.append(action)
+                if action.vcpus is not None and self.running_vcpus is not None:
+                    return VmmCallError(VmmCallErrorKind.BUSY, "Too Many Requests")
                 if self.vmm_errors:
                     error = self.vmm_errors.pop(0)
                     if error.kind is VmmCallErrorKind.FAILED and action.vcpus is not None:
@@ -218,6 +254,8 @@ class Rig:
             raise SafetyViolation(f"VMM asked for {vcpus} vCPUs, pod holds {self.pod.actual}")
         if memory + OVERHEAD > self.pod.actual.memory:
             raise SafetyViolation(f"VMM asked for {memory} bytes, pod holds {self.pod.actual}")
+        if not self.ejects and self.vmm.vcpus is not None and vcpus < self.vmm.vcpus:
+            self.running_vcpus = self.vmm.vcpus
         self.vmm = evolve(self.vmm, vcpus=vcpus, requested_memory=memory)
         if not self.reports_actual:
             self.vmm = evolve(self.vmm, actual_memory=memory)
@@ -314,9 +352,12 @@ class Rig:
         if self.vm.status.phase not in (Phase.RUNNING, Phase.PAUSED):
             return False
         controller = owned_by(
-            decide(self.vm, self.pod, UNOBSERVED_VMM, self.config), Owner.CONTROLLER
+            decide(self.vm, self.pod, UNOBSERVED_VMM, self.config, **self._clock()),
+            Owner.CONTROLLER,
         )
-        daemon = owned_by(decide(self.vm, self.pod, self.vmm_view(), self.config), Owner.DAEMON)
+        daemon = owned_by(
+            decide(self.vm, self.pod, self.vmm_view(), self.config, **self._clock()), Owner.DAEMON
+        )
         return not controller and not daemon
 
     # --- reading ----------------------------------------------------------------------
@@ -342,6 +383,24 @@ class Rig:
             and self.vmm.requested_memory == spec.memory
             and self.vm.status.resize is None
         )
+
+
+# The rig also runs against the kernel before issue 15 (to show its regression tests
+# fail there for the right reason), which had no version nor probe.
+def _versioned(view: VmmView, version: str) -> VmmView:
+    if "version" in attrs.fields_dict(VmmView):
+        return evolve(view, version=version)
+    return view
+
+
+def _with_version(reports_actual: bool) -> dict[str, str]:
+    if "vmm_version" in attrs.fields_dict(VmStatus):
+        return {"vmm_version": "v53.0" if reports_actual else "v50.0"}
+    return {}
+
+
+def _probe(action: ResizeVmm) -> bool:
+    return bool(getattr(action, "probe", False))
 
 
 def transitions(actions: tuple[Action, ...]) -> list[Phase]:
@@ -461,13 +520,27 @@ def test_resize_walk(walk: Walk, reports_actual: bool) -> None:
     rig = Rig.running(walk.start, boot=walk.boot, reports_actual=reports_actual)
     rig.set_spec(walk.to)
     rig.settle()
+    if not reports_actual and walk.to.memory < walk.start.memory:
+        # Before v52 nothing shows what the guest unplugged (RESIZE.md 4a): the VM settles
+        # with the pod covering what the guest may still hold, and says so.
+        assert rig.phase is Phase.RUNNING
+        assert rig.resized is not None and rig.resized.reason == "GuestMemoryUnverifiable"
+        assert rig.vm.status.allocated is not None
+        assert rig.vm.status.allocated.memory == walk.start.memory
+        assert rig.pod is not None and rig.pod.actual is not None
+        assert rig.pod.actual.memory >= walk.start.memory + OVERHEAD
+        assert "VMResizeCompleted" not in rig.reasons()
+        return
     assert rig.phases == walk.phases
     assert rig.reasons() == walk.events
     assert all(e.type is EventType.NORMAL for e in rig.events)
     assert rig.converged_to(walk.to)
     assert rig.resized is not None and rig.resized.status is ConditionStatus.TRUE
-    # One patch per pod step, one VMM call: nothing is asked twice.
-    assert len(rig.vmm_calls) == 1
+    # One patch per pod step, one VMM call (and one probe that shows a vCPU removal
+    # done): nothing is asked twice.
+    assert len([c for c in rig.vmm_calls if not c.probe]) == 1
+    probes = [c for c in rig.vmm_calls if c.probe]
+    assert len(probes) == (1 if walk.to.vcpus < walk.start.vcpus else 0)
     assert len(rig.pod_patches) == walk.phases.count(Phase.POD_RESIZE_IN_PROGRESS)
 
 
@@ -522,7 +595,11 @@ def test_memory_growth_waits_for_the_guest_to_plug() -> None:
     rig.daemon()
     assert rig.vmm_calls == [ResizeVmm(vcpus=None, memory=8 * GiB)]
     rig.vmm = evolve(rig.vmm, actual_memory=6 * GiB)  # half plugged
-    assert rig.daemon() == (Requeue(DEFAULT_CONFIG.vmm_poll_s, owner=Owner.DAEMON),)
+    # What the guest holds, part by part, and a look again later.
+    assert rig.daemon() == (
+        SetAllocated(Allocation(8, 6 * GiB), owner=Owner.DAEMON),
+        Requeue(DEFAULT_CONFIG.vmm_poll_s, owner=Owner.DAEMON),
+    )
     assert rig.phase is Phase.RESIZE_IN_PROGRESS
     rig.guest_settles()
     rig.daemon()
@@ -809,16 +886,17 @@ def _to_vmm_step(rig: Rig, spec: VmSpec) -> None:
     raise AssertionError(f"never reached the VMM step: {rig.vm.status}")
 
 
-def test_vmm_busy_429_only_requeues() -> None:
+def test_vmm_busy_429_backs_off_quietly() -> None:
     rig = Rig.running(evolve(EIGHT, cores_per_socket=6), boot=EIGHT)
     _to_vmm_step(rig, EIGHT)
     conditions = rig.vm.status.conditions
     rig.vmm_errors.extend([VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal pending")] * 3)
-    for _ in range(3):
+    for attempt in range(3):
         rig.daemon()
-        assert rig.requeues[-1] == Requeue(DEFAULT_CONFIG.vmm_busy_retry_s, owner=Owner.DAEMON)
+        delay = DEFAULT_CONFIG.vmm_busy_retry_s * 2**attempt
+        assert rig.requeues[-1] == Requeue(delay, owner=Owner.DAEMON)
     record = rig.vm.status.resize
-    assert record is not None and record.attempts == 0  # not a failure
+    assert record is not None and record.attempts == 3  # counted for the backoff
     assert rig.vm.status.conditions == conditions
     assert Reasons.EV_VMM_FAILED not in rig.reasons()
     # The call is announced once, not once per retry.
@@ -827,7 +905,7 @@ def test_vmm_busy_429_only_requeues() -> None:
     rig.daemon()
     rig.daemon()
     assert rig.phase is Phase.POD_RESIZE_IN_PROGRESS
-    assert rig.vmm_calls == [ResizeVmm(vcpus=8)] * 4
+    assert rig.vmm_calls == [ResizeVmm(vcpus=8)] * 4 + [ResizeVmm(vcpus=8, probe=True)]
 
 
 def test_vmm_500_warns_counts_and_backs_off_up_to_a_cap() -> None:
@@ -845,7 +923,7 @@ def test_vmm_500_warns_counts_and_backs_off_up_to_a_cap() -> None:
         assert record is not None and record.attempts == attempt
         assert rig.events[-1].type is EventType.WARNING
         assert rig.events[-1].reason == "VMResizeFailed"
-        assert rig.events[-1].message == f"failed to resize memory #{attempt - 1}"
+        assert rig.events[-1].message == "failed to resize memory #0"  # one per streak
         assert rig.resized is not None and rig.resized.reason == Reasons.VM_RESIZE_FAILED
         assert rig.phase is Phase.RESIZE_IN_PROGRESS
         delays.append(rig.requeues[-1].after)
@@ -853,7 +931,7 @@ def test_vmm_500_warns_counts_and_backs_off_up_to_a_cap() -> None:
     assert delays[0] == DEFAULT_CONFIG.vmm_retry_base_s
     assert delays[1] == 2 * delays[0]
     assert delays[-1] == DEFAULT_CONFIG.vmm_retry_cap_s
-    assert rig.reasons().count("VMResizeFailed") == failures
+    assert rig.reasons().count("VMResizeFailed") == 1
     rig.settle()
     assert rig.converged_to(evolve(EIGHT, memory=8 * GiB))
     assert rig.resized is not None and rig.resized.status is ConditionStatus.TRUE
@@ -939,7 +1017,7 @@ def test_resumed_during_a_resize_ends_running() -> None:
     rig.vmm = evolve(rig.vmm, state=VmmState.RUNNING)  # the user resumed the VM
     rig.settle()
     assert rig.phase is Phase.RUNNING
-    assert rig.phases[-2:] == [Phase.PAUSED, Phase.RUNNING]
+    assert Phase.PAUSED not in rig.phases  # straight back to the phase the VMM is in
 
 
 @pytest.mark.parametrize(
@@ -1116,8 +1194,8 @@ FIVE_PERCENT = GiB
 
 @pytest.mark.parametrize(
     ("shortfall", "covered"),
-    [(0, True), (FIVE_PERCENT, True), (FIVE_PERCENT + 1, False)],
-    ids=["exact", "exactly 5% under", "just over 5% under"],
+    [(0, True), (1, False), (FIVE_PERCENT, False)],
+    ids=["exact", "one byte under", "5% under (what the tolerance once let through)"],
 )
 def test_tolerance_edges_when_the_kubelet_reports_a_rounded_grant(
     shortfall: int, covered: bool
@@ -1230,7 +1308,10 @@ def test_lost_allocation_and_capacity_mid_resize_are_read_back_from_the_vmm(at: 
     rig.controller()
     rig.daemon()
     assert rig.vm.status.allocated is not None
-    assert rig.vm.status.allocated.vcpus == held.vcpus
+    # Nothing proves how many vCPUs run (a removal may be pending): the most the pod
+    # covers, narrowed later by a probe (issue 15).
+    assert rig.pod is not None and rig.pod.actual is not None
+    assert held.vcpus <= rig.vm.status.allocated.vcpus <= rig.pod.actual.cpu_millis // 1000
     assert rig.vm.status.capacity == capacity_for(EIGHT)
     rig.settle()
     assert rig.converged_to(VmSpec(2, 6, 6 * GiB))

@@ -59,6 +59,7 @@ records = st.builds(
     attempts=small,
     started_at=st.none() | st.just("2025-01-01T00:00:00Z"),
     vmm_requested=st.booleans(),
+    wait_since=st.none() | st.floats(0, 2e9, allow_nan=False),
 )
 conditions = st.builds(
     Condition,
@@ -138,6 +139,7 @@ def test_status_json_uses_quantities_and_camel_case() -> None:
         "attempts": 0,
         "startedAt": None,
         "vmmRequested": True,
+        "waitSince": None,
     }
     assert rendered["conditions"] == [
         {
@@ -163,6 +165,7 @@ def test_empty_status_renders_nulls_so_a_merge_patch_clears_fields() -> None:
         "allocated": None,
         "resize": None,
         "conditions": [],
+        "vmmVersion": None,
     }
 
 
