@@ -2,7 +2,8 @@
 
 ``ci`` (the default) runs it for 500 examples, derandomized: CI judges the change, not
 the luck of the draw, and a failure it reports replays exactly. ``dev`` is a quick look
-while editing; ``deep`` is a long hunt at random (run it to find what ``ci`` does not). Pick one with ``HYPOTHESIS_PROFILE=dev``. The profiles apply to
+while editing; ``deep`` is a long hunt at random (run it to find what ``ci`` does not).
+Pick one with ``HYPOTHESIS_PROFILE=dev``. The profiles apply to
 the state machine only (loading one here would change every hypothesis test in the
 session). No deadline: the machine is shared, and timings are not what these tests judge.
 """
