@@ -747,14 +747,35 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
     if record is not None and record.step is Step.STALLED and record.generation == vm.generation:
         # The guest did not get there in time (or cannot say): not retried for this
         # generation (``allocated`` still follows the guest); a new spec starts over.
+        # The pod is left covering exactly what the guest may hold: where it stood when
+        # the step stalled depends on which in-flight patches landed first (or were lost
+        # to a restart), and what it ends at must depend on status alone.
+        cover = pod_resources_for(current, config) if current is not None else None
+        spec = pod.desired
+        if (
+            cover is not None
+            and spec is not None
+            and cover != spec
+            and cover.cpu_millis <= spec.cpu_millis
+            and cover.memory <= spec.memory
+        ):
+            out.effect(ResizePod(cover))
         return
     if desired is None or current is None or pod.actual is None:
         return
-    if record is not None and record.step is Step.STALLED:
-        # A stalled grow left the VMM asked for more than the guest has plugged: the guest
-        # may still get there, so the pod covers that too until the guest step runs again.
-        current = Allocation(max(current.vcpus, record.vcpus), max(current.memory, record.memory))
     step, target = plan(current, pod, desired, config)
+    if (
+        record is not None
+        and record.step is Step.STALLED
+        and _may_reach(current, record.target) != current
+    ):
+        # A stalled step may have left the VMM asked for more than ``allocated`` (a grow
+        # the guest has not plugged yet), or never asked it at all (a vCPU removal still
+        # pending blocked the request): only the daemon sees which. It goes first and
+        # writes what the guest may reach to ``allocated`` before any pod step plans, so
+        # the pod's target depends on status alone, never on whether a patch of an
+        # earlier decision landed before a restart.
+        step, target = Step.VMM, desired
     if step is None:
         out.record(Owner.CONTROLLER, None)
         _settled(out, Owner.CONTROLLER, desired)

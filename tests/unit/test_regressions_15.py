@@ -21,7 +21,9 @@ from apps.daemon.vmm import BootDefaults, Vmm
 from core import (
     DEFAULT_CONFIG,
     UNOBSERVED_VMM,
+    Allocation,
     BootVmm,
+    Capacity,
     ConditionStatus,
     EventType,
     KernelConfig,
@@ -30,7 +32,10 @@ from core import (
     PodPhase,
     PodView,
     Requeue,
+    ResizePod,
+    ResizeRecord,
     Resources,
+    Step,
     Vm,
     VmmCallError,
     VmmCallErrorKind,
@@ -43,8 +48,9 @@ from core import (
     pod_resources,
     validate_vm,
 )
-from core.constants import GiB
+from core.constants import GiB, MiB
 from core.kernel import granted
+from core.wire import apply_status
 from tests.unit.test_kernel import EIGHT, OVERHEAD, Rig
 
 T0 = 1_000_000.0  # the decisions' clock starts here (seconds since the epoch)
@@ -554,3 +560,62 @@ def test_kernel_config_names_every_deadline_once() -> None:
     drive(rig, 10.0)
     assert rig.resized is not None and rig.resized.reason == "GuestMemoryStuck"
     _ = UNOBSERVED_VMM
+
+
+# --- the property suite's restart check (RESIZE.md section 8, invariant 6) --------------
+
+
+def _after_stall(
+    pod_memory: int, allocated: Allocation, record: ResizeRecord, generation: int
+) -> tuple[Vm, PodView]:
+    spec = VmSpec(1, 1, 512 * MiB, max_vcpus=4, max_memory=2 * GiB)
+    status = VmStatus(
+        phase=Phase.RUNNING,
+        allocated=allocated,
+        capacity=Capacity(4, 2 * GiB, 512 * MiB),
+        resize=record,
+        observed_generation=generation,
+    )
+    vm = Vm("default", "vm-0", generation=generation, spec=spec, status=status)
+    held = Resources(2000, pod_memory)
+    return vm, PodView("vm-0-pod", node_name="node-a", desired=held, actual=held, generation=5)
+
+
+def _controller(vm: Vm, pod: PodView, now: float) -> tuple[Any, ...]:
+    return owned_by(decide(vm, pod, UNOBSERVED_VMM, now=now), Owner.CONTROLLER)
+
+
+def _pod_patches(actions: tuple[Any, ...]) -> list[Resources]:
+    return [a.resources for a in actions if isinstance(a, ResizePod)]
+
+
+def test_a_stalled_records_target_does_not_make_the_pod_target_depend_on_a_restart() -> None:
+    """A vCPU removal stalled (GuestVcpuRemovalStuck) while the spec asked 514Mi, which
+    the VMM was never asked (the pending removal blocked the request). The next spec
+    (512Mi) must aim the pod at the same target whether the controller carries out its
+    decision or restarts after writing its status: once the pod was patched to 770Mi by
+    the envelope of the stalled record, and 768Mi after a restart."""
+    stalled = ResizeRecord(vcpus=1, memory=514 * MiB, generation=2, step=Step.STALLED)
+    vm, pod = _after_stall(768 * MiB, Allocation(2, 512 * MiB), stalled, generation=3)
+    first = _controller(vm, pod, T0)
+    # Restarted after the status write: the effects of ``first`` are lost.
+    restarted = vm.evolve(status=apply_status(vm.status, first))
+    second = _controller(restarted, pod, T0 + 1)
+    carried_on = _pod_patches(first)
+    assert carried_on == _pod_patches(second) or not carried_on, (carried_on, second)
+    assert all(p.memory == 768 * MiB for p in carried_on + _pod_patches(second))
+
+
+def test_a_stalled_step_leaves_the_pod_where_status_alone_says() -> None:
+    """A memory shrink stalled (GuestMemoryUnverifiable). Whether an in-flight patch of an
+    older generation landed (1538Mi) or was lost to a controller restart (1536Mi), the pod
+    must end covering what ``allocated`` says the guest may hold, the same in both."""
+    allocated = Allocation(1, 1280 * MiB)
+    stalled = ResizeRecord(vcpus=1, memory=1 * GiB, generation=4, step=Step.STALLED)
+    ends = []
+    for memory in (1538 * MiB, 1536 * MiB):
+        vm, pod = _after_stall(memory, allocated, stalled, generation=4)
+        patches = _pod_patches(_controller(vm, pod, T0))
+        ends.append(patches[-1] if patches else pod.desired)
+    assert ends[0] == ends[1], ends
+    assert ends[0] is not None and ends[0].memory == 1280 * MiB + OVERHEAD
