@@ -387,6 +387,7 @@ def decide(
             return out.done()
         if phase in RESIZE_PHASES and vmm.observed:
             _recover_status(out, vm, vmm, pod, config)
+            vm = out.vm  # the steps plan with what was recovered
             _track_return_phase(out, vm, vmm)
         if phase in STEADY_PHASES:
             _steady(out, vm, pod, vmm, config)
@@ -804,30 +805,50 @@ def _recover_status(
     """``status.allocated`` or ``status.capacity`` was lost mid-resize (it did not parse,
     or someone cleared it): the VMM says what they are. Without ``allocated`` the pod step
     could never plan, and the webhook could not check updates against the ceilings. With
-    nothing proven, the guest may hold the most the pod covers: a vCPU removal may be
-    pending (only a probe can tell), and before v52 an unplug may be unfinished."""
+    nothing proven, the guest may hold the most that cannot be ruled out (see
+    :func:`_recovered`); until a vCPU probe has answered, nothing is written."""
     if vm.status.allocated is None:
         current = _recovered(vmm, pod, config)
         if current is not None:
             out.status.append(SetAllocated(current, owner=Owner.DAEMON))
             out.vm = vm.evolve(status=evolve(vm.status, allocated=current))
+        else:
+            _probe_for_recovery(out, vmm, config)
     if vm.status.capacity is None and vmm.capacity is not None:
         out.status.append(SetCapacity(vmm.capacity, owner=Owner.DAEMON))
 
 
+def _probe_for_recovery(out: _Out, vmm: VmmView, config: KernelConfig) -> None:
+    """Ask the VMM for the vCPU count it is configured for: 204 says no removal is
+    pending (the count is exact), 429 that one is (see :func:`_recovered`)."""
+    if vmm.vcpus is not None and vmm.call_error is None:
+        out.effect(ResizeVmm(vcpus=vmm.vcpus, probe=True))
+        out.requeue(Owner.DAEMON, config.vmm_poll_s)
+
+
 def _recovered(vmm: VmmView, pod: PodView | None, config: KernelConfig) -> Allocation | None:
-    """What the guest may hold when nothing was proven (``allocated`` lost): the most the
-    pod covers, as far as the VMM cannot rule it out (a vCPU removal may be pending, and
-    before v52 an unplug may be unfinished); a probe or the plugged size narrows it."""
+    """What the guest may hold when nothing was proven (``allocated`` lost); ``None``
+    until a vCPU probe has answered (ADR 0016).
+
+    vCPUs never come from the pod: a pod view may be older than the grow that started
+    the threads still running (a lagging cache), so it is no bound. The VMM reports only
+    the count it is configured for; a probe tells whether a removal is still pending:
+    204, none is, and the configured count runs; 429, one is, and nothing short of the
+    VMM's ``max_vcpus`` is proven. Memory: from v52 the plugged size; before v52 the most
+    the pod is sure to hold (an unplug may be unfinished, and the pod never holds less
+    than the guest may)."""
     current = _guest_truth(None, vmm)
-    held = granted(pod, config) if pod is not None else None
-    if current is None or held is None:
-        return current
-    vcpus = max(current.vcpus, held.cpu_millis // MILLICORES_PER_VCPU)
-    if vmm.max_vcpus is not None:
-        vcpus = min(vcpus, max(vmm.max_vcpus, current.vcpus))
+    if current is None:
+        return None
+    if vmm.probe_ok:
+        vcpus = current.vcpus
+    elif vmm.call_error is not None and vmm.call_error.kind is VmmCallErrorKind.BUSY:
+        vcpus = max(current.vcpus, vmm.max_vcpus or 0)
+    else:
+        return None
     memory = current.memory
-    if vmm.plugged_memory is None:
+    held = granted(pod, config) if pod is not None else None
+    if vmm.plugged_memory is None and held is not None:
         room = held.memory - config.pod_memory_overhead
         memory = max(memory, room - room % GUEST_MEMORY_ALIGNMENT)
     return Allocation(vcpus, memory)
@@ -839,6 +860,8 @@ def _daemon_steady(
     """Keep status in line with what the guest is seen to hold while no resize runs."""
     known = vm.status.allocated
     truth = _guest_truth(known, vmm) if known is not None else _recovered(vmm, pod, config)
+    if truth is None and known is None:
+        _probe_for_recovery(out, vmm, config)
     if truth is not None and vmm.requested is not None:
         # No resize runs: a growth the guest has not finished plugging (a stalled one)
         # may still finish, so ``allocated`` keeps what the VMM was asked.
@@ -1190,8 +1213,8 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
         out.requeue(Owner.DAEMON, config.vmm_poll_s)  # our pod view lags the controller's
         return
     known = vm.status.allocated
-    if known is None:  # lost: _recover_status wrote the most the guest may hold
-        known = _recovered(vmm, pod, config)
+    if known is None:  # lost, and _recover_status is still waiting for its probe
+        return
     truth = _guest_truth(known, vmm)
     requested = vmm.requested
     if truth is None or requested is None:
@@ -1367,6 +1390,8 @@ def _vmm_step_unrecorded(out: _Out, vm: Vm, vmm: VmmView) -> None:
     which pod view showed the guest covered, so hand back to the controller, which checks
     the pod again before the guest moves. The guest's extent goes to ``allocated`` so the
     controller plans from what the guest may really hold."""
+    if vm.status.allocated is None:
+        return  # lost too: _recover_status is still waiting for its probe
     current = _guest_truth(vm.status.allocated, vmm)
     if current is None:
         return
