@@ -275,11 +275,14 @@ class ResizeMachine(RuleBasedStateMachine):
                 event(f"saw {name}")
 
 
-# Known open kernel bugs this machine can find (issue 15's note: allocated below the vCPUs
-# still running after a removal passes its deadline; recovery of a lost status.allocated
-# on VMMs before v52 depending on a late patch). Until they are fixed a failure here is
-# reported (XFAIL, with the failing steps) without failing the run; a pass is XPASS.
+# Known open kernel bugs this machine can find (issue 15: recovery of a lost
+# status.allocated on VMMs before v52 depending on a late patch, ADR 0016; a stalled vCPU
+# removal whose VMM configuration depends on whether an in-flight vm.resize of an older
+# generation landed before a restart). allocated_truthful's vCPU case is fixed (ADR 0016).
+# Until they are fixed a failure here is reported (XFAIL, with the failing steps)
+# without failing the run; a pass is XPASS.
 TestResize = pytest.mark.xfail(
-    reason="open: issue 15 allocated_truthful / pre-v52 recovery (see the note)", strict=False
+    reason="open: issue 15 pre-v52 recovery / stalled removal after a restart (see the note)",
+    strict=False,
 )(ResizeMachine.TestCase)
 TestResize.settings = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
