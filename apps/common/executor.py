@@ -16,8 +16,11 @@ from typing import Any, Protocol
 from adapters.k8s.vms import same_status, status_body
 from apps.common.logs import kv
 from core import (
+    RESIZED,
     Action,
+    ConditionStatus,
     Phase,
+    Reasons,
     RecordEvent,
     Requeue,
     SetPhase,
@@ -30,6 +33,21 @@ from core.table import TRANSITIONS, Cause
 
 log = logging.getLogger(__name__)
 _INFEASIBLE_EVENT = TRANSITIONS[(Phase.POD_RESIZE_IN_PROGRESS, Cause.INFEASIBLE)].reason
+
+
+def resize_outcome(vm: Vm, actions: tuple[Action, ...]) -> str:
+    """How a resize that just left its resize phase ended, by the ``Resized`` condition
+    it ended with: ``completed`` only when the guest reached the target; a deadline that
+    passed or a refusal is ``stopped`` (counted apart, so the duration of stalls never
+    reads as the time a resize takes), a pod resize the node cannot fit ``infeasible``."""
+    if any(isinstance(a, RecordEvent) and a.reason == _INFEASIBLE_EVENT for a in actions):
+        return "infeasible"
+    resized = apply_status(vm.status, actions).condition(RESIZED)
+    if resized is not None and resized.status is ConditionStatus.TRUE:
+        return "completed"
+    if resized is not None and resized.reason == Reasons.POD_RESIZE_INFEASIBLE:
+        return "infeasible"
+    return "stopped"
 
 
 def now_rfc3339() -> str:
@@ -108,10 +126,7 @@ class SharedExecutor:
             resize = (vm_obj.get("status") or {}).get("resize") or {}
             started = _parse_time(resize.get("startedAt"))
             if started is not None:
-                infeasible = any(
-                    isinstance(a, RecordEvent) and a.reason == _INFEASIBLE_EVENT for a in actions
-                )
-                outcome = "infeasible" if infeasible else "completed"
+                outcome = resize_outcome(vm, actions)
                 self.on_resize_done(outcome, max(time.time() - started, 0.0))
 
     def record_events(self, vm_obj: dict[str, Any], vm: Vm, actions: tuple[Action, ...]) -> None:
