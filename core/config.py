@@ -38,6 +38,9 @@ class KernelConfig:
     vmm_resize_deadline_s: float = 60.0
     # Booting the VMM (vm.create + vm.boot failing).
     boot_deadline_s: float = 120.0
+    # The VMM's API socket gone while its pod still runs (the VMM killed inside a running
+    # container, or the socket removed): the daemon can neither see nor resize the guest.
+    vmm_unreachable_deadline_s: float = 60.0
 
     def vmm_backoff(self, attempts: int) -> float:
         return min(self.vmm_retry_base_s * (2 ** min(attempts, 32)), self.vmm_retry_cap_s)

@@ -142,6 +142,7 @@ class Reasons:
     VALID = "Valid"
     REACHABLE = "Reachable"
     UNREACHABLE = "Unreachable"
+    VMM_SOCKET_GONE = "VMMSocketGone"  # unreachable past its deadline while the pod runs
     # RESIZE.md 4a/4b: what is stuck, named in the reason; the message says what to do.
     GUEST_MEMORY_UNVERIFIABLE = "GuestMemoryUnverifiable"  # VMM < v52 cannot tell
     GUEST_MEMORY_STUCK = "GuestMemoryStuck"  # the guest did not (un)plug in time
@@ -159,6 +160,7 @@ class Reasons:
     EV_VMM_INITIATED = "VMResizeInitiated"
     EV_VMM_FAILED = "VMResizeFailed"
     EV_BOOT_FAILED = "VMBootFailed"
+    EV_VMM_UNREACHABLE = "VMMUnreachable"
 
 
 # ---------------------------------------------------------------------------------------
@@ -633,7 +635,23 @@ def _track_return_phase(out: _Out, vm: Vm, vmm: VmmView) -> None:
 
 
 def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:
-    if vmm.state is VmmState.UNREACHABLE:
+    if vmm.state is VmmState.UNREACHABLE and _vmm_lost(out, vmm, config):
+        cond = vm.status.condition(VMM_REACHABLE)
+        why = vmm.detail or "no socket"
+        message = (
+            f"the VMM API socket has been unreachable for "
+            f"{config.vmm_unreachable_deadline_s:g}s while the pod runs ({why}): the VMM "
+            "may have been killed inside its container or its socket removed; nothing about "
+            "the guest can be seen or resized. Check the VM pod's container (kubectl logs, "
+            "kubectl describe pod); deleting the pod restarts the VM"
+        )
+        out.condition(
+            Owner.DAEMON, VMM_REACHABLE, ConditionStatus.FALSE, Reasons.VMM_SOCKET_GONE, message
+        )
+        if cond is None or cond.reason != Reasons.VMM_SOCKET_GONE:
+            out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_VMM_UNREACHABLE, message)
+        out.requeue(Owner.DAEMON, config.wait_poll_cap_s)
+    elif vmm.state is VmmState.UNREACHABLE:
         out.condition(
             Owner.DAEMON,
             VMM_REACHABLE,
@@ -646,6 +664,16 @@ def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:
         cond = vm.status.condition(VMM_REACHABLE)
         if cond is not None and cond.status is not ConditionStatus.TRUE:
             out.condition(Owner.DAEMON, VMM_REACHABLE, ConditionStatus.TRUE, Reasons.REACHABLE, "")
+
+
+def _vmm_lost(out: _Out, vmm: VmmView, config: KernelConfig) -> bool:
+    """Unreachable for the whole deadline (RESIZE.md 4b); without a clock, never."""
+    since = vmm.unreachable_since
+    return (
+        out.now is not None
+        and since is not None
+        and out.now - since >= config.vmm_unreachable_deadline_s
+    )
 
 
 def _effective_desired(vm: Vm, out: _Out, owner: Owner) -> Allocation | None:

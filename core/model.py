@@ -347,6 +347,9 @@ class VmmView:
     # A vCPU probe (vm.resize to the count already configured) just answered 204: no
     # removal is pending any more. Adapters set it for the re-decision.
     probe_ok: bool = False
+    # When this process first saw the socket unreachable, in a row (the adapter's memory:
+    # a daemon restart starts the wait again); None while reachable or unknown.
+    unreachable_since: float | None = None
 
     @property
     def observed(self) -> bool:

@@ -80,6 +80,7 @@ class Daemon(Reconciler):
         self.config = config
         self.shared = SharedExecutor(api, vms.observe_write, metrics.resize_done)
         self._hold: dict[str, float] = {}
+        self._unreachable: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def on_vm(self, _event: str, obj: dict[str, Any]) -> None:
@@ -103,7 +104,7 @@ class Daemon(Reconciler):
             return None
         pod = parse_pod(pod_obj)
         client = self.vmm_for_pod(pod_obj, vm_obj)
-        vmm = client.view()
+        vmm = self._unreachable_since(key, client.view())
         actions = owned_by(decide(vm, pod, vmm, self.config, time.time()), Owner.DAEMON)
         if not actions:
             return None
@@ -132,6 +133,16 @@ class Daemon(Reconciler):
             except VmmCallFailed as failed:
                 return self._call_failed(key, vmm, failed.error)
         return self.shared.requeue_after(actions)
+
+    def _unreachable_since(self, key: str, vmm: VmmView) -> VmmView:
+        """``vmm`` with when its socket first failed in a row (the kernel's deadline
+        counts from there); kept in memory only, so a restart starts the wait again."""
+        with self._lock:
+            if vmm.state is not VmmState.UNREACHABLE:
+                self._unreachable.pop(key, None)
+                return vmm
+            since = self._unreachable.setdefault(key, time.time())
+        return evolve(vmm, unreachable_since=since)
 
     def _call_failed(self, key: str, vmm: VmmView, error: VmmCallError) -> float | None:
         """Let the kernel decide what a VMM refusal means (retry, backoff, event)."""

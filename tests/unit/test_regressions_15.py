@@ -551,6 +551,7 @@ def test_kernel_config_names_every_deadline_once() -> None:
         "vcpu_removal_deadline_s",
         "vmm_resize_deadline_s",
         "boot_deadline_s",
+        "vmm_unreachable_deadline_s",
     }
     assert DEADLINE_FLAGS["pod_resize_deadline_s"] == "--pod-resize-deadline"
     short = KernelConfig(guest_memory_deadline_s=5.0)
