@@ -7,6 +7,7 @@ cleanly, the VM keeps running), print a timeline, tear everything down.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -56,6 +57,19 @@ def _load_example() -> dict[str, Any]:
     return yaml.safe_load(EXAMPLE.read_text())
 
 
+def node_kind_line() -> str:
+    """Which node the demo runs on, and why: the seed's example grows a VM to 12 vCPUs and
+    is refused at 16, so it needs a node of ``NODE_CPU`` CPUs; a real kubelet reports the
+    machine's own CPUs, which here are fewer, so the demo's node is the simulated kubelet
+    (``chscale up --kubelet real`` runs a real one; ADR 0014)."""
+    have = os.cpu_count() or 0
+    return (
+        f"node: simulated kubelet with {NODE_CPU} CPUs, {NODE_MEMORY} (the example needs "
+        f"{NODE_CPU} CPUs and a real node here would have this machine's {have}; "
+        "`chscale up --kubelet real` starts a real one)"
+    )
+
+
 def _ts(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S.%f")[:-3]
 
@@ -80,6 +94,7 @@ def run_demo(keep: bool = False, state_dir: str | None = None) -> int:
     )
     started = time.monotonic()
     try:
+        progress.step(node_kind_line())
         stack.start()
         progress.done(
             f"stack up in {time.monotonic() - started:.1f}s (node: {NODE_CPU} CPUs, {NODE_MEMORY})"

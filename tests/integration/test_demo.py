@@ -30,4 +30,5 @@ def test_demo_grows_shrinks_and_refuses(
         "VMPodResizeInfeasible",
     ):
         assert reason in out
+    assert "node: simulated kubelet with 16 CPUs" in out  # the demo says which node it used
     assert "all processes stopped" in out
