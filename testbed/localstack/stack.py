@@ -351,8 +351,7 @@ class Stack:
                     obj = kube.get(f"/api/v1/nodes/{node}")
                 except NotFound:
                     continue
-                conditions = (obj.get("status") or {}).get("conditions") or []
-                if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+                if self._adopted(obj):
                     pending.discard(node)
             time.sleep(0.1)
         if pending:
@@ -360,6 +359,20 @@ class Stack:
         if not self._own_control_plane:
             for node in self.real_nodes:
                 self._lift_not_ready_taint(kube, node)
+
+    def _adopted(self, node: dict[str, Any]) -> bool:
+        """Ready, and (when the stack's own scheduler places pods) labelled as this
+        stack's. Ready alone is not enough: a test may register a bare Ready Node before
+        the stack starts (ControlPlane.add_node), and until this stack's kubelet has
+        adopted it the scheduler's added affinity excludes it (in CI a VM pod tried that
+        early stayed Pending through a test's whole 120 s)."""
+        conditions = (node.get("status") or {}).get("conditions") or []
+        if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            return False
+        if not self.cluster_controllers:
+            return True  # the simulated kubelet binds its own pods: nothing to race
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        return labels.get(STACK_LABEL) == self.stack_id
 
     def _lift_not_ready_taint(self, kube: Any, node: str) -> None:
         # The node lifecycle controller lifts it once the node is Ready; a shared control

@@ -31,6 +31,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
@@ -107,8 +108,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()  # type: ignore[attr-defined]
     stack = getattr(item, "funcargs", {}).get("stack")
     if report.failed and isinstance(stack, Stack):
-        for name, child in sorted(stack.children.items()):
+        # kube-controller-manager last: on a shared control plane it fills its tail with
+        # other tests' namespaces, and CI keeps only the start of a long report.
+        for name, child in sorted(stack.children.items(), key=_report_order):
             report.sections.append((f"{name} log (tail)", child.log_tail(40)))
+
+
+def _report_order(item: tuple[str, Any]) -> tuple[bool, str]:
+    return item[0] == "kube-controller-manager", item[0]
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import yaml
 from adapters.k8s.client import Kube, load_api_client
 from adapters.k8s.vms import vm_path
 from apps.cli.vmops import Follower, apply_vm, converged
+from testbed.controlplane.launcher import STACK_LABEL
 from testbed.localstack.stack import NodeSpec, Stack
 from testbed.procs import alive, processes_mentioning
 from tests.integration.tables import server_table
@@ -149,6 +150,29 @@ def test_stop_ends_the_vmms_a_killed_kubelet_left_running(
     finally:
         stack.stop()
     assert processes_mentioning(vmms) == []
+
+
+def test_start_returns_once_its_kubelet_adopted_a_node_registered_before(
+    control_plane: Any, tmp_path: Path
+) -> None:
+    """A bare Node a test registered Ready before the stack started (ControlPlane.add_node)
+    is not yet the stack's: its scheduler only places pods onto nodes labelled as the
+    stack's. start() returns once the stack's kubelet has adopted it (CI: a VM pod created
+    in between stayed Pending for the whole test)."""
+    control_plane.add_node("adopted-node")
+    stack = Stack(
+        tmp_path / "stack",
+        nodes=[NodeSpec("adopted-node", "8", "16Gi")],
+        control_plane=control_plane,
+        webhook=False,
+    )
+    stack.start()
+    try:
+        node = Kube(control_plane.api_client()).get("/api/v1/nodes/adopted-node")
+        assert node["metadata"]["labels"].get(STACK_LABEL) == stack.stack_id
+        assert node["status"]["allocatable"]["cpu"] == "8"
+    finally:
+        stack.stop()
 
 
 # --- the deploy manifests -------------------------------------------------------------
