@@ -953,6 +953,10 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
     if current is None:
         return
     desired = _effective_desired(vm, out, Owner.CONTROLLER)
+    # Only the user writes the spec. A target taken from status.resize instead is one any
+    # writer of the VM's status could have put there (ADR 0011): it may still grow the
+    # pod (never unsafe for the guest) but never shrink it.
+    from_spec = desired is not None
     if desired is None:
         # Out of reach (or invalid) now: finish toward what was being applied, safely.
         if record is None:
@@ -1007,6 +1011,9 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         _patch_accepted(out, record, pod)
         return
     step, target = plan(current, pod, desired, config)
+    if step is Step.POD_SHRINK and not from_spec:
+        _shrink_unchecked(out, vm, pod, record, current, config)
+        return
     kubelet_busy = (
         pod.resize_pending is not None
         or pod.resize_in_progress is not None
@@ -1017,7 +1024,8 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         return
     if step is None:
         out.record(Owner.CONTROLLER, None)
-        _settled(out, Owner.CONTROLLER, desired)
+        if from_spec:
+            _settled(out, Owner.CONTROLLER, desired)  # else the spec's problem stays said
         out.transition(Cause.RESIZED, f"resized to {desired}")
         return
     if step is Step.VMM:
@@ -1183,6 +1191,39 @@ def _forbidden(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: s
         f"raise the quota or change the spec to retry: {message}",
     )
     out.transition(Cause.FORBIDDEN, message)
+
+
+def _shrink_unchecked(
+    out: _Out,
+    vm: Vm,
+    pod: PodView,
+    record: ResizeRecord,
+    current: Allocation,
+    config: KernelConfig,
+) -> None:
+    """The spec is out of reach and only a pod shrink to status.resize's target is left:
+    the controller cannot check that target against anything it observes (the spec says
+    otherwise), so the pod keeps what it has and the VM settles. The condition the spec's
+    problem set (ExceedsCapacity, InvalidSpec) says why; a new spec starts over."""
+    keep = _keep(pod, current, config)
+    if keep is not None and pod.desired != keep:
+        out.effect(ResizePod(keep))
+    out.record(
+        Owner.CONTROLLER,
+        evolve(
+            record,
+            step=Step.INFEASIBLE,
+            generation=vm.generation,
+            pod_generation=None,
+            attempts=0,
+            wait_since=None,
+        ),
+    )
+    out.transition(
+        Cause.STALLED,
+        f"the guest holds {current}; pod {pod.name} keeps {pod.actual} rather than shrink "
+        "to a target the spec no longer gives (the spec is out of the VM's reach)",
+    )
 
 
 def _pod_stalled(
