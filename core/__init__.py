@@ -31,7 +31,7 @@ from core.actions import (
     owned_by,
 )
 from core.config import DEFAULT_CONFIG, KernelConfig
-from core.kernel import RESIZED, VMM_REACHABLE, Reasons, decide, plan
+from core.kernel import RESIZED, VMM_REACHABLE, VMM_TRUSTED, Reasons, decide, plan
 from core.model import (
     UNOBSERVED_VMM,
     Allocation,
@@ -62,6 +62,7 @@ __all__ = [
     "RESIZED",
     "UNOBSERVED_VMM",
     "VMM_REACHABLE",
+    "VMM_TRUSTED",
     "Action",
     "AddFinalizer",
     "Allocation",

@@ -119,10 +119,11 @@ from core.resources import (
 )
 from core.table import RETURN, Cause, move
 
-__all__ = ["RESIZED", "VMM_REACHABLE", "Reasons", "decide", "plan"]
+__all__ = ["RESIZED", "VMM_REACHABLE", "VMM_TRUSTED", "Reasons", "decide", "plan"]
 
 RESIZED = "Resized"
 VMM_REACHABLE = "VMMReachable"
+VMM_TRUSTED = "VMMTrusted"
 SPEC_VALID = "SpecValid"
 BOOTED = "Booted"
 
@@ -143,6 +144,8 @@ class Reasons:
     REACHABLE = "Reachable"
     UNREACHABLE = "Unreachable"
     VMM_SOCKET_GONE = "VMMSocketGone"  # unreachable past its deadline while the pod runs
+    TRUSTED = "Trusted"
+    VMM_UNTRUSTED = "VMMUntrusted"  # the socket leads elsewhere than the pod's own VMM
     # RESIZE.md 4a/4b: what is stuck, named in the reason; the message says what to do.
     GUEST_MEMORY_UNVERIFIABLE = "GuestMemoryUnverifiable"  # VMM < v52 cannot tell
     GUEST_MEMORY_STUCK = "GuestMemoryStuck"  # the guest did not (un)plug in time
@@ -161,6 +164,7 @@ class Reasons:
     EV_VMM_FAILED = "VMResizeFailed"
     EV_BOOT_FAILED = "VMBootFailed"
     EV_VMM_UNREACHABLE = "VMMUnreachable"
+    EV_VMM_UNTRUSTED = "VMMUntrusted"
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,7 +380,7 @@ def decide(
         _pending(out, vm, pod, config)
     elif phase is Phase.SCHEDULING:
         _scheduling(out, vm, pod, config)
-    elif _pod_ended(out, pod):
+    elif _pod_ended(out, pod) or _vmm_untrusted(out, vm, vmm, config):
         pass
     elif phase is Phase.SCHEDULED:
         _vmm_version(out, vm, vmm)
@@ -632,6 +636,27 @@ def _track_return_phase(out: _Out, vm: Vm, vmm: VmmView) -> None:
     if record is not None and now is not None and record.return_phase is not now:
         out.record(Owner.DAEMON, evolve(record, return_phase=now))
         out.daemon_return = now
+
+
+def _vmm_untrusted(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> bool:
+    """A socket that does not lead to the pod's own VMM: said once as a condition of its
+    own and a Warning event, and no step runs (every step would call the VMM behind it).
+    Looked at again on the poll cap: the pod's owner may put it right."""
+    cond = vm.status.condition(VMM_TRUSTED)
+    if vmm.state is not VmmState.UNTRUSTED:
+        if vmm.observed and cond is not None and cond.status is not ConditionStatus.TRUE:
+            out.condition(Owner.DAEMON, VMM_TRUSTED, ConditionStatus.TRUE, Reasons.TRUSTED, "")
+        return False
+    message = (
+        f"the VM pod's VMM socket does not lead to its own VMM ({vmm.detail or 'refused'}): "
+        "nothing is sent to it, so the guest is neither booted nor resized. Something in "
+        "the pod replaced or redirected vmm/ch.sock; deleting the pod restarts the VM"
+    )
+    out.condition(Owner.DAEMON, VMM_TRUSTED, ConditionStatus.FALSE, Reasons.VMM_UNTRUSTED, message)
+    if cond is None or cond.status is not ConditionStatus.FALSE:
+        out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_VMM_UNTRUSTED, message)
+    out.requeue(Owner.DAEMON, config.wait_poll_cap_s)
+    return True
 
 
 def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:

@@ -294,6 +294,9 @@ class VmmState(enum.StrEnum):
     PAUSED = "Paused"
     SHUTDOWN = "Shutdown"
     UNREACHABLE = "Unreachable"
+    # The pod's socket does not lead to the pod's own VMM (a symlink, another pod's VMM,
+    # a foreign owner): nothing was sent, and nothing is until it does (issue 17).
+    UNTRUSTED = "Untrusted"
     # The caller does not look at the VMM (the controller never does).
     UNOBSERVED = "Unobserved"
 
@@ -353,7 +356,7 @@ class VmmView:
 
     @property
     def observed(self) -> bool:
-        return self.state not in (VmmState.UNOBSERVED, VmmState.UNREACHABLE)
+        return self.state not in (VmmState.UNOBSERVED, VmmState.UNREACHABLE, VmmState.UNTRUSTED)
 
     @property
     def reports_plugged(self) -> bool:

@@ -10,6 +10,7 @@ from adapters.cloudhypervisor.errors import (
     CloudHypervisorError,
     VmmBusy,
     VmmUnreachable,
+    VmmUntrusted,
     VmNotCreated,
 )
 from apps.daemon.daemon import VmmCallFailed
@@ -94,6 +95,8 @@ class Vmm:
             return VmmView(VmmState.NOT_CREATED)
         except VmmUnreachable as exc:
             return VmmView(VmmState.UNREACHABLE, detail=str(exc))
+        except VmmUntrusted as exc:
+            return VmmView(VmmState.UNTRUSTED, detail=str(exc))
         except CloudHypervisorError as exc:
             return VmmView(VmmState.UNREACHABLE, detail=str(exc))
         cpus, memory = info.config.cpus, info.config.memory

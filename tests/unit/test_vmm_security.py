@@ -31,9 +31,34 @@ from adapters.cloudhypervisor.errors import (
     VmmUnreachable,
     VmmUntrusted,
 )
+from apps.daemon.vmm import BootDefaults, Vmm
+from core import (
+    VMM_REACHABLE,
+    VMM_TRUSTED,
+    Allocation,
+    BootVmm,
+    ConditionStatus,
+    Owner,
+    Phase,
+    PodView,
+    RecordEvent,
+    ResizeRecord,
+    ResizeVmm,
+    Resources,
+    SetCondition,
+    Step,
+    Vm,
+    VmmState,
+    VmmView,
+    VmSpec,
+    VmStatus,
+    apply_status,
+    decide,
+    owned_by,
+)
+from core.constants import GiB, MiB
 from core.podlayout import POD_UID_ENV, vmm_socket_dir, vmm_socket_path
 
-MiB = 1 << 20
 VICTIM, TENANT = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
 
 
@@ -278,3 +303,47 @@ def test_a_missing_socket_is_unreachable_not_untrusted(root: Path) -> None:
     with pytest.raises(VmmUnreachable) as caught:
         daemon_client(str(root), TENANT).info()
     assert not isinstance(caught.value, VmmUntrusted)
+
+
+# --- what the daemon makes of it: a condition and an event of its own, never a call ----
+
+
+def _untrusted_view(root: Path, victim: str) -> VmmView:
+    (_tenant_dir(root) / "ch.sock").symlink_to(victim)
+    return Vmm("unused", None, BootDefaults(), client=daemon_client(str(root), TENANT)).view()
+
+
+def test_the_daemon_sees_a_redirected_socket_as_untrusted_not_unreachable(root: Path) -> None:
+    with pod_vmm(root, VICTIM) as victim:
+        view = _untrusted_view(root, victim)
+    assert view.state is VmmState.UNTRUSTED, view
+    assert "symlink" in (view.detail or "")
+
+
+@pytest.mark.parametrize("phase", [Phase.SCHEDULED, Phase.RUNNING, Phase.RESIZE_IN_PROGRESS])
+def test_an_untrusted_vmm_is_a_condition_and_one_event_never_a_call(phase: Phase) -> None:
+    spec = VmSpec(1, 2, 1 * GiB, max_vcpus=4, max_memory=4 * GiB)
+    record = ResizeRecord(vcpus=4, memory=1 * GiB, generation=2, step=Step.VMM)
+    status = VmStatus(
+        phase=phase,
+        allocated=None if phase is Phase.SCHEDULED else Allocation(2, 1 * GiB),
+        resize=record if phase is Phase.RESIZE_IN_PROGRESS else None,
+    )
+    vm = Vm("tenant-a", "vm-a", generation=2, spec=spec, status=status)
+    held = Resources(4000, 1280 * MiB)
+    pod = PodView("vm-vm-a", node_name="node-a", desired=held, actual=held, generation=3)
+    vmm = VmmView(VmmState.UNTRUSTED, detail="/pods/x/vmm/ch.sock: is a symlink")
+    first = owned_by(decide(vm, pod, vmm, now=1.0), Owner.DAEMON)
+    assert not [a for a in first if isinstance(a, BootVmm | ResizeVmm)], first
+    conditions = [a.condition for a in first if isinstance(a, SetCondition)]
+    trusted = [c for c in conditions if c.type == VMM_TRUSTED]
+    assert trusted and trusted[0].status is ConditionStatus.FALSE
+    assert trusted[0].reason == "VMMUntrusted" and "symlink" in trusted[0].message
+    assert not [c for c in conditions if c.type == VMM_REACHABLE]
+    events = [a.reason for a in first if isinstance(a, RecordEvent)]
+    assert events == ["VMMUntrusted"], events
+    # Said once: the next look with the condition in place records no second event.
+    again = vm.evolve(status=apply_status(vm.status, first))
+    second = owned_by(decide(again, pod, vmm, now=2.0), Owner.DAEMON)
+    assert not [a for a in second if isinstance(a, RecordEvent)], second
+    assert not [a for a in second if isinstance(a, BootVmm | ResizeVmm)], second
