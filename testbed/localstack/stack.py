@@ -311,7 +311,7 @@ class Stack:
                 "--port",
                 str(port),
                 "--kubeconfig",
-                str(self.kubeconfig),
+                str(self.component_kubeconfig("webhook")),
                 "--log-level",
                 os.environ.get("CHSCALE_WEBHOOK_LOG_LEVEL", "info"),
             ),
@@ -319,6 +319,8 @@ class Stack:
         )
         self._wait_port(port, "webhook")
         assert self.control_plane is not None
+        # Registering is the installer's act (an admin's), not the webhook's: its own
+        # account only reads VMs.
         register_webhooks(self.control_plane.api_client(), f"https://127.0.0.1:{port}", bundle)
         self._webhook_registered = True
 
