@@ -915,6 +915,16 @@ def _daemon_steady(
     truth = _guest_truth(known, vmm) if known is not None else _recovered(vmm, pod, config)
     if truth is None and known is None:
         _probe_for_recovery(out, vmm, config)
+    removal_done = False
+    if known is not None and truth is not None and vmm.vcpus is not None:
+        if truth.vcpus > vmm.vcpus and vmm.probe_ok:
+            # A removal that stalled (or that a restart left behind) finished late.
+            truth, removal_done = evolve(truth, vcpus=vmm.vcpus), True
+        elif truth.vcpus > vmm.vcpus and vmm.call_error is None:
+            # More vCPUs than configured may still run: only a probe shows when the guest
+            # ejects them. One per look (watch events, the daemon's resync), no loop of
+            # its own: a guest that never ejects costs one 429 per resync.
+            out.effect(ResizeVmm(vcpus=vmm.vcpus, probe=True))
     if truth is not None and vmm.requested is not None:
         # No resize runs: a growth the guest has not finished plugging (a stalled one)
         # may still finish, so ``allocated`` keeps what the VMM was asked.
@@ -927,8 +937,31 @@ def _daemon_steady(
         _steady_record_follows(out, vm, out.transition(Cause.VMM_PAUSED))
     elif vm.status.phase is Phase.PAUSED and vmm.state is VmmState.RUNNING:
         _steady_record_follows(out, vm, out.transition(Cause.VMM_RESUMED))
+    elif removal_done:
+        _late_removal(out, vm, vmm)
     else:
         _vmm_drift(out, vm, vmm, truth)
+
+
+def _late_removal(out: _Out, vm: Vm, vmm: VmmView) -> None:
+    """The guest ejected, after its step stalled, the vCPUs it had been asked to remove:
+    the VMM accepts vCPU counts again, so the step that stalled runs again for the spec
+    of this generation. Which count the VMM was left at depends on whether an in-flight
+    request of an earlier generation landed before a restart; running the step again
+    makes the outcome the spec's, either way (RESIZE.md 8, invariant 6)."""
+    record = vm.status.resize
+    if vm.spec is None or not out.spec_ok or record is None:
+        return
+    if record.step is not Step.STALLED or record.generation != vm.generation:
+        return
+    phase = vm.status.phase
+    assert phase is not None
+    out.record(Owner.DAEMON, _new_record(vm, Step.VMM, vm.spec.desired, phase))
+    out.transition(
+        Cause.VMM_DRIFTED,
+        f"the guest finished removing vCPUs late (the VMM is configured for {vmm.requested});"
+        f" resuming toward {vm.spec.desired}",
+    )
 
 
 def _steady_record_follows(out: _Out, vm: Vm, phase: Phase) -> None:

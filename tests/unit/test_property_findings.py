@@ -134,3 +134,75 @@ def test_allocated_lost_during_a_pending_vcpu_removal_is_not_recovered_from_a_st
     for action in controller:
         if isinstance(action, ResizePod):
             assert action.resources.cpu_millis >= 2000, action
+
+
+def _after_stalled_removal() -> tuple[Vm, PodView]:
+    """restart_changes_no_outcome: a VM at 3 vCPUs was asked 2 (generation 3), then 1
+    (generation 4); the guest was paused and ejected nothing, and the removal stalled
+    (GuestVcpuRemovalStuck, 3 vCPUs still run). Whether generation 3's vm.resize landed
+    before the daemon restarted left the VMM configured for 2 or for 1."""
+    spec = VmSpec(1, 1, 1 * GiB, max_vcpus=4, max_memory=4 * GiB)
+    stalled = ResizeRecord(vcpus=1, memory=1 * GiB, generation=4, step=Step.STALLED)
+    status = VmStatus(
+        phase=Phase.RUNNING,
+        node_name="node-a",
+        observed_generation=4,
+        desired=Allocation(1, 1 * GiB),
+        capacity=Capacity(4, 4 * GiB, 1 * GiB),
+        allocated=Allocation(3, 1 * GiB),
+        resize=stalled,
+        vmm_version="v50.0",
+    )
+    held = pod_resources(evolve(spec, cores_per_socket=3))
+    return _vm(status, generation=4, spec=spec), _pod(held, generation=5)
+
+
+def _settle_daemon(vm: Vm, pod: PodView, vmm: VmmView, ejects: bool) -> tuple[Vm, VmmView]:
+    """The daemon decides and carries out its VMM calls, against a VMM whose guest has
+    finished every removal (``ejects``) or never does, until it has nothing to ask."""
+    now = T0
+    for _ in range(12):
+        actions = _daemon(vm, pod, vmm, now)
+        vm = vm.evolve(status=apply_status(vm.status, actions))
+        calls = [a for a in actions if isinstance(a, ResizeVmm)]
+        if not calls:
+            return vm, vmm
+        (call,) = calls
+        if call.probe and not ejects:
+            busy = evolve(vmm, call_error=VmmCallError(VmmCallErrorKind.BUSY, "pending"))
+            vm = vm.evolve(status=apply_status(vm.status, _daemon(vm, pod, busy, now)))
+            return vm, vmm  # nothing more to learn until the guest ejects
+        if call.probe:
+            done = _daemon(vm, pod, evolve(vmm, probe_ok=True), now)
+            vm = vm.evolve(status=apply_status(vm.status, done))
+        else:
+            assert call.vcpus is not None
+            vmm = evolve(vmm, vcpus=call.vcpus)  # accepted; this guest ejects at once
+        now += 1.0
+    raise AssertionError(f"the daemon kept asking: {vm.status}")
+
+
+def test_a_stalled_removal_the_guest_finishes_late_ends_at_the_spec_either_way() -> None:
+    """Once the guest ejects, the two worlds (VMM left at 2 or at 1) must end alike: a
+    steady probe sees the eject, ``allocated`` follows, and the step that stalled runs
+    again for the spec, so the VMM ends configured for 1 in both."""
+    ends = []
+    for configured in (2, 1):
+        vm, pod = _after_stalled_removal()
+        vmm = _vmm(configured, 1 * GiB, v53=False)
+        vm, vmm = _settle_daemon(vm, pod, vmm, ejects=True)
+        assert vm.status.allocated is not None
+        ends.append((vmm.vcpus, vm.status.allocated.vcpus))
+    assert ends == [(1, 1), (1, 1)], ends
+
+
+def test_a_stalled_removal_the_guest_never_finishes_is_probed_not_retried() -> None:
+    """A guest that never ejects: the probe answers 429, nothing else is asked, and
+    ``allocated`` keeps the vCPUs that still run."""
+    vm, pod = _after_stalled_removal()
+    vmm = _vmm(2, 1 * GiB, v53=False)
+    probes = [a for a in _daemon(vm, pod, vmm, T0) if isinstance(a, ResizeVmm)]
+    assert probes == [ResizeVmm(vcpus=2, probe=True)], probes
+    vm, vmm = _settle_daemon(vm, pod, vmm, ejects=False)
+    assert vmm.vcpus == 2 and vm.status.allocated == Allocation(3, 1 * GiB), vm.status
+    assert vm.status.phase is Phase.RUNNING
