@@ -209,7 +209,10 @@ def test_an_unkind_guest_or_an_old_vmm_never_breaks_the_pod_limit(
         resizes, infos = _calls(socket, "vm.resize"), _calls(socket, "vm.info")
         assert resizes < 30, resizes
         time.sleep(3.0)
-        assert _calls(socket, "vm.resize") == resizes  # given up: no more calls
+        # Given up: no more calls, but for a guest that may still eject vCPUs one probe
+        # per look at the VM (the daemon's 30 s resync), which this window may catch.
+        late_probes = 1 if reason == "GuestVcpuRemovalStuck" else 0
+        assert _calls(socket, "vm.resize") - resizes <= late_probes
         assert _calls(socket, "vm.info") - infos < 20  # only the daemon's resyncs
     finally:
         with contextlib.suppress(NotFound):
