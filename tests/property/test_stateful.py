@@ -29,6 +29,7 @@ from core import Resources, VmSpec, pod_resources
 from core.constants import GUEST_MEMORY_ALIGNMENT, GiB, MiB
 from tests.property.world import (
     OVERHEAD,
+    KnownOpenFinding,
     Node,
     World,
     check_converges,
@@ -275,14 +276,14 @@ class ResizeMachine(RuleBasedStateMachine):
                 event(f"saw {name}")
 
 
-# Known open kernel bugs this machine can find (issue 15: recovery of a lost
-# status.allocated on VMMs before v52 depending on a late patch, ADR 0016; a stalled vCPU
-# removal whose VMM configuration depends on whether an in-flight vm.resize of an older
-# generation landed before a restart). allocated_truthful's vCPU case is fixed (ADR 0016).
-# Until they are fixed a failure here is reported (XFAIL, with the failing steps)
-# without failing the run; a pass is XPASS.
+# One known open kernel finding (issue 15, ADR 0016): recovering a lost status.allocated
+# on a VMM before v52 takes memory from the pod, so it can depend on whether a late pod
+# patch landed before a restart. Only a violation with exactly that signature
+# (world.KnownOpenFinding) is reported as XFAIL; any other failure fails the run. The
+# stalled vCPU removal whose outcome depended on a restart is fixed (ADR 0017).
 TestResize = pytest.mark.xfail(
-    reason="open: issue 15 pre-v52 recovery / stalled removal after a restart (see the note)",
+    raises=KnownOpenFinding,
+    reason="open: issue 15, pre-v52 recovery of a lost allocated depends on a late patch",
     strict=False,
 )(ResizeMachine.TestCase)
 TestResize.settings = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
