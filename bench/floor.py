@@ -113,6 +113,9 @@ def start_vmm(stack: Stack, name: str, small: Size, large: Size) -> CloudHypervi
             "0",
             "--sim-name",
             name,
+            # A VMM validates its boot config: no kernel, no boot (the stack's
+            # placeholder boots the simulated guest).
+            *(["--kernel", stack.kernel] if stack.kernel else []),
         ],
         stack.logs / f"floor-vmm-{name}.log",
     )
