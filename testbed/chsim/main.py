@@ -36,6 +36,7 @@ from sim.cloudhypervisor import (
     Knobs,
     VmmModel,
 )
+from testbed.chsim.ballast import Ballast
 from testbed.chsim.server import ChSimServer, FaultPlan, SocketInUse
 
 log = logging.getLogger("chscale.chsim")
@@ -260,6 +261,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="report Shutdown after vm.shutdown (Cloud Hypervisor reports Created)",
     )
+    p.add_argument(
+        "--sim-touch-memory",
+        action="store_true",
+        help="really hold (allocate and touch) the memory the guest holds, so that the VM "
+        "pod's cgroup sees the guest's usage as with a real VMM (the real node's VM pods)",
+    )
     p.add_argument("--sim-name", default="", help="the VM name used in logs")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -274,6 +281,7 @@ class Plan:
     faults: FaultPlan
     config: dict[str, Any] | None
     vm_name: str
+    touch_memory: bool = False
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -295,7 +303,14 @@ def plan(args: argparse.Namespace) -> Plan:
         seed=args.sim_error_seed,
         endpoints=[e.strip() for e in args.sim_error_endpoints.split(",") if e.strip()],
     )
-    return Plan(socket_path(args.api_socket), knobs, faults, vm_config(args), args.sim_name)
+    return Plan(
+        socket_path(args.api_socket),
+        knobs,
+        faults,
+        vm_config(args),
+        args.sim_name,
+        touch_memory=args.sim_touch_memory,
+    )
 
 
 class BootFailed(RuntimeError):
@@ -348,7 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals = _Signals()
     model = VmmModel(wanted.knobs, pid=os.getpid(), file_exists=file_opens)
     try:
-        server = ChSimServer(wanted.socket_path, model, wanted.faults, vm_name=wanted.vm_name)
+        server = ChSimServer(
+            wanted.socket_path,
+            model,
+            wanted.faults,
+            vm_name=wanted.vm_name,
+            ballast=Ballast() if wanted.touch_memory else None,
+        )
     except SocketInUse as exc:
         log.error("cannot serve", extra=kv(socket=wanted.socket_path, error=str(exc)))
         return 1

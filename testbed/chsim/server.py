@@ -40,6 +40,7 @@ from sim.cloudhypervisor import (
     VmmModel,
     http_error,
 )
+from testbed.chsim.ballast import Ballast
 
 log = logging.getLogger("chscale.chsim")
 
@@ -288,9 +289,12 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         model: VmmModel,
         faults: FaultPlan | None = None,
         vm_name: str = "",
+        ballast: Ballast | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.model = model
+        # The guest's memory, really held (--sim-touch-memory), kept in step with the model.
+        self.ballast = ballast
         self.faults = faults or FaultPlan()
         self.vm_name = vm_name or os.path.basename(socket_path)
         self.stopping = threading.Event()
@@ -338,12 +342,28 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             if self.faults.strikes(endpoint):
                 log.warning("injecting fault", extra=kv(vm=self.vm_name, endpoint=endpoint))
                 return self.model.error(500, "Error from API", INJECTED_FAULT)
-            return self.model.handle(self.now(), method, path, body)
+            response = self.model.handle(self.now(), method, path, body)
+            self._hold_guest_memory()
+            return response
 
     def call(self, method: str, endpoint: str, body: bytes | None = None) -> Response:
         """Drive the model directly (the command-line boot), under the same lock."""
         with self._lock:
-            return self.model.handle(self.now(), method, API_PREFIX + endpoint, body)
+            response = self.model.handle(self.now(), method, API_PREFIX + endpoint, body)
+            self._hold_guest_memory()
+            return response
+
+    def service_actions(self) -> None:
+        """Between requests (serve_forever's poll): the guest plugs and unplugs on its own
+        clock, and the ballast follows it there too."""
+        if self.ballast is not None:
+            with self._lock:
+                self.model.advance(self.now())
+                self._hold_guest_memory()
+
+    def _hold_guest_memory(self) -> None:
+        if self.ballast is not None:
+            self.ballast.resize(self.model.guest_usage()["memory_held"])
 
     def stop_soon(self) -> None:
         """Stop serving from any thread, including a request handler's or a signal
@@ -355,6 +375,8 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def server_close(self) -> None:
         self.stopping.set()
         super().server_close()
+        if self.ballast is not None:
+            self.ballast.close()
         self.unlink_socket()
         self._release_socket_lock()
 

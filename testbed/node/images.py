@@ -3,7 +3,8 @@
 - ``pause``: the sandbox image, a tiny static C program that sleeps until a signal ends
   it (what the upstream pause image does), built with the C compiler here.
 - ``vm-pod``: the image of a VM pod's container, which runs the Cloud Hypervisor
-  simulator (``python -m testbed.chsim.main``, what ``chscale-ch-sim`` runs): the Python
+  simulator (``python -m testbed.chsim.main --sim-touch-memory``: the guest's memory
+  really held, see ``testbed.chsim.ballast``), what ``chscale-ch-sim`` runs: the Python
   running this code (interpreter, standard library, shared libraries, at their paths on
   this machine), attrs, and the repository's simulator code, copied in. Self-contained,
   since the pod the controller builds mounts only its ``vmm`` emptyDir; a test bench's
@@ -36,6 +37,9 @@ from testbed.node.packages import node_cache
 
 PAUSE_IMAGE = "chscale.local/pause:3.10"
 VM_POD_IMAGE = "chscale.local/vm-pod:1"
+# What the VM pod's container runs (the pod adds --api-socket). The guest's memory is
+# really held, so the pod's cgroup sees what a real VMM's would (issue 16).
+VM_POD_COMMAND = ("-m", "testbed.chsim.main", "--sim-touch-memory")
 
 PAUSE_C = r"""
 #include <signal.h>
@@ -68,6 +72,7 @@ STDLIB_SKIP = {"site-packages", "test", "idlelib", "tkinter", "turtledemo", "ens
                "lib2to3", "config-3.11-x86_64-linux-gnu", "pydoc_data", "unittest"}  # fmt: skip
 REPO = Path(__file__).resolve().parents[2]
 STALE_IMAGE_S = 3600.0
+
 
 @attrs.frozen(slots=True)
 class Image:
@@ -239,7 +244,7 @@ def vm_pod_image(directory: Path | None = None) -> Image:
     directory = directory or node_cache() / "images"
     directory.mkdir(parents=True, exist_ok=True)
     files = _vm_pod_files()
-    recipe = hashlib.sha256(VM_POD_KERNEL.encode())
+    recipe = hashlib.sha256("\0".join((VM_POD_KERNEL, *VM_POD_COMMAND)).encode())
     for src, dest in files:
         stat = src.stat()
         recipe.update(f"{dest}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -279,7 +284,7 @@ def vm_pod_image(directory: Path | None = None) -> Image:
     entries.append((kernel, b""))
     interpreter = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
     config = {
-        "Entrypoint": [str(interpreter), "-m", "testbed.chsim.main"],
+        "Entrypoint": [str(interpreter), *VM_POD_COMMAND],
         "Env": [f"PYTHONPATH=/{APP_DIR}", "PYTHONDONTWRITEBYTECODE=1", "PATH=/usr/bin:/bin"],
     }
     archive = oci_archive(VM_POD_IMAGE, _tar_layer(entries), config)

@@ -93,14 +93,21 @@ def _pod(name: str, cpu: str, memory: str) -> dict[str, Any]:
 
 def _memory_limit(node: RealNode, pod_uid: str) -> int | None:
     """The pod-level cgroup's memory limit, read from the cgroup file system."""
+    return _pod_memory_file(node, pod_uid, "memory.limit_in_bytes", "memory.max")
+
+
+def _memory_usage(node: RealNode, pod_uid: str) -> int | None:
+    """What the pod's processes hold, as the cgroup counts it (the OOM killer's view)."""
+    return _pod_memory_file(node, pod_uid, "memory.usage_in_bytes", "memory.current")
+
+
+def _pod_memory_file(node: RealNode, pod_uid: str, v1: str, v2: str) -> int | None:
     for hierarchy in cgroup_hierarchies():
         # The v1 memory controller, or the v2 unified hierarchy.
-        for leaf, name in (("memory.limit_in_bytes", "memory"), ("memory.max", "unified")):
+        for leaf, name in ((v1, "memory"), (v2, "unified")):
             if hierarchy.name not in (name, "cgroup", "memory,"):
                 continue
-            pod_dir = (
-                hierarchy / node.cgroup_root.lstrip("/") / "kubepods" / f"pod{pod_uid}" / leaf
-            )
+            pod_dir = hierarchy / node.cgroup_root.lstrip("/") / "kubepods" / f"pod{pod_uid}" / leaf
             if pod_dir.is_file():
                 text = pod_dir.read_text().strip()
                 return None if text == "max" else int(text)
@@ -253,6 +260,9 @@ def test_a_vm_grows_shrinks_and_is_refused_on_the_real_node(
         grown = follower.wait(converged, WAIT_S)
         assert grown["status"]["allocated"]["memory"] == "512Mi", grown["status"]
         assert (_memory_limit(node, uid) or 0) >= 512 * MI + POD_MEMORY_OVERHEAD
+        # The guest's memory is really held (the simulator's ballast): the cgroup counts
+        # what a real VMM's guest would cost it, so a pod shrunk under it would OOM.
+        _wait("the cgroup holds the guest", lambda: (_memory_usage(node, uid) or 0) >= 512 * MI)
         resize_vm(kube, namespace, "real-vm", None, "384Mi")
         shrunk = follower.wait(converged, WAIT_S)
         assert shrunk["status"]["allocated"]["memory"] == "384Mi", shrunk["status"]
