@@ -1065,8 +1065,13 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         and pod.desired == _pod_target(record.step, current, desired, config)
     ):
         # Our patch is visible: remember its generation (older views now count as stale)
-        # and announce it, before anything moves on, however fast the kubelet was.
+        # and announce it, before anything moves on, however fast the kubelet was. What
+        # comes next is decided on the same view and goes in the same status write (one
+        # write fewer per resize when the kubelet was quick, ADR 0015).
         _patch_accepted(out, record, pod)
+        accepted = evolve(record, pod_generation=pod.generation, wait_since=out.now)
+        out.vm = vm.evolve(status=evolve(vm.status, resize=accepted))
+        _pod_step(out, out.vm, pod, config)
         return
     step, target = plan(current, pod, desired, config)
     if step is Step.POD_SHRINK and not from_spec:
