@@ -1200,9 +1200,18 @@ def _pod_waiting(
 def _infeasible(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: str) -> None:
     if pod.actual is not None and pod.desired != pod.actual:
         out.effect(ResizePod(pod.actual))
+    # Given up for this generation: how long it waited no longer matters (and a restart
+    # that never saw the wait reaches the same record).
     out.record(
         Owner.CONTROLLER,
-        evolve(record, step=Step.INFEASIBLE, generation=vm.generation, pod_generation=None),
+        evolve(
+            record,
+            step=Step.INFEASIBLE,
+            generation=vm.generation,
+            pod_generation=None,
+            attempts=0,
+            wait_since=None,
+        ),
     )
     out.condition(
         Owner.CONTROLLER,

@@ -858,7 +858,14 @@ class World:
                     status.capacity,
                     evolve(record, started_at=None),
                     conditions,
-                    "put back, consistent" if agrees else (pod, vmm, status.allocated),
+                    # What a user sees of the pod, not how many patches it took there.
+                    "put back, consistent"
+                    if agrees
+                    else (
+                        (pod.phase, pod.desired, pod.actual) if pod is not None else None,
+                        vmm,
+                        status.allocated,
+                    ),
                 )
             else:
                 result[name] = (
