@@ -675,6 +675,7 @@ def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:
         )
         if cond is None or cond.reason != Reasons.VMM_SOCKET_GONE:
             out.event(Owner.DAEMON, EventType.WARNING, Reasons.EV_VMM_UNREACHABLE, message)
+        _guest_step_lost(out, vm)
         out.requeue(Owner.DAEMON, config.wait_poll_cap_s)
     elif vmm.state is VmmState.UNREACHABLE:
         out.condition(
@@ -689,6 +690,28 @@ def _vmm_health(out: _Out, vm: Vm, vmm: VmmView, config: KernelConfig) -> None:
         cond = vm.status.condition(VMM_REACHABLE)
         if cond is not None and cond.status is not ConditionStatus.TRUE:
             out.condition(Owner.DAEMON, VMM_REACHABLE, ConditionStatus.TRUE, Reasons.REACHABLE, "")
+
+
+def _guest_step_lost(out: _Out, vm: Vm) -> None:
+    """The guest step cannot go on without the VMM's socket: it settles like any stalled
+    step (RESIZE.md 4b) instead of waiting in ResizeInProgress for a socket that may
+    never come back. Nobody can see the guest, so ``allocated`` keeps the most it may
+    hold: what it was proven to hold, or the target if the VMM was asked for it."""
+    record, allocated = vm.status.resize, vm.status.allocated
+    if vm.status.phase is not Phase.RESIZE_IN_PROGRESS or record is None or allocated is None:
+        return
+    requested = record.target if record.vmm_requested else None
+    _vmm_stalled(
+        out,
+        vm,
+        record,
+        allocated,
+        Reasons.VMM_SOCKET_GONE,
+        f"the VMM's API socket is gone (see VMMReachable): the guest step toward "
+        f"{record.target} cannot go on; the pod keeps what the guest may hold. Once the "
+        "VMM is back (or the pod restarted), change the spec to retry",
+        requested=requested,
+    )
 
 
 def _vmm_lost(out: _Out, vmm: VmmView, config: KernelConfig) -> bool:

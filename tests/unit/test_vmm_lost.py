@@ -7,8 +7,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from attrs import evolve
+
 from apps.daemon.daemon import Daemon
 from core import (
+    RESIZED,
     VMM_REACHABLE,
     Allocation,
     Capacity,
@@ -20,6 +23,9 @@ from core import (
     PodView,
     Reasons,
     RecordEvent,
+    ResizeRecord,
+    SetPhase,
+    Step,
     Vm,
     VmmState,
     VmmView,
@@ -121,3 +127,38 @@ def test_the_daemon_counts_the_wait_from_the_first_failure_in_a_row() -> None:
     again = daemon._unreachable_since("default/vm-0", VmmView(VmmState.UNREACHABLE))
     assert again.unreachable_since is not None
     assert "default/vm-0" in daemon._unreachable
+
+
+def test_a_guest_step_whose_socket_is_gone_settles_at_the_deadline() -> None:
+    """A VM in ResizeInProgress whose VMM socket vanished waited there for ever (only the
+    condition said why): past the deadline the step stalls like any other, back to
+    Running with Resized=False, and allocated keeps the most the guest may hold (the
+    target it was asked to grow to)."""
+    vm, pod = _running()
+    grown = pod_resources(VmSpec(1, 2, 2 * GiB, max_vcpus=4, max_memory=4 * GiB))
+    pod = PodView(
+        pod.name,
+        generation=3,
+        observed_generation=3,
+        phase=PodPhase.RUNNING,
+        node_name="node-a",
+        desired=grown,
+        actual=grown,
+    )
+    record = ResizeRecord(
+        vcpus=2, memory=2 * GiB, generation=2, step=Step.VMM, pod_generation=3,
+        vmm_requested=True, wait_since=T0,
+    )  # fmt: skip
+    status = evolve(vm.status, phase=Phase.RESIZE_IN_PROGRESS, resize=record)
+    vm = Vm("default", "vm-0", generation=2, spec=evolve(SPEC, cores_per_socket=2,
+            memory=2 * GiB), status=status)  # fmt: skip
+    early = _daemon(vm, pod, _gone(T0), T0 + DEADLINE / 2)
+    assert Phase.RUNNING not in [a.phase for a in early if isinstance(a, SetPhase)]
+    late = _daemon(vm, pod, _gone(T0), T0 + DEADLINE)
+    after = apply_status(vm.status, late)
+    assert after.phase is Phase.RUNNING, late
+    resized = after.condition(RESIZED)
+    assert resized is not None and resized.reason == Reasons.VMM_SOCKET_GONE, resized
+    assert after.allocated == Allocation(2, 2 * GiB)  # asked, so it may hold it
+    assert after.resize is not None and after.resize.step is Step.STALLED
+    assert _events(late) == [Reasons.EV_VMM_UNREACHABLE, "VMResizeStalled"]
