@@ -44,7 +44,7 @@ from adapters.k8s.client import Kube
 from adapters.k8s.vms import vm_path
 from apps.cli.vmops import Follower, apply_vm, converged, resize_vm
 from bench.apistats import quiet_totals, request_totals
-from bench.floor import FloorVm, start_vmm, stop_chscale, vm_object
+from bench.floor import FloorVm, Size, start_vmm, stop_chscale, vm_object
 from bench.measure import (
     GROW_MILESTONES,
     SHRINK_MILESTONES,
@@ -69,6 +69,10 @@ FLOOR_VM_NAME = "bench-e2e-floor"
 NODE = "node-a"
 SMALL = (2, "2Gi")
 LARGE = (4, "4Gi")
+# A real node has this machine's CPUs (2 here) and runs its guests' memory for real
+# (--sim-touch-memory): a memory-only resize that fits beside the node's own pods.
+REAL_SMALL = (1, "256Mi")
+REAL_LARGE = (1, "512Mi")
 CONVERGE_TIMEOUT_S = 60.0
 DEFAULT_RESIZES = 20
 MS = 1000.0
@@ -137,10 +141,12 @@ def run(
     settle: float,
     sent: list[datetime],
     trace: bool = False,
+    sizes: tuple[Size, Size] = (SMALL, LARGE),
 ) -> tuple[list[float], Counter[RequestKey], Counter[str]]:
     """The resizes' latencies, the API writes they made (the VM's creation and boot
     not included) and, with ``trace``, what each VM write changed."""
-    apply_vm(kube, vm_object(VM_NAME, SMALL), NAMESPACE)
+    small, large = sizes
+    apply_vm(kube, vm_object(VM_NAME, small), NAMESPACE)
     Follower(kube, NAMESPACE, VM_NAME).wait(converged, CONVERGE_TIMEOUT_S)
     before = quiet_totals(kube)
     tracer = None
@@ -150,7 +156,7 @@ def run(
         tracer.start()
     latencies: list[float] = []
     for i in range(resizes):
-        vcpus, memory = LARGE if i % 2 == 0 else SMALL
+        vcpus, memory = large if i % 2 == 0 else small
         if settle:
             time.sleep(settle)
         sent.append(datetime.now(UTC))
@@ -165,15 +171,20 @@ def run(
 # --- the floor ----------------------------------------------------------------------------
 
 
-def measure_floor(kube: Kube, stack: Stack, samples: int) -> tuple[list[float], int]:
+def measure_floor(
+    kube: Kube, stack: Stack, samples: int, sizes: tuple[Size, Size] = (SMALL, LARGE)
+) -> tuple[list[float], int]:
     """Stops the controller and the node daemon, then times ``samples`` floor resizes
-    (alternately grow and shrink, with a VMM); returns the times and their API writes."""
+    (alternately grow and shrink, with a VMM); returns the times and their API writes.
+    Its pod is bound to a node no kubelet serves, so the floor is the same on either
+    node kind: what the API server and a VMM cost, with no kubelet in between."""
+    small, large = sizes
     stop_chscale(stack)
     vm = kube.get(vm_path(NAMESPACE, VM_NAME))
     pod_name = (vm.get("status") or {}).get("vmPodName") or f"vm-{VM_NAME}"
     pod = kube.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod_name}")
-    vmm = start_vmm(stack, FLOOR_VM_NAME, SMALL, LARGE)
-    floor = FloorVm(kube, FLOOR_VM_NAME, vm, pod, SMALL, LARGE, vmm)
+    vmm = start_vmm(stack, FLOOR_VM_NAME, small, large)
+    floor = FloorVm(kube, FLOOR_VM_NAME, vm, pod, small, large, vmm)
     before = request_totals(kube)
     times = [floor.one(grow=i % 2 == 0) for i in range(samples)]
     writes, _, _ = per_resize(writes_between(before, request_totals(kube)), samples)
@@ -245,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="watch the VM and print what each of its writes changed, per resize",
     )
+    parser.add_argument(
+        "--kubelet",
+        choices=("simulated", "real"),
+        default="simulated",
+        help="the node kind (real: containerd, runc and the kubelet v1.35, this machine's "
+        f"capacity, resizing {REAL_SMALL[1]} <-> {REAL_LARGE[1]})",
+    )
     parser.add_argument("--state-dir", help="default: a temporary directory (logs/ in it)")
     args = parser.parse_args(argv)
     if args.resizes < 1:
@@ -255,17 +273,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.eject_delay is not None:
         vmm_command = " ".join([*DEFAULT_VMM_COMMAND, "--sim-eject-delay", str(args.eject_delay)])
     sent: list[datetime] = []
+    real = args.kubelet == "real"
+    sizes = (REAL_SMALL, REAL_LARGE) if real else (SMALL, LARGE)
+    print(f"e2e_node_kind={args.kubelet}")
     stack = Stack(
-        state, nodes=1, node_cpu="16", node_memory="32Gi", webhook=True, vmm_command=vmm_command
+        state,
+        nodes=1,
+        node_cpu="16",
+        node_memory="32Gi",
+        webhook=True,
+        vmm_command=vmm_command,
+        kubelet=args.kubelet,
     )
     try:
         stack.start()
         assert stack.control_plane is not None
         kube = Kube(stack.control_plane.api_client())
         latencies, writes, changes = run(
-            kube, args.resizes, args.poll, args.settle, sent, args.trace_status
+            kube, args.resizes, args.poll, args.settle, sent, args.trace_status, sizes
         )
-        floor, floor_writes = measure_floor(kube, stack, samples)
+        floor, floor_writes = measure_floor(kube, stack, samples, sizes)
     finally:
         stack.stop()
     grows, shrinks = latencies[0::2], latencies[1::2]
