@@ -16,7 +16,10 @@ events, without threads, sockets or a wall clock (the clock is a float in the he
   once (``observe_write``);
 - the *controller* and one *daemon* per node, each a work queue with a fixed number of
   workers, never reconciling one key twice at once. A reconcile reads the actor's cache,
-  calls :func:`core.decide` and carries out only its own actions (:func:`core.owned_by`),
+  calls :func:`core.decide` with the simulated clock as ``now`` (so deadlines and the
+  poll backoff run as in the deployed processes; without it no wait would ever end, and
+  every look would come at the shortest poll) and carries out only its own actions
+  (:func:`core.owned_by`),
   in the kernel's order: the merged status write, the events, then the side effects, each
   an API call that takes a sampled latency. A conflict requeues at once; a ``Requeue``
   hint becomes an ``AddAfter``. This is what ``apps/controller`` and ``apps/daemon`` do;
@@ -742,7 +745,7 @@ class Cluster:
         cache = s.ctl
         vm, rv = cache.vm, cache.vm_rv
         pod = cache.pod.view if cache.pod is not None else None
-        actions = owned_by(decide(vm, pod, UNOBSERVED_VMM, self.kcfg), Owner.CONTROLLER)
+        actions = owned_by(decide(vm, pod, UNOBSERVED_VMM, self.kcfg, self.now), Owner.CONTROLLER)
         if not actions:
             return None
         rv = yield from self._write_status(s, cache, vm, rv, actions)
@@ -955,7 +958,7 @@ class Cluster:
         vm, rv, pod = cache.vm, cache.vm_rv, version.view
         yield from self._vmm_wait()
         vmm = self._view(s)
-        actions = owned_by(decide(vm, pod, vmm, self.kcfg), Owner.DAEMON)
+        actions = owned_by(decide(vm, pod, vmm, self.kcfg, self.now), Owner.DAEMON)
         if not actions:
             return None
         held = cache.hold_until - self.now
@@ -991,7 +994,7 @@ class Cluster:
                 # The probe answered 204: no removal pending; the kernel hears it at once.
                 done = attrs.evolve(vmm, probe_ok=True)
                 vm, rv = cache.vm, cache.vm_rv
-                actions = owned_by(decide(vm, pod, done, self.kcfg), Owner.DAEMON)
+                actions = owned_by(decide(vm, pod, done, self.kcfg, self.now), Owner.DAEMON)
                 rv = yield from self._write_status(s, cache, vm, rv, actions)
                 if rv < 0:
                     return 0.0
@@ -1001,7 +1004,7 @@ class Cluster:
                 # cached VM (our own status write included), as apps/daemon does.
                 failed = attrs.evolve(vmm, call_error=error)
                 vm, rv = cache.vm, cache.vm_rv
-                actions = owned_by(decide(vm, pod, failed, self.kcfg), Owner.DAEMON)
+                actions = owned_by(decide(vm, pod, failed, self.kcfg, self.now), Owner.DAEMON)
                 rv = yield from self._write_status(s, cache, vm, rv, actions)
                 if rv < 0:
                     return 0.0

@@ -209,8 +209,15 @@ def test_finding_04_partial_plug_shows_in_allocated_part_by_part() -> None:
     rig.daemon()
     rig.vmm = evolve(rig.vmm, actual_memory=5 * GiB)
     rig.daemon()
+    # vCPUs as the guest runs them; memory the most it may reach (the pod holds that),
+    # never the 5Gi it has so far as though the rest could not come.
     allocated = rig.vm.status.allocated
-    assert allocated is not None and (allocated.vcpus, allocated.memory) == (12, 5 * GiB)
+    assert allocated is not None and (allocated.vcpus, allocated.memory) == (12, 8 * GiB)
+    drive(rig, DEFAULT_CONFIG.guest_memory_deadline_s + 10)  # the guest stops at 5Gi
+    assert rig.phase is Phase.RUNNING
+    assert rig.resized is not None and rig.resized.reason == "GuestMemoryStuck"
+    assert "holds 5Gi" in rig.resized.message
+    assert rig.vm.status.allocated == Allocation(12, 8 * GiB)
 
 
 def test_finding_04_memory_shrink_while_paused_returns_to_paused_at_the_deadline() -> None:

@@ -25,7 +25,7 @@ from core import (
     decide,
     pod_resources,
 )
-from core.constants import MILLICORES_PER_VCPU, VM_CONTAINER, GiB
+from core.constants import MILLICORES_PER_VCPU, VM_CONTAINER, GiB, MiB
 from sim import cluster
 from sim.cluster import Cluster, Dist, SimConfig, SimError, percentile, simulate, steady
 
@@ -147,10 +147,14 @@ def test_tight_nodes_defer_without_violations() -> None:
 
 
 def _broken_decide(
-    vm: Vm, pod: PodView | None, vmm: VmmView = cluster.UNOBSERVED_VMM, config: Any = None
+    vm: Vm,
+    pod: PodView | None,
+    vmm: VmmView = cluster.UNOBSERVED_VMM,
+    config: Any = None,
+    now: float | None = None,
 ) -> tuple[Action, ...]:
     """A kernel that asks the VMM for the new size as soon as a pod resize begins."""
-    actions = decide(vm, pod, vmm, config or DEFAULT_CONFIG)
+    actions = decide(vm, pod, vmm, config or DEFAULT_CONFIG, now)
     if (
         vmm.observed
         and vm.status.phase is Phase.POD_RESIZE_IN_PROGRESS
@@ -172,10 +176,14 @@ def test_the_invariant_checks_catch_a_kernel_that_grows_the_guest_first(
 
 
 def _pod_first_decide(
-    vm: Vm, pod: PodView | None, vmm: VmmView = cluster.UNOBSERVED_VMM, config: Any = None
+    vm: Vm,
+    pod: PodView | None,
+    vmm: VmmView = cluster.UNOBSERVED_VMM,
+    config: Any = None,
+    now: float | None = None,
 ) -> tuple[Action, ...]:
     """A kernel that squeezes the pod to the guest's size, forgetting the VMM overhead."""
-    actions = decide(vm, pod, vmm, config or DEFAULT_CONFIG)
+    actions = decide(vm, pod, vmm, config or DEFAULT_CONFIG, now)
     allocated = vm.status.allocated
     if (
         not vmm.observed
@@ -344,3 +352,15 @@ def test_vm_container_name_is_the_kernels() -> None:
     assert pod is not None
     names = [c["name"] for c in pod.obj["spec"]["containers"]]
     assert names == [VM_CONTAINER]
+
+
+def test_a_guest_plugging_block_by_block_costs_polls_not_a_write_per_block() -> None:
+    # A guest that takes seconds to plug: each block it reached used to be a status write,
+    # whose echo was the next look, so a resize cost ~680 reconciles (issue 19). The looks
+    # now follow the poll backoff, and the simulation runs on its clock as the daemon does.
+    config = SimConfig(nodes=2, vms=6, resizes=30, plug_rate=Dist("const", 256.0 * MiB))
+    report = simulate(config, random.Random(1))
+    assert report.violations == 0, report.violation_messages
+    assert report.completed == report.requested == 30
+    assert report.reconciles / report.requested < 80
+    assert report.vmm_calls / report.requested < 50
