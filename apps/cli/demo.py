@@ -58,16 +58,26 @@ def _load_example() -> dict[str, Any]:
 
 
 def node_kind_line() -> str:
-    """Which node the demo runs on, and why: the seed's example grows a VM to 12 vCPUs and
-    is refused at 16, so it needs a node of ``NODE_CPU`` CPUs; a real kubelet reports the
-    machine's own CPUs, which here are fewer, so the demo's node is the simulated kubelet
-    (``chscale up --kubelet real`` runs a real one; ADR 0014)."""
-    have = os.cpu_count() or 0
+    """Which node the demo runs on, and why: its Infeasible step asks for 18Gi of guest
+    memory on a node of ``NODE_MEMORY``; a real node offers the machine's memory (its
+    guests really hold theirs), which may well fit 18Gi, so the demo's node is the
+    simulated kubelet. ``chscale up --kubelet real`` runs the same example on a real node
+    (offering ``--node-cpu`` CPUs), where a resize beyond its CPUs is the Infeasible one
+    (ADR 0014)."""
+    have = _machine_memory()
     return (
-        f"node: simulated kubelet with {NODE_CPU} CPUs, {NODE_MEMORY} (the example needs "
-        f"{NODE_CPU} CPUs and a real node here would have this machine's {have}; "
-        "`chscale up --kubelet real` starts a real one)"
+        f"node: simulated kubelet with {NODE_CPU} CPUs, {NODE_MEMORY} (the Infeasible step "
+        f"needs a {NODE_MEMORY} node and a real node here would offer this machine's "
+        f"{have}; `chscale up --kubelet real` starts a real one)"
     )
+
+
+def _machine_memory() -> str:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return "memory"
+    return f"{pages * size / 2**30:.1f}Gi"
 
 
 def _ts(t: float) -> str:

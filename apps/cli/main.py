@@ -454,11 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the stack keeps its state, logs and kubeconfig (default: %(default)s)",
     )
     up.add_argument("--nodes", type=int, default=1, help="simulated nodes (default: %(default)s)")
-    up.add_argument("--node-cpu", default="16", help="CPUs each node offers (default: %(default)s)")
+    up.add_argument(
+        "--node-cpu",
+        default="16",
+        help="CPUs each node offers; a real node's kubelet is shown that many, and the pods' "
+        "CPU limits still run on the machine's (default: %(default)s)",
+    )
     up.add_argument(
         "--node-memory",
         default="32Gi",
-        help="memory each node offers, a Kubernetes quantity (default: %(default)s)",
+        help="memory each simulated node offers, a Kubernetes quantity; a real node offers "
+        "the machine's, since its guests really hold theirs (default: %(default)s)",
     )
     up.add_argument(
         "--vmm-command",

@@ -40,7 +40,7 @@ from sim.cloudhypervisor import (
     VmmModel,
     http_error,
 )
-from testbed.chsim.ballast import Ballast
+from testbed.chsim.ballast import CHUNK, Ballast
 
 log = logging.getLogger("chscale.chsim")
 
@@ -293,8 +293,11 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     ) -> None:
         self.socket_path = socket_path
         self.model = model
-        # The guest's memory, really held (--sim-touch-memory), kept in step with the model.
+        # The guest's memory, really held (--sim-touch-memory), kept in step with the model
+        # by a thread of its own (see _follow_guest_memory).
         self.ballast = ballast
+        self._memory_moved = threading.Event()
+        self._ballast_thread: threading.Thread | None = None
         self.faults = faults or FaultPlan()
         self.vm_name = vm_name or os.path.basename(socket_path)
         self.stopping = threading.Event()
@@ -311,6 +314,11 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             raise
         # Unlink only our own socket at exit, whatever happened to the path meanwhile.
         self._inode = os.stat(socket_path).st_ino
+        if ballast is not None:
+            self._ballast_thread = threading.Thread(
+                target=self._follow_guest_memory, name="chsim-ballast", daemon=True
+            )
+            self._ballast_thread.start()
 
     def _acquire_socket_lock(self) -> int:
         fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -363,7 +371,29 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def _hold_guest_memory(self) -> None:
         if self.ballast is not None:
-            self.ballast.resize(self.model.guest_usage()["memory_held"])
+            self._memory_moved.set()
+
+    def _follow_guest_memory(self) -> None:
+        """Hold what the model says the guest holds, a chunk at a time, outside the lock.
+
+        Cloud Hypervisor answers ``vm.resize`` at once and the guest's memory becomes
+        resident as the guest uses it; touching gigabytes inside the request held the
+        answer for seconds, past the daemon's call deadline (seen on the real node: a
+        4Gi -> 8Gi grow answered after the daemon had given up). A growth is followed a
+        chunk at a time, the target read again between chunks, so a shrink that comes
+        meanwhile is never overshot by more than a chunk; a shrink is followed at once
+        (unmapping is cheap), before the next look at the target."""
+        assert self.ballast is not None
+        while not self.stopping.is_set():
+            with self._lock:
+                target = self.model.guest_usage()["memory_held"]
+            if target <= self.ballast.size:
+                self.ballast.resize(target)
+            else:
+                self.ballast.resize(min(target, self.ballast.size + CHUNK))
+                continue
+            self._memory_moved.wait(timeout=0.5)
+            self._memory_moved.clear()
 
     def stop_soon(self) -> None:
         """Stop serving from any thread, including a request handler's or a signal
@@ -376,6 +406,9 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.stopping.set()
         super().server_close()
         if self.ballast is not None:
+            self._memory_moved.set()
+            if self._ballast_thread is not None:
+                self._ballast_thread.join(timeout=10)
             self.ballast.close()
         self.unlink_socket()
         self._release_socket_lock()

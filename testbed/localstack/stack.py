@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.constants import MILLICORES_PER_VCPU
+from core.quantity import parse_millicores
 from testbed.controlplane.launcher import (
     NOT_READY_TAINT,
     STACK_LABEL,
@@ -255,6 +257,9 @@ class Stack:
             self.state_dir / "nodes" / spec.name,
             self.control_plane,
             labels={STACK_LABEL: self.stack_id},
+            # The CPUs the node offers, as on a simulated node; its memory is the
+            # machine's, since a real node's guests really hold theirs (ADR 0014).
+            cpus=max(parse_millicores(spec.cpu) // MILLICORES_PER_VCPU, 1),
         )
         self.real_nodes[spec.name] = node
         node.start()

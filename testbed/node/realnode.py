@@ -58,6 +58,9 @@ SUBNET_FIRST_OCTET = 10
 SUBNET_SECOND = range(200, 255)
 NAMESPACE = "k8s.io"  # containerd's namespace for CRI
 OWNER_FILE = "owner"
+# What a node's kubelet may be shown (``RealNode(cpus=...)``); cAdvisor reads every CPU
+# directory, so this only keeps a typo from writing thousands of them.
+MAX_NODE_CPUS = 256
 
 
 class RealNodeError(RuntimeError):
@@ -128,7 +131,7 @@ def _machine_allows() -> Verdict:
             probe.rmdir()
         except OSError as exc:
             return Verdict(False, f"cgroups not writable ({hierarchy}: {exc.strerror})")
-    for tool in ("ip", "mount", "umount"):
+    for tool in ("ip", "mount", "umount", "unshare"):
         if shutil.which(tool) is None:
             return Verdict(False, f"`{tool}` is not on PATH")
     if _node_ip() is None:
@@ -136,6 +139,19 @@ def _machine_allows() -> Verdict:
     if not (shutil.which("cc") or shutil.which("gcc")):
         return Verdict(False, "no C compiler for the pause image")
     return Verdict(True, "root, writable cgroups and overlayfs")
+
+
+def _online_cpus() -> set[int]:
+    """The ids in /sys/devices/system/cpu/online ("0-1,4"), as cAdvisor reads them."""
+    try:
+        text = Path("/sys/devices/system/cpu/online").read_text().strip()
+    except OSError:
+        return set(range(os.cpu_count() or 1))
+    found: set[int] = set()
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
 
 
 def _node_ip() -> str | None:
@@ -199,8 +215,12 @@ class RealNode:
         *,
         labels: dict[str, str] | None = None,
         run_id: str | None = None,
+        cpus: int | None = None,
     ) -> None:
+        if cpus is not None and not 1 <= cpus <= MAX_NODE_CPUS:
+            raise RealNodeError(f"cpus must be 1..{MAX_NODE_CPUS}, got {cpus}")
         self.name = name
+        self.cpus = cpus
         self.state_dir = state_dir
         self.control_plane = control_plane
         self.labels = dict(labels or {})
@@ -464,6 +484,7 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.internal.v1.traci
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         labels = ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
         argv = [
+            *self._cpu_view(),
             kubelet,
             f"--config={config_path}",
             f"--kubeconfig={kubeconfig}",
@@ -476,6 +497,47 @@ disabled_plugins = ['io.containerd.nri.v1.nri', 'io.containerd.internal.v1.traci
         if labels:
             argv.append(f"--node-labels={labels}")
         self.children["kubelet"] = Child("kubelet", argv, self.logs / "kubelet.log")
+
+    def _cpu_view(self) -> list[str]:
+        """The command prefix that shows the kubelet ``cpus`` CPUs (nothing if it is the
+        machine's count, or none was asked for).
+
+        The kubelet's capacity is cAdvisor's count of the online CPU threads it finds
+        under /sys/devices/system/node/node*/cpu*, and no flag or configuration overrides
+        it. A test bench's node must offer what the seed's VMs ask for (8 to 12 vCPUs) on
+        a machine with 2, so the kubelet runs in a mount namespace of its own where that
+        directory lists the machine's CPUs several times over, as NUMA nodes of their own.
+        The CPU ids stay the machine's: the kubelet writes the set of them into the
+        kubepods cpuset, which the kernel checks against the CPUs there are. Nothing
+        else changes: containerd and runc, in the machine's namespace, put the pods' CPU
+        limits into real cgroup quotas (a quota may exceed the CPUs there are), and the
+        VMM simulator's vCPUs use no CPU of their own. The kubelet's volume mounts must
+        still reach runc, so its root directory is made a shared mount first (this
+        machine's mounts are private) and the namespace keeps that propagation."""
+        real = sorted(_online_cpus())
+        if self.cpus is None or self.cpus == len(real):
+            return []
+        view = self.run_dir / "cpu-view"
+        for index in range(self.cpus):
+            node, cpu = divmod(index, len(real))
+            topology = view / f"node{node}" / f"cpu{real[cpu]}" / "topology"
+            topology.mkdir(parents=True)
+            (topology / "core_id").write_text(f"{index}\n")
+            (topology / "physical_package_id").write_text("0\n")
+        with contextlib.suppress(OSError):  # the node's memory: only node0 has it
+            meminfo = Path("/sys/devices/system/node/node0/meminfo").read_text()
+            (view / "node0" / "meminfo").write_text(meminfo)
+        root = str(self.kubelet_root)
+        self.kubelet_root.mkdir(parents=True, exist_ok=True)
+        for argv in (["mount", "--bind", root, root], ["mount", "--make-shared", root]):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            if done.returncode:
+                raise RealNodeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+        script = 'mount --bind "$1" /sys/devices/system/node && shift && exec "$@"'
+        return [
+            "unshare", "--mount", "--propagation", "unchanged", "--",
+            "/bin/sh", "-c", script, "sh", str(view),
+        ]  # fmt: skip
 
     # --- stop --------------------------------------------------------------------------
 

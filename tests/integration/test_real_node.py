@@ -322,7 +322,12 @@ def test_two_runs_do_not_collide_and_leave_nothing(
     control_plane: ControlPlane, namespace: str, tmp_path: Path
 ) -> None:
     kube = Kube(control_plane.api_client())
-    nodes = [RealNode(f"twin-{i}", tmp_path / f"twin-{i}", control_plane) for i in range(2)]
+    # One of the two is shown more CPUs than the machine has (its kubelet in a mount
+    # namespace of its own): its mounts must still reach runc, and go at the end.
+    nodes = [
+        RealNode(f"twin-{i}", tmp_path / f"twin-{i}", control_plane, cpus=cpus)
+        for i, cpus in enumerate((6, None))
+    ]
     try:
         for node in nodes:
             node.start()
@@ -342,6 +347,9 @@ def test_two_runs_do_not_collide_and_leave_nothing(
             _running(kube, namespace, f"on-{node.name}")
             assert node.leftovers(), "a running node shows nothing: the check could not fail"
             assert _global_leftovers(node)
+        assert kube.get(f"/api/v1/nodes/{a.name}")["status"]["capacity"]["cpu"] == "6"
+        # The pod's service-account token, mounted by that kubelet, is seen out here.
+        assert any("kubernetes.io~projected" in m for m in a.leftovers()), a.leftovers()
     finally:
         for node in nodes:
             node.stop()
