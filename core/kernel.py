@@ -787,6 +787,16 @@ def _past(out: _Out, record: ResizeRecord, deadline: float) -> bool:
     )
 
 
+def _given_up(record: ResizeRecord, step: Step, vm: Vm) -> ResizeRecord:
+    """``record`` settled as ``step`` (Infeasible, Stalled) for the spec's generation: how
+    many tries it took, since when it waited and which pod generation it watched no
+    longer matter, and a restart that counted them differently reaches the same record."""
+    return evolve(
+        record, step=step, generation=vm.generation, pod_generation=None, attempts=0,
+        wait_since=None,
+    )  # fmt: skip
+
+
 def _poll(
     out: _Out, owner: Owner, record: ResizeRecord, deadline: float, config: KernelConfig
 ) -> None:
@@ -1223,19 +1233,7 @@ def _pod_waiting(
 def _infeasible(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: str) -> None:
     if pod.actual is not None and pod.desired != pod.actual:
         out.effect(ResizePod(pod.actual))
-    # Given up for this generation: how long it waited no longer matters (and a restart
-    # that never saw the wait reaches the same record).
-    out.record(
-        Owner.CONTROLLER,
-        evolve(
-            record,
-            step=Step.INFEASIBLE,
-            generation=vm.generation,
-            pod_generation=None,
-            attempts=0,
-            wait_since=None,
-        ),
-    )
+    out.record(Owner.CONTROLLER, _given_up(record, Step.INFEASIBLE, vm))
     out.condition(
         Owner.CONTROLLER,
         RESIZED,
@@ -1267,16 +1265,7 @@ def _forbidden(out: _Out, vm: Vm, pod: PodView, record: ResizeRecord, message: s
     keep = _keep(pod, vm.status.allocated)
     if keep is not None and pod.desired != keep:
         out.effect(ResizePod(keep))
-    out.record(
-        Owner.CONTROLLER,
-        evolve(
-            record,
-            step=Step.INFEASIBLE,
-            generation=vm.generation,
-            pod_generation=None,
-            wait_since=None,
-        ),
-    )
+    out.record(Owner.CONTROLLER, _given_up(record, Step.INFEASIBLE, vm))
     out.condition(
         Owner.CONTROLLER,
         RESIZED,
@@ -1303,17 +1292,7 @@ def _shrink_unchecked(
     keep = _keep(pod, current, config)
     if keep is not None and pod.desired != keep:
         out.effect(ResizePod(keep))
-    out.record(
-        Owner.CONTROLLER,
-        evolve(
-            record,
-            step=Step.INFEASIBLE,
-            generation=vm.generation,
-            pod_generation=None,
-            attempts=0,
-            wait_since=None,
-        ),
-    )
+    out.record(Owner.CONTROLLER, _given_up(record, Step.INFEASIBLE, vm))
     out.transition(
         Cause.STALLED,
         f"the guest holds {current}; pod {pod.name} keeps {pod.actual} rather than shrink "
@@ -1342,17 +1321,7 @@ def _pod_stalled(
         f"guest {current}. Free the node (or the VM's memory usage) and change the spec "
         "to retry"
     )
-    out.record(
-        Owner.CONTROLLER,
-        evolve(
-            record,
-            step=Step.INFEASIBLE,
-            generation=vm.generation,
-            pod_generation=None,
-            attempts=0,
-            wait_since=None,
-        ),
-    )
+    out.record(Owner.CONTROLLER, _given_up(record, Step.INFEASIBLE, vm))
     out.condition(
         Owner.CONTROLLER, RESIZED, ConditionStatus.FALSE, Reasons.KUBELET_RESIZE_STUCK, message
     )
@@ -1547,19 +1516,7 @@ def _vmm_stalled(
     truth = _may_reach(truth, requested) if requested is not None else truth
     if truth != vm.status.allocated:
         out.status.append(SetAllocated(truth, owner=Owner.DAEMON))
-    # Given up: how many tries it took and since when no longer matter (and a restart
-    # that counted differently reaches the same record).
-    out.record(
-        Owner.DAEMON,
-        evolve(
-            record,
-            step=Step.STALLED,
-            generation=vm.generation,
-            pod_generation=None,
-            attempts=0,
-            wait_since=None,
-        ),
-    )
+    out.record(Owner.DAEMON, _given_up(record, Step.STALLED, vm))
     out.condition(Owner.DAEMON, RESIZED, ConditionStatus.FALSE, reason, message)
     out.transition(Cause.STALLED, message)
 
