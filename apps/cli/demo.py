@@ -1,13 +1,15 @@
 """``chscale demo``: the whole story in a minute, on a real API server.
 
 Start the local stack, create the seed's VM, grow it (pod first, then guest), shrink it
-(guest first, then pod), ask for more memory than the node can ever give (refused
-cleanly, the VM keeps running), print a timeline, tear everything down.
+(guest first, then pod), ask for more vCPUs than the node can ever give (refused cleanly,
+the VM keeps running), print a timeline, tear everything down. The node is a real one
+(kubelet v1.35 + containerd + runc, the guest's memory really held) where the machine
+allows it and has the guest's memory free, else the simulated kubelet; the demo says
+which and why.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.k8s.client import Kube
+from apps.cli import nodekind
 from apps.cli.progress import Progress
 from apps.cli.vmops import (
     Follower,
@@ -31,15 +34,18 @@ from testbed.localstack.stack import Stack
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vm.yaml"
 NAMESPACE = "default"
 NAME = "my-vm"
-# A node small enough that 18Gi of guest memory can never fit (Infeasible), big enough
-# for everything else the demo asks.
-NODE_CPU, NODE_MEMORY = "16", "16Gi"
+# A node the seed's VM grows to fill (12 vCPUs) and can never outgrow within its own
+# ceiling (16 vCPUs: 2 x 8) but for Infeasible. CPUs, not memory: a real node has this
+# machine's memory, which may fit any size the VM may reach, but the CPUs it is told.
+NODE_CPU, NODE_MEMORY = "12", "16Gi"
+# What the guest holds at most during the demo (really, on a real node).
+GUEST_MEMORY_MAX = 8 << 30
 
 STEPS: list[tuple[str, int | None, str | None, bool]] = [
     # title, vCPUs, memory, expect refusal
     ("grow: 8 -> 12 vCPUs, 4Gi -> 8Gi (pod first, then guest)", 12, "8Gi", False),
     ("shrink: 12 -> 8 vCPUs, 8Gi -> 6Gi (guest first, then pod)", 8, "6Gi", False),
-    ("infeasible: 18Gi on a 16Gi node (refused, VM keeps running)", None, "18Gi", True),
+    ("infeasible: 16 vCPUs on a 12-CPU node (refused, VM keeps running)", 16, None, True),
 ]
 # The controller records an Event after the status write it belongs to, so a step can be
 # over (as the VM's status shows) before its Event exists; the timeline waits for these.
@@ -57,34 +63,11 @@ def _load_example() -> dict[str, Any]:
     return yaml.safe_load(EXAMPLE.read_text())
 
 
-def node_kind_line() -> str:
-    """Which node the demo runs on, and why: its Infeasible step asks for 18Gi of guest
-    memory on a node of ``NODE_MEMORY``; a real node offers the machine's memory (its
-    guests really hold theirs), which may well fit 18Gi, so the demo's node is the
-    simulated kubelet. ``chscale up --kubelet real`` runs the same example on a real node
-    (offering ``--node-cpu`` CPUs), where a resize beyond its CPUs is the Infeasible one
-    (ADR 0014)."""
-    have = _machine_memory()
-    return (
-        f"node: simulated kubelet with {NODE_CPU} CPUs, {NODE_MEMORY} (the Infeasible step "
-        f"needs a {NODE_MEMORY} node and a real node here would offer this machine's "
-        f"{have}; `chscale up --kubelet real` starts a real one)"
-    )
-
-
-def _machine_memory() -> str:
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return "memory"
-    return f"{pages * size / 2**30:.1f}Gi"
-
-
 def _ts(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
-def run_demo(keep: bool = False, state_dir: str | None = None) -> int:
+def run_demo(keep: bool = False, state_dir: str | None = None, kubelet: str = "auto") -> int:
     progress = Progress()
     progress.step("chscale demo: resize a running VM in place, on a real kube-apiserver")
     progress.step("building the control plane if needed (the first run takes a few minutes)")
@@ -95,19 +78,23 @@ def run_demo(keep: bool = False, state_dir: str | None = None) -> int:
     if state_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="chscale-demo-")
         state_dir = tmp.name
+    kind, why = nodekind.choose(kubelet, GUEST_MEMORY_MAX)
     stack = Stack(
         Path(state_dir),
         nodes=1,
         node_cpu=NODE_CPU,
         node_memory=NODE_MEMORY,
         progress=progress.step,
+        kubelet=kind,
     )
+    memory = NODE_MEMORY if kind == "simulated" else "this machine's memory"
     started = time.monotonic()
     try:
-        progress.step(node_kind_line())
+        progress.step(why)
         stack.start()
         progress.done(
-            f"stack up in {time.monotonic() - started:.1f}s (node: {NODE_CPU} CPUs, {NODE_MEMORY})"
+            f"stack up in {time.monotonic() - started:.1f}s "
+            f"({kind} node: {NODE_CPU} CPUs, {memory})"
         )
         assert stack.control_plane is not None
         kube = Kube(stack.control_plane.api_client())

@@ -26,6 +26,7 @@ from pathlib import Path
 from kubernetes.config import ConfigException
 
 from adapters.k8s.client import ApiError, Kube, NotFound, load_api_client
+from apps.cli import nodekind
 from apps.cli.progress import Progress
 from apps.cli.vmops import (
     Follower,
@@ -115,7 +116,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from testbed.controlplane.build import ensure_binaries
 
     ensure_binaries()
-    kubelet = _choose_kubelet(args.kubelet)
+    kubelet, why = nodekind.choose(args.kubelet)
+    print(why)
     progress.step("starting the stack")
     argv = [
         sys.executable,
@@ -163,26 +165,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     progress.fail(f"the stack was not ready within {args.timeout:.0f}s")
     _stop_supervisor(state)
     return 1
-
-
-def _choose_kubelet(wanted: str) -> str:
-    """``auto``: a real node (containerd + runc + kubelet v1.35) when this machine allows
-    one, else the simulated kubelet; says which and why (ADR 0014)."""
-    if wanted == "simulated":
-        print("node: simulated kubelet (--kubelet simulated)")
-        return wanted
-    from testbed.node.realnode import machine_allows
-
-    verdict = machine_allows(fetch=True)
-    if wanted == "real" or verdict.ok:
-        if not verdict.ok:
-            print(f"node: real kubelet asked for, but {verdict.reason}; it will fail")
-        else:
-            how = "--kubelet real" if wanted == "real" else "auto"
-            print(f"node: real kubelet v1.35 + containerd + runc ({how}: {verdict.reason})")
-        return "real"
-    print(f"node: simulated kubelet (auto: no real node here, {verdict.reason})")
-    return "simulated"
 
 
 def _supervisor_pid(state: Path) -> int | None:
@@ -369,7 +351,7 @@ def follow(kube: Kube, namespace: str, name: str, timeout: float) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from apps.cli.demo import run_demo
 
-    return run_demo(keep=args.keep, state_dir=args.state_dir)
+    return run_demo(keep=args.keep, state_dir=args.state_dir, kubelet=args.kubelet)
 
 
 def _prog() -> str:
@@ -473,10 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kernel", help="guest kernel for a real cloud-hypervisor")
     up.add_argument(
         "--kubelet",
-        choices=("auto", "real", "simulated"),
+        choices=nodekind.KINDS,
         # The environment's default lets a test suite pin the kind for the stacks it
         # starts through this command.
-        default=os.environ.get("CHSCALE_NODE", "auto").strip().lower() or "auto",
+        default=nodekind.default_kind(),
         help="node kind: a real kubelet + containerd when the machine allows (auto), or "
         "either one explicitly (default: $CHSCALE_NODE, else auto)",
     )
@@ -505,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _sub(sub, "demo", "start a stack, grow, shrink, refuse, tear down")
     demo.add_argument("--keep", action="store_true", help="leave the stack running")
     demo.add_argument("--state-dir", help="where the stack runs (default: a temporary directory)")
+    demo.add_argument(
+        "--kubelet",
+        choices=nodekind.KINDS,
+        default=nodekind.default_kind(),
+        help="node kind: a real kubelet + containerd when the machine allows it and has the "
+        "guest's memory free (auto), or either one (default: $CHSCALE_NODE, else auto)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     from apps.cli.simulate import add_parser as add_simulate
