@@ -20,9 +20,10 @@ events, without threads, sockets or a wall clock (the clock is a float in the he
   poll backoff run as in the deployed processes; without it no wait would ever end, and
   every look would come at the shortest poll) and carries out only its own actions
   (:func:`core.owned_by`),
-  in the kernel's order: the merged status write, the events, then the side effects, each
-  an API call that takes a sampled latency. A conflict requeues at once; a ``Requeue``
-  hint becomes an ``AddAfter``. This is what ``apps/controller`` and ``apps/daemon`` do;
+  in the kernel's order: the merged status write, then the side effects, then the events
+  (no step waits for them), each an API call that takes a sampled latency. A conflict
+  requeues at once; a ``Requeue`` hint becomes an ``AddAfter``. This is what
+  ``apps/controller`` and ``apps/daemon`` do;
   the periodic resync is left out (every change here is delivered);
 - a *scheduler* (first fit from a rotating start, with :func:`sim.kubelet.fits_node`);
 - one :class:`sim.kubelet.Kubelet` per node, stepped when a pod's spec changes, at the
@@ -719,10 +720,17 @@ class Cluster:
     # --- executing the kernel's shared actions -------------------------------------------
 
     def _write_status(
-        self, s: _Slot, cache: _Cache, vm: Vm, rv: int, actions: tuple[Action, ...]
+        self,
+        s: _Slot,
+        cache: _Cache,
+        vm: Vm,
+        rv: int,
+        actions: tuple[Action, ...],
+        events: bool = True,
     ) -> Generator[float, None, int]:
         """The merged status write, conditional on ``rv`` (the version ``vm`` was decided
-        from), then the events. Returns the version now held, or -1 on a conflict."""
+        from), then (``events``) the events. Returns the version now held, or -1 on a
+        conflict."""
         status_actions = tuple(a for a in actions if isinstance(a, STATUS_ACTIONS))
         if status_actions:
             new = apply_status(vm.status, status_actions)
@@ -734,10 +742,14 @@ class Cluster:
                 self._commit_vm(s, s.vm.evolve(status=new))
                 rv = s.rv
                 cache.vm, cache.vm_rv = s.vm, rv  # observe_write: our own write, at once
+        if events:
+            yield from self._events(actions)
+        return rv
+
+    def _events(self, actions: tuple[Action, ...]) -> Generator[float, None, None]:
         for action in actions:
             if isinstance(action, RecordEvent):
                 yield self._latency()
-        return rv
 
     # --- the controller --------------------------------------------------------------------
 
@@ -748,7 +760,8 @@ class Cluster:
         actions = owned_by(decide(vm, pod, UNOBSERVED_VMM, self.kcfg, self.now), Owner.CONTROLLER)
         if not actions:
             return None
-        rv = yield from self._write_status(s, cache, vm, rv, actions)
+        # The events come after the side effects, as in apps/controller.
+        rv = yield from self._write_status(s, cache, vm, rv, actions, events=False)
         if rv < 0:
             return 0.0
         for action in actions:
@@ -756,6 +769,7 @@ class Cluster:
                 yield self._latency()
                 if s.rv != rv:
                     self.conflicts += 1  # the finalizer patch carries the resourceVersion
+                    yield from self._events(actions)
                     return 0.0
                 self._commit_vm(s, s.vm.evolve(has_finalizer=isinstance(action, AddFinalizer)))
                 rv = s.rv
@@ -769,6 +783,7 @@ class Cluster:
                 cache.pod = self._resize_pod(s, action.resources)
             elif isinstance(action, DeletePod):
                 raise SimError("the workload deletes no VM, yet the kernel deleted a pod")
+        yield from self._events(actions)
         return _requeue(actions)
 
     def _create_pod(self, s: _Slot, resources: Resources) -> _PodVersion:
@@ -964,7 +979,8 @@ class Cluster:
         held = cache.hold_until - self.now
         if held > 0 and any(isinstance(a, ResizeVmm) for a in actions):
             return held
-        rv = yield from self._write_status(s, cache, vm, rv, actions)
+        # The events come after the VMM calls, as in apps/daemon.
+        rv = yield from self._write_status(s, cache, vm, rv, actions, events=False)
         if rv < 0:
             return 0.0
         for action in actions:
@@ -992,6 +1008,7 @@ class Cluster:
                     error = VmmCallError(kind, _error_text(r))
             if error is None and isinstance(action, ResizeVmm) and action.probe:
                 # The probe answered 204: no removal pending; the kernel hears it at once.
+                yield from self._events(actions)
                 done = attrs.evolve(vmm, probe_ok=True)
                 vm, rv = cache.vm, cache.vm_rv
                 actions = owned_by(decide(vm, pod, done, self.kcfg, self.now), Owner.DAEMON)
@@ -1002,6 +1019,7 @@ class Cluster:
             if error is not None:
                 # A refused call goes straight back to the kernel, decided on the newest
                 # cached VM (our own status write included), as apps/daemon does.
+                yield from self._events(actions)
                 failed = attrs.evolve(vmm, call_error=error)
                 vm, rv = cache.vm, cache.vm_rv
                 actions = owned_by(decide(vm, pod, failed, self.kcfg, self.now), Owner.DAEMON)
@@ -1012,6 +1030,7 @@ class Cluster:
                 if after is not None:
                     cache.hold_until = self.now + after
                 return after
+        yield from self._events(actions)
         return _requeue(actions)
 
     # --- invariants (RESIZE.md section 8, 1 and 2) ----------------------------------------

@@ -1,8 +1,11 @@
 """Carrying out the kernel's shared actions: one status write, events, requeue hints.
 
 The controller and the daemon both use this; each adds the side effects it owns. The
-order matters for crash safety and is the kernel's: status first (intent recorded),
-then events, then side effects, then hints.
+order matters for crash safety and is the kernel's: status first (intent recorded), then
+side effects, then events, then hints. Events come after the side effects because they
+are API writes no step waits for: before them, each step's Event held up the next step
+(the kubelet's, the daemon's) by one API round trip (issue 19). They are still written
+when a side effect fails.
 """
 
 from __future__ import annotations

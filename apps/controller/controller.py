@@ -21,11 +21,13 @@ from apps.common.logs import kv
 from apps.common.worker import Cache, Metrics, Queue, Reconciler
 from core import (
     UNOBSERVED_VMM,
+    Action,
     AddFinalizer,
     CreatePod,
     DeletePod,
     KernelConfig,
     Owner,
+    PodView,
     RemoveFinalizer,
     ResizePod,
     decide,
@@ -108,7 +110,22 @@ class Controller(Reconciler):
         if not actions:
             return None
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
-        self.shared.record_events(vm_obj, vm, actions)
+        try:
+            refusal = self._side_effects(key, vm_obj, pod, actions)
+        finally:
+            # After the side effects, not before: an Event is an API write that the next
+            # step (the kubelet's, the daemon's) need not wait for (issue 19).
+            self.shared.record_events(vm_obj, vm, actions)
+        if refusal is not None:
+            return self._refused(key, **refusal)
+        return self.shared.requeue_after(actions)
+
+    def _side_effects(
+        self, key: str, vm_obj: dict[str, Any], pod: PodView | None, actions: tuple[Action, ...]
+    ) -> dict[str, str] | None:
+        """Carry out the controller's side effects, in the kernel's order; a pod resize
+        the API server refuses ends them and is returned for the kernel to judge."""
+        namespace, _, name = key.partition("/")
         for action in actions:
             if isinstance(action, AddFinalizer | RemoveFinalizer):
                 patched = self.api.patch_vm(
@@ -134,9 +151,9 @@ class Controller(Reconciler):
                     refused = message is not None or forbidden is not None
                     self.metrics.pod_resize_requested("refused" if refused else "error")
                     if message is not None:
-                        return self._refused(key, resize_refused=message)
+                        return {"resize_refused": message}
                     if forbidden is not None:
-                        return self._refused(key, resize_forbidden=forbidden)
+                        return {"resize_forbidden": forbidden}
                     raise
                 self.metrics.pod_resize_requested("accepted")
                 self.pods.observe_write(resized)
@@ -144,7 +161,7 @@ class Controller(Reconciler):
                     "pod resize requested",
                     extra=kv(vm=key, pod=pod.name, target=str(action.resources)),
                 )
-        return self.shared.requeue_after(actions)
+        return None
 
     def _refused(self, key: str, **refusal: str) -> float | None:
         """Feed a synchronous refusal back into the kernel at once."""

@@ -22,6 +22,7 @@ from apps.common.executor import SharedExecutor, StatusApi
 from apps.common.logs import kv
 from apps.common.worker import Cache, Metrics, Queue, Reconciler
 from core import (
+    Action,
     BootVmm,
     KernelConfig,
     Owner,
@@ -114,25 +115,41 @@ class Daemon(Reconciler):
             # event (our own status write would otherwise trigger an instant retry).
             return held
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
-        self.shared.record_events(vm_obj, vm, actions)
+        try:
+            answered = self._vmm_calls(key, client, pod.name, vmm, actions)
+        finally:
+            # After the VMM call, not before: an Event is an API write the guest's step
+            # need not wait for (issue 19).
+            self.shared.record_events(vm_obj, vm, actions)
+        if isinstance(answered, VmmCallError):
+            return self._call_failed(key, vmm, answered)
+        if answered is not None:
+            return self._feed_back(key, answered)
+        return self.shared.requeue_after(actions)
+
+    def _vmm_calls(
+        self, key: str, client: VmmClient, pod: str, vmm: VmmView, actions: tuple[Action, ...]
+    ) -> VmmCallError | VmmView | None:
+        """Make the daemon's VMM calls in the kernel's order. What the kernel must hear at
+        once ends them: a refusal, or a probe's 204 (the view it then decides on)."""
         for action in actions:
             try:
                 if isinstance(action, BootVmm):
                     client.boot(action)
-                    log.info("VMM booted", extra=kv(vm=key, pod=pod.name))
+                    log.info("VMM booted", extra=kv(vm=key, pod=pod))
                 elif isinstance(action, ResizeVmm):
                     client.resize(action.vcpus, action.memory)
                     if action.probe:
                         # 204 to the count already configured: the removal is done.
                         log.info("vCPU removal done", extra=kv(vm=key, vcpus=action.vcpus))
-                        return self._feed_back(key, evolve(vmm, probe_ok=True))
+                        return evolve(vmm, probe_ok=True)
                     log.info(
                         "VMM resize requested",
                         extra=kv(vm=key, vcpus=action.vcpus, memory=action.memory),
                     )
             except VmmCallFailed as failed:
-                return self._call_failed(key, vmm, failed.error)
-        return self.shared.requeue_after(actions)
+                return failed.error
+        return None
 
     def _unreachable_since(self, key: str, vmm: VmmView) -> VmmView:
         """``vmm`` with when its socket first failed in a row (the kernel's deadline
