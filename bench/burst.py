@@ -1,6 +1,6 @@
 """Benchmark: many VMs resized at once through one controller, on the real local stack.
 
-    python -m bench.burst                  # 1,000 VMs on 4 simulated nodes
+    python -m bench.burst                  # 1,000 VMs on 10 simulated nodes (110 pods each)
     python -m bench.burst --vms 100
 
 Creates ``--vms`` small VMs (1 vCPU, 256Mi), each with its own Cloud Hypervisor
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -54,9 +55,11 @@ from bench.measure import (
     writes_between,
 )
 from core import parse_vm
+from testbed.kubelet.agent import MAX_PODS
 from testbed.localstack.stack import NodeSpec, Stack
 
 NAMESPACE = "default"
+DEFAULT_NODES = 4
 BEFORE = (1, "256Mi")
 AFTER = (2, "512Mi")
 AFTER_POD_CPU = 2
@@ -143,7 +146,11 @@ def _wait_all(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.burst", description=__doc__)
     parser.add_argument("--vms", type=int, default=1000)
-    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        help=f"simulated nodes (default: 4, or as many as {MAX_PODS} pods each need)",
+    )
     parser.add_argument("--boot-timeout", type=float, default=1800.0)
     parser.add_argument("--burst-timeout", type=float, default=600.0)
     parser.add_argument("--batch", type=int, default=100, help="VMs created per step")
@@ -155,6 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--state-dir", help="default: a temporary directory")
     args = parser.parse_args(argv)
+    # A node takes at most MAX_PODS pods, as a real kubelet's default --max-pods, and the
+    # scheduler holds to it: more VMs than that would wait in Scheduling for ever.
+    fewest = math.ceil(args.vms / int(MAX_PODS))
+    if args.nodes is None:
+        args.nodes = max(DEFAULT_NODES, fewest)
+    elif args.nodes < fewest:
+        parser.error(f"--nodes {args.nodes}: {args.vms} VMs need at least {fewest} nodes "
+                     f"({MAX_PODS} pods each)")  # fmt: skip
+    # A timeout's SIGTERM must still tear the stack down (the finally below), or the
+    # simulated kubelets' VMM processes outlive the run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     per_node = math.ceil(args.vms / args.nodes)
     cpu = math.ceil(per_node * AFTER_POD_CPU * HEADROOM)
