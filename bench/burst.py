@@ -41,6 +41,7 @@ from typing import Any
 
 from adapters.k8s.client import Kube, Unavailable
 from adapters.k8s.vms import vm_path
+from apps.cli import nodekind
 from apps.cli.vmops import apply_vm, converged, resize_vm
 from bench.apistats import quiet_totals
 from bench.e2e import component_logs
@@ -84,10 +85,10 @@ def _status_field(pid: int, field: str) -> int | None:
 
 
 def _mem_available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("/proc/meminfo has no MemAvailable")
+    available = nodekind.available_memory()
+    if available is None:
+        raise RuntimeError("/proc/meminfo has no MemAvailable")
+    return available / float(1 << 20)
 
 
 class _Retries:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nodes",
         type=int,
-        help=f"simulated nodes (default: 4, or as many as {MAX_PODS} pods each need)",
+        help=f"simulated nodes (default: {DEFAULT_NODES}, or as many as {MAX_PODS} pods each need)",
     )
     parser.add_argument("--boot-timeout", type=float, default=1800.0)
     parser.add_argument("--burst-timeout", type=float, default=600.0)

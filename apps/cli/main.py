@@ -359,6 +359,18 @@ def _prog() -> str:
     return "kubectl chscale" if Path(sys.argv[0]).name == PLUGIN_NAME else "chscale"
 
 
+def _kubelet_option(parser: argparse.ArgumentParser, auto: str) -> None:
+    parser.add_argument(
+        "--kubelet",
+        choices=nodekind.KINDS,
+        # The environment's default lets a test suite pin the kind for the stacks it
+        # starts through this command.
+        default=nodekind.default_kind(),
+        help=f"node kind: a real kubelet + containerd {auto}, or either one explicitly "
+        "(default: $CHSCALE_NODE, else auto)",
+    )
+
+
 def _sub(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(
         name,
@@ -453,15 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="command template for a real cloud-hypervisor (default: the simulator)",
     )
     up.add_argument("--kernel", help="guest kernel for a real cloud-hypervisor")
-    up.add_argument(
-        "--kubelet",
-        choices=nodekind.KINDS,
-        # The environment's default lets a test suite pin the kind for the stacks it
-        # starts through this command.
-        default=nodekind.default_kind(),
-        help="node kind: a real kubelet + containerd when the machine allows (auto), or "
-        "either one explicitly (default: $CHSCALE_NODE, else auto)",
-    )
+    _kubelet_option(up, "when the machine allows (auto)")
     up.add_argument(
         "--timeout",
         type=float,
@@ -487,13 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _sub(sub, "demo", "start a stack, grow, shrink, refuse, tear down")
     demo.add_argument("--keep", action="store_true", help="leave the stack running")
     demo.add_argument("--state-dir", help="where the stack runs (default: a temporary directory)")
-    demo.add_argument(
-        "--kubelet",
-        choices=nodekind.KINDS,
-        default=nodekind.default_kind(),
-        help="node kind: a real kubelet + containerd when the machine allows it and has the "
-        "guest's memory free (auto), or either one (default: $CHSCALE_NODE, else auto)",
-    )
+    _kubelet_option(demo, "when the machine allows it and has the guest's memory free (auto)")
     demo.set_defaults(func=cmd_demo)
 
     from apps.cli.simulate import add_parser as add_simulate
