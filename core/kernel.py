@@ -51,11 +51,15 @@ upon (by the controller, nor by a daemon whose pod cache lags the controller's).
 
 Intent is written before the act: a decision's status actions come first, and the
 executor writes them with the resourceVersion it decided on, so a decision made on a
-stale VirtualMachine fails with a conflict before its side effects happen. The VMM call
-records ``vmmRequested`` in ``status.resize`` first, which also makes a retry (after a
-429 or a 500) quiet. This relies on each process feeding its own writes back into its
-cache (a cache that lags behind the process's own writes could repeat an old decision's
-unguarded side effects).
+stale VirtualMachine fails with a conflict before its side effects happen. The guest
+step's intent (``vmmRequested``, the deadline's start, its ``VMResizeInitiated``) is
+written by the decision that opens the step, before the daemon can act on it; the
+daemon's ``vm.resize`` then writes nothing of its own (ADR 0019). It is safe on a stale
+view because only the daemon takes a VM out of ``ResizeInProgress`` and the pod that
+covers the target shrinks only after it has; what the VMM was asked is in its own
+configuration, which a restarted daemon reads. This relies on each process feeding its
+own writes back into its cache (a cache that lags behind the process's own writes could
+repeat an old decision's unguarded side effects).
 """
 
 from __future__ import annotations
@@ -749,14 +753,41 @@ def _new_record(
     desired: Allocation,
     return_phase: Phase,
     pod_generation: int | None = None,
+    now: float | None = None,
 ) -> ResizeRecord:
-    return ResizeRecord(
+    record = ResizeRecord(
         vcpus=desired.vcpus,
         memory=desired.memory,
         generation=vm.generation,
         step=step,
         return_phase=return_phase,
         pod_generation=pod_generation,
+    )
+    return _guest_step_begins(record, now) if step is Step.VMM else record
+
+
+def _guest_step_begins(record: ResizeRecord, now: float | None) -> ResizeRecord:
+    """``record`` as the guest step opens: the VMM may be asked from now on, and the
+    step's deadlines count from here. Whoever opens the step writes this, before the
+    daemon can act on it, so the daemon's first ``vm.resize`` needs no status write of
+    its own (one write and two reconciles fewer per resize, ADR 0019); what the VMM
+    was really asked is in its own configuration (``vm.info``), which a restarted
+    daemon reads."""
+    return evolve(record, step=Step.VMM, attempts=0, vmm_requested=True, wait_since=now)
+
+
+def _announce_guest_step(out: _Out, owner: Owner, record: ResizeRecord) -> None:
+    """The seed's second ``VMResizeInitiated`` (the VMM resize), said by the decision
+    that opens the guest step after a pod step, or retargets it: that decision writes
+    status, so deciding again on the same observations says nothing twice, where the
+    daemon's ``vm.resize`` itself writes nothing (ADR 0019). A guest step that opens a
+    resize (a shrink, a drift) is announced once, by its phase change's own
+    ``VMResizeInitiated``."""
+    out.event(
+        owner,
+        EventType.NORMAL,
+        Reasons.EV_VMM_INITIATED,
+        f"asking the VMM for {record.target} (the guest holds {out.vm.status.allocated})",
     )
 
 
@@ -869,9 +900,10 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
         return
     # Going straight to the guest: remember which pod view showed it covered (see _pod_step).
     pod_generation = pod.generation if step is Step.VMM else None
-    record = _new_record(vm, step, desired, vm.status.phase, pod_generation)
+    record = _new_record(vm, step, desired, vm.status.phase, pod_generation, out.now)
     out.record(Owner.CONTROLLER, record)
-    out.transition(_CAUSE_OF_STEP[step], f"resizing from {current} to {desired}")
+    first = "; the guest first: asking the VMM" if step is Step.VMM else ""
+    out.transition(_CAUSE_OF_STEP[step], f"resizing from {current} to {desired}{first}")
     out.condition(
         Owner.CONTROLLER,
         RESIZED,
@@ -989,7 +1021,7 @@ def _late_removal(out: _Out, vm: Vm, vmm: VmmView) -> None:
         return
     phase = vm.status.phase
     assert phase is not None
-    out.record(Owner.DAEMON, _new_record(vm, Step.VMM, vm.spec.desired, phase))
+    out.record(Owner.DAEMON, _new_record(vm, Step.VMM, vm.spec.desired, phase, now=out.now))
     out.transition(
         Cause.VMM_DRIFTED,
         f"the guest finished removing vCPUs late (the VMM is configured for {vmm.requested});"
@@ -1021,7 +1053,7 @@ def _vmm_drift(out: _Out, vm: Vm, vmm: VmmView, truth: Allocation | None) -> Non
         return
     phase = vm.status.phase
     assert phase is not None
-    out.record(Owner.DAEMON, _new_record(vm, Step.VMM, desired, phase))
+    out.record(Owner.DAEMON, _new_record(vm, Step.VMM, desired, phase, now=out.now))
     out.transition(
         Cause.VMM_DRIFTED, f"the VMM is configured for {requested}, the spec asks {desired}"
     )
@@ -1127,18 +1159,10 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
     if step is Step.VMM:
         # The daemon compares its own pod view with this generation: a view older than the
         # one that showed the pod covering the guest must not let the guest grow.
-        out.record(
-            Owner.CONTROLLER,
-            evolve(
-                record,
-                step=Step.VMM,
-                pod_generation=pod.generation,
-                attempts=0,
-                vmm_requested=False,
-                wait_since=None,
-            ),
-        )
+        record = _guest_step_begins(evolve(record, pod_generation=pod.generation), out.now)
+        out.record(Owner.CONTROLLER, record)
         out.transition(Cause.NEEDS_VMM, f"pod holds {pod.actual}; resizing the guest to {desired}")
+        _announce_guest_step(out, Owner.CONTROLLER, record)
         return
 
     assert isinstance(target, Resources)
@@ -1372,30 +1396,22 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             return
         if record.target != desired or record.generation != vm.generation:
             record = evolve(
-                record,
-                vcpus=desired.vcpus,
-                memory=desired.memory,
-                generation=vm.generation,
-                attempts=0,
-                vmm_requested=False,
-                wait_since=None,
+                record, vcpus=desired.vcpus, memory=desired.memory, generation=vm.generation
             )
-        first_call = not record.vmm_requested
-        record = evolve(record, vmm_requested=True, wait_since=record.wait_since or out.now)
-        out.record(Owner.DAEMON, record)
+            record = _guest_step_begins(record, out.now)
+            out.record(Owner.DAEMON, record)
+            _announce_guest_step(out, Owner.DAEMON, record)
+        elif not record.vmm_requested:
+            # Opened by a chscale before ADR 0019, whose daemon announced its own call.
+            record = evolve(record, vmm_requested=True, wait_since=record.wait_since or out.now)
+            out.record(Owner.DAEMON, record)
+            _announce_guest_step(out, Owner.DAEMON, record)
         out.effect(
             ResizeVmm(
                 vcpus=desired.vcpus if requested.vcpus != desired.vcpus else None,
                 memory=desired.memory if requested.memory != desired.memory else None,
             )
         )
-        if first_call:  # a retry (after a 429 or a 500) is not news
-            out.event(
-                Owner.DAEMON,
-                EventType.NORMAL,
-                Reasons.EV_VMM_INITIATED,
-                f"asking the VMM for {desired} (it has {requested})",
-            )
         out.requeue(Owner.DAEMON, config.vmm_poll_s)
         return
     if record.target != desired or record.generation != vm.generation:

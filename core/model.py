@@ -179,8 +179,9 @@ class ResizeRecord:
     pod_generation: int | None = None
     attempts: int = 0
     started_at: str | None = None  # stamped by the adapter; the kernel never reads clocks
-    # The daemon has asked the VMM for this target (recorded before the call, so the call
-    # is guarded by the status write's resourceVersion and is announced only once).
+    # The guest step toward this target is open: the VMM may have been asked for it
+    # (written by whoever opens the step, before the daemon can call; ADR 0019). What it
+    # was really asked is in the VMM's own configuration.
     vmm_requested: bool = False
     # When the current wait began (``now`` of the decision that started it, seconds since
     # the epoch; the adapters pass ``now`` in): deadlines of RESIZE.md 4b count from here.

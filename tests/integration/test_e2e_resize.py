@@ -179,17 +179,16 @@ def pod_resize_requests(stack: Stack, controller: str = "controller-0") -> float
 
 
 # A growth's Events, in order, per component. Each component writes an Event after the
-# status write it belongs to, so across components only causality orders them: the
-# controller's VMResizeInProgress and the daemon's VMM-side VMResizeInitiated both follow
-# the same status write and may land either way round.
+# status write it belongs to, so across components only causality orders them. The
+# hand-off that opens the guest step announces its VMM resize (ADR 0019).
 GROWTH_EVENTS = {
     "chscale-controller": [
         "VMResizeInitiated",  # resize detected
         "VMResizePodInitiated",  # pod resize accepted
         "VMResizeInProgress",  # pod step done, VMM step begins
+        "VMResizeInitiated",  # the VMM resize, asked from here on
     ],
     "chscale-daemon": [
-        "VMResizeInitiated",  # VMM resize called
         "VMResizeCompleted",
     ],
 }

@@ -57,6 +57,7 @@ from core import (
     owned_by,
     pod_resources,
 )
+from core.actions import SharedAction
 from core.constants import MILLICORES_PER_VCPU, GiB, MiB
 from core.resources import capacity_for
 
@@ -434,8 +435,7 @@ GROW_EVENTS = [
     "VMResizeCompleted",
 ]
 SHRINK_EVENTS = [
-    "VMResizeInitiated",
-    "VMResizeInitiated",
+    "VMResizeInitiated",  # resize detected and the VMM call, at once (ADR 0019)
     "VMResizeInProgress",
     "VMResizePodInitiated",
     "VMResizeCompleted",
@@ -570,13 +570,16 @@ def test_growth_step_by_step() -> None:
     assert transitions(rig.daemon()) == []  # still the controller's phase
     acts = rig.controller()
     assert transitions(acts) == [Phase.RESIZE_IN_PROGRESS]
-    assert rig.reasons()[-1] == "VMResizeInProgress"
+    # The hand-off opens the guest step and announces its VMM resize (ADR 0019).
+    assert rig.reasons()[-2:] == ["VMResizeInProgress", "VMResizeInitiated"]
     assert rig.controller() == ()  # the VMM step is the daemon's
 
     acts = rig.daemon()
     assert rig.vmm_calls == [ResizeVmm(vcpus=12, memory=None)]
-    assert rig.reasons()[-1] == "VMResizeInitiated"
-    assert Requeue(DEFAULT_CONFIG.vmm_poll_s, owner=Owner.DAEMON) in acts
+    # The call needs no write of its own: the step was opened before the daemon saw it.
+    assert [a for a in acts if isinstance(a, SharedAction)] == [
+        Requeue(DEFAULT_CONFIG.vmm_poll_s, owner=Owner.DAEMON)
+    ]
     acts = rig.daemon()
     assert transitions(acts) == [Phase.RUNNING]
     assert rig.reasons()[-1] == "VMResizeCompleted"
@@ -904,8 +907,8 @@ def test_vmm_busy_429_backs_off_quietly() -> None:
     assert record is not None and record.attempts == 3  # counted for the backoff
     assert rig.vm.status.conditions == conditions
     assert Reasons.EV_VMM_FAILED not in rig.reasons()
-    # The call is announced once, not once per retry.
-    assert rig.reasons() == ["VMResizeInitiated", "VMResizeInitiated"]
+    # The call is announced once (with the shrink it opens), not once per retry.
+    assert rig.reasons() == ["VMResizeInitiated"]
     assert rig.phase is Phase.RESIZE_IN_PROGRESS
     rig.daemon()
     rig.daemon()
