@@ -776,6 +776,17 @@ def _guest_step_begins(record: ResizeRecord, now: float | None) -> ResizeRecord:
     return evolve(record, step=Step.VMM, attempts=0, vmm_requested=True, wait_since=now)
 
 
+def _guest_may_reach(out: _Out, owner: Owner, current: Allocation, target: Allocation) -> None:
+    """As the guest step opens, ``allocated`` takes the memory the guest may hold once the
+    VMM is asked (a growth's target; before a shrink, what it holds), before it is asked:
+    the most the guest may hold is never claimed less, even between the call and the
+    daemon's first look, and the daemon, finding it there (:func:`_held_while_moving`),
+    writes nothing until the guest has got there (ADR 0019). vCPUs stay as proven."""
+    held = evolve(current, memory=max(current.memory, target.memory))
+    if held != current:
+        out.status.append(SetAllocated(held, owner=owner))
+
+
 def _announce_guest_step(out: _Out, owner: Owner, record: ResizeRecord) -> None:
     """The seed's second ``VMResizeInitiated`` (the VMM resize), said by the decision
     that opens the guest step after a pod step, or retargets it: that decision writes
@@ -904,6 +915,8 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
     out.record(Owner.CONTROLLER, record)
     first = "; the guest first: asking the VMM" if step is Step.VMM else ""
     out.transition(_CAUSE_OF_STEP[step], f"resizing from {current} to {desired}{first}")
+    if step is Step.VMM:
+        _guest_may_reach(out, Owner.CONTROLLER, current, desired)
     out.condition(
         Owner.CONTROLLER,
         RESIZED,
@@ -1162,6 +1175,7 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         record = _guest_step_begins(evolve(record, pod_generation=pod.generation), out.now)
         out.record(Owner.CONTROLLER, record)
         out.transition(Cause.NEEDS_VMM, f"pod holds {pod.actual}; resizing the guest to {desired}")
+        _guest_may_reach(out, Owner.CONTROLLER, current, desired)
         _announce_guest_step(out, Owner.CONTROLLER, record)
         return
 
@@ -1379,13 +1393,18 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
     if vmm.probe_ok and truth.vcpus > requested.vcpus:
         # A vCPU request answered 204: no removal is pending, the guest ejected them.
         truth = evolve(truth, vcpus=requested.vcpus)
-    held = _held_while_moving(known, truth, requested)
-    if held != known:
-        out.status.append(SetAllocated(held, owner=Owner.DAEMON))
     # A removal the guest has not finished: every vCPU request answers 429 until it has,
     # and asking for the count still running would answer 204 but leave it pending.
     removal_pending = truth.vcpus > requested.vcpus
-    if requested != desired and not removal_pending:
+    asking = requested != desired and not removal_pending
+    # About to ask: the guest is on its way to the spec's memory, not yet to what the VMM
+    # holds now (the step's opening put that in ``allocated``, see _guest_may_reach).
+    held = _held_while_moving(
+        known, truth, evolve(requested, memory=desired.memory) if asking else requested
+    )
+    if held != known:
+        out.status.append(SetAllocated(held, owner=Owner.DAEMON))
+    if asking:
         step, _ = plan(truth, pod, desired, config)
         if step is Step.POD_GROW:
             # The VMM may have been asked for more than the guest has plugged yet: the

@@ -1031,6 +1031,15 @@ class Cluster:
                     cache.hold_until = self.now + after
                 return after
         yield from self._events(actions)
+        if any(isinstance(a, ResizeVmm) and not a.probe for a in actions):
+            # Accepted: look again at once, as apps/daemon does (status and events only).
+            yield from self._vmm_wait()
+            vm, rv = cache.vm, cache.vm_rv
+            again = owned_by(decide(vm, pod, self._view(s), self.kcfg, self.now), Owner.DAEMON)
+            rv = yield from self._write_status(s, cache, vm, rv, again)
+            if rv < 0:
+                return 0.0
+            return _requeue(again)
         return _requeue(actions)
 
     # --- invariants (RESIZE.md section 8, 1 and 2) ----------------------------------------

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from attrs import evolve
 
@@ -56,6 +56,9 @@ class VmmCallFailed(Exception):
     def __init__(self, error: VmmCallError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+RESIZED: Final = "resized"
 
 
 class Daemon(Reconciler):
@@ -123,15 +126,22 @@ class Daemon(Reconciler):
             self.shared.record_events(vm_obj, vm, actions)
         if isinstance(answered, VmmCallError):
             return self._call_failed(key, vmm, answered)
+        if answered == RESIZED:
+            # A vCPU growth is done when vm.resize answers (Cloud Hypervisor starts the
+            # threads first) and memory may be plugged already: look at once, as the echo
+            # of a status write would (ADR 0019), not a poll interval later.
+            return self._feed_back(key, self._unreachable_since(key, client.view()), hold=False)
         if answered is not None:
             return self._feed_back(key, answered)
         return self.shared.requeue_after(actions)
 
     def _vmm_calls(
         self, key: str, client: VmmClient, pod: str, vmm: VmmView, actions: tuple[Action, ...]
-    ) -> VmmCallError | VmmView | None:
+    ) -> VmmCallError | VmmView | Literal["resized"] | None:
         """Make the daemon's VMM calls in the kernel's order. What the kernel must hear at
-        once ends them: a refusal, or a probe's 204 (the view it then decides on)."""
+        once ends them: a refusal, or a probe's 204 (the view it then decides on); then
+        :data:`RESIZED` if the VMM accepted a resize."""
+        resized: Literal["resized"] | None = None
         for action in actions:
             try:
                 if isinstance(action, BootVmm):
@@ -147,9 +157,10 @@ class Daemon(Reconciler):
                         "VMM resize requested",
                         extra=kv(vm=key, vcpus=action.vcpus, memory=action.memory),
                     )
+                    resized = RESIZED
             except VmmCallFailed as failed:
                 return failed.error
-        return None
+        return resized
 
     def _unreachable_since(self, key: str, vmm: VmmView) -> VmmView:
         """``vmm`` with when its socket first failed in a row (the kernel's deadline
@@ -167,9 +178,13 @@ class Daemon(Reconciler):
         log.log(level, "VMM call refused", extra=kv(vm=key, kind=error.kind, error=error.message))
         return self._feed_back(key, evolve(vmm, call_error=error))
 
-    def _feed_back(self, key: str, vmm: VmmView) -> float | None:
-        """Re-decide at once on what a VMM call just answered (its error, or a probe's
-        204), on the newest cached VM (our own status write included)."""
+    def _feed_back(self, key: str, vmm: VmmView, hold: bool = True) -> float | None:
+        """Re-decide at once on what a VMM call just answered (its error, a probe's 204,
+        or the VMM seen again after it accepted a resize), on the newest cached VM (our
+        own status write included). Only status and events are carried out: a VMM call
+        this decision asks for waits for the next reconcile (after its requeue, and held
+        there after a refusal), so a VMM that accepts and does nothing costs a look per
+        poll, never a loop."""
         namespace, _, name = key.partition("/")
         vm_obj = self.vms.get(namespace, name)
         pod_obj = self.pods.get(namespace, pod_name(name))
@@ -184,7 +199,7 @@ class Daemon(Reconciler):
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
         self.shared.record_events(vm_obj, vm, actions)
         after = self.shared.requeue_after(actions)
-        if after is not None:
+        if after is not None and hold:
             with self._lock:
                 self._hold[key] = time.monotonic() + after
         return after
