@@ -45,9 +45,10 @@ from apps.cli import nodekind
 from apps.cli.vmops import apply_vm, converged, resize_vm
 from bench.apistats import quiet_totals
 from bench.e2e import component_logs
-from bench.floor import FloorVm, stop_chscale
+from bench.floor import FloorVm, register_floor_node, stop_chscale
 from bench.measure import (
     GROW_MILESTONES,
+    cpu_by_component,
     milestones,
     per_resize,
     percentile,
@@ -161,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         default=3072.0,
         help="stop before the VMs would leave less memory than this available",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="the controller's and the daemons' --workers (default: theirs)",
+    )
     parser.add_argument("--state-dir", help="default: a temporary directory")
     args = parser.parse_args(argv)
     # A node takes at most MAX_PODS pods, as a real kubelet's default --max-pods, and the
@@ -181,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     nodes = [NodeSpec(f"burst-{i}", str(cpu), f"{memory_gi}Gi") for i in range(args.nodes)]
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="chscale-bench-burst-"))
     names = {f"burst-{i:04d}" for i in range(args.vms)}
-    stack = Stack(state, nodes=nodes, webhook=True)
+    workers = ("--workers", str(args.workers)) if args.workers is not None else ()
+    stack = Stack(state, nodes=nodes, webhook=True, component_args=workers)
     retries = _Retries()
     try:
         stack.start()
@@ -202,16 +210,22 @@ def main(argv: list[str] | None = None) -> int:
             sent[f"{NAMESPACE}/{name}"] = datetime.now(UTC)
             retries.call(lambda: resize_vm(kube, NAMESPACE, name, *AFTER))
 
+        pids = {name: child.pid for name, child in stack.children.items()}
+        pids |= {name: child.pid for name, child in stack.control_plane.processes.items()}
+        cpu_before = cpu_by_component(pids)
         started = time.monotonic()
         with ThreadPoolExecutor(PATCH_THREADS) as pool:
             list(pool.map(patch, sorted(names)))
         patched_s = time.monotonic() - started
         _wait_all(kube, names, AFTER, args.burst_timeout, "burst")
         total_s = time.monotonic() - started
+        cpu_after = cpu_by_component(pids)
         writes = writes_between(before, quiet_totals(kube))
         controller = stack.children["controller-0"].pid
         hwm = _status_field(controller, "VmHWM")
         rss = _status_field(controller, "VmRSS")
+        # Said now as well: the floor takes as long again, and a run can be stopped there.
+        print(f"# burst done in {total_s:.2f} s; measuring the floor", flush=True)
         floor_s, floor_writes = _floor(kube, stack, sorted(names), retries)
     finally:
         stack.stop()
@@ -235,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in breakdown.items():
         print(f"burst_api_writes_per_resize_{name}={value:.2f}")
     print(f"burst_floor_api_writes_per_resize={floor_writes:.2f}")
+    # Where the machine's CPU went during the burst (2 cores: at most 2 s per second).
+    used = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    for name, seconds in sorted(used.items(), key=lambda item: -item[1]):
+        print(f"burst_cpu_s_{name.replace('-', '_')}={seconds:.1f}")
     _print_stages(stack, sent)
     print(f"# logs: {stack.logs}")
     return 0
@@ -261,6 +279,7 @@ def _print_stages(stack: Stack, sent: dict[str, datetime]) -> None:
 def _floor(kube: Kube, stack: Stack, names: list[str], retries: _Retries) -> tuple[float, float]:
     """The burst's API traffic without chscale: returns (seconds for all, writes per VM)."""
     stop_chscale(stack)
+    register_floor_node(kube)
     template = kube.get(vm_path(NAMESPACE, names[0]))
     pod_name = (template.get("status") or {}).get("vmPodName") or f"vm-{names[0]}"
     pod = kube.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod_name}")

@@ -44,7 +44,7 @@ from adapters.k8s.client import Kube
 from adapters.k8s.vms import vm_path
 from apps.cli.vmops import Follower, apply_vm, converged, resize_vm
 from bench.apistats import quiet_totals, request_totals
-from bench.floor import FloorVm, Size, start_vmm, stop_chscale, vm_object
+from bench.floor import FloorVm, Size, register_floor_node, start_vmm, stop_chscale, vm_object
 from bench.measure import (
     GROW_MILESTONES,
     SHRINK_MILESTONES,
@@ -180,6 +180,7 @@ def measure_floor(
     node kind: what the API server and a VMM cost, with no kubelet in between."""
     small, large = sizes
     stop_chscale(stack)
+    register_floor_node(kube)
     vm = kube.get(vm_path(NAMESPACE, VM_NAME))
     pod_name = (vm.get("status") or {}).get("vmPodName") or f"vm-{VM_NAME}"
     pod = kube.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod_name}")

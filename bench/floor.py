@@ -12,6 +12,7 @@ carry nothing the next step waits for. ADR 0015 says why this is the floor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.cloudhypervisor.client import CloudHypervisorClient
-from adapters.k8s.client import Kube
+from adapters.k8s.client import AlreadyExists, Kube
 from adapters.k8s.vms import vm_path
 from apps.cli.vmops import apply_vm, resize_vm
 from core.constants import POD_MEMORY_OVERHEAD, VM_CONTAINER, MiB
@@ -48,6 +49,21 @@ def vm_object(name: str, size: Size) -> dict[str, Any]:
 def pod_memory(memory: str) -> str:
     """The pod's memory for a guest of ``memory``: plus the VMM overhead, in Mi."""
     return f"{(parse_bytes(memory) + POD_MEMORY_OVERHEAD) // MiB}Mi"
+
+
+def register_floor_node(kube: Kube) -> None:
+    """The floor's node, as an object no kubelet heartbeats for: without it the real
+    kube-controller-manager's pod garbage collector deletes the floor's pods as orphans
+    (bound to a node that does not exist) 40 s after they are made, which a floor of a
+    thousand VMs outlasts. Unschedulable, so the scheduler never places a pod there."""
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": FLOOR_NODE, "labels": {"chscale.io/floor": "true"}},
+        "spec": {"unschedulable": True},
+    }
+    with contextlib.suppress(AlreadyExists):
+        kube.create("/api/v1/nodes", node)
 
 
 def floor_pod(template: dict[str, Any], name: str) -> dict[str, Any]:

@@ -8,11 +8,13 @@ has a unit test (``tests/unit/test_bench_measure.py``).
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 # The verbs of apiserver_request_total that change state (reads: GET, LIST, WATCH).
@@ -45,6 +47,46 @@ def ratio(value: float, floor: float) -> float:
     if floor <= 0:
         return math.inf
     return value / floor
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process (``/proc/<pid>/stat``), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces: the fields that follow come after ")".
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# Processes of these kinds run one per node or replica, named "<kind>-<node or index>".
+PER_NODE = ("controller", "daemon", "kubelet")
+
+
+def cpu_by_component(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds per component (the processes of a per-node kind summed), and the
+    children of the kubelets (the VMMs they started) as ``vmm``."""
+    totals: dict[str, float] = {}
+    kubelets = set()
+    for name, pid in pids.items():
+        seconds = cpu_seconds(pid)
+        if seconds is None:
+            continue
+        kind = name.split("-", 1)[0]
+        component = kind if kind in PER_NODE else name
+        totals[component] = totals.get(component, 0.0) + seconds
+        if kind == "kubelet":
+            kubelets.add(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) in kubelets:
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            totals["vmm"] = totals.get("vmm", 0.0) + seconds
+    return totals
 
 
 def parse_request_totals(text: str) -> dict[RequestKey, float]:

@@ -92,7 +92,7 @@ from core import (
     parse_pod,
 )
 from core.actions import STATUS_ACTIONS
-from core.constants import MILLICORES_PER_VCPU, VM_CONTAINER, GiB, MiB
+from core.constants import MILLICORES_PER_VCPU, RECONCILE_WORKERS, VM_CONTAINER, GiB, MiB
 from core.model import STEADY_PHASES
 from core.quantity import QuantityError, format_bytes, format_millicores, parse_quantity
 from sim import kubelet as kl
@@ -240,8 +240,8 @@ class SimConfig:
     infeasible_fraction: float = 0.02
     # Spec changes per second of simulated time; None: one per VM every 100 s.
     resize_rate: float | None = None
-    controller_workers: int = 4
-    daemon_workers: int = 4
+    controller_workers: int = RECONCILE_WORKERS
+    daemon_workers: int = RECONCILE_WORKERS
     api_latency: Dist = Dist("lognormal", 0.002, 0.5)
     watch_delay: Dist = Dist("lognormal", 0.003, 0.5)
     # Per node: how long its kubelet takes to actuate an accepted resize.

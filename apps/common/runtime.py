@@ -26,6 +26,7 @@ from adapters.k8s.informer import Informer
 from apps.common import metrics as m
 from core import KernelConfig, Phase
 from core.config import DEADLINE_FLAGS, DEFAULT_CONFIG
+from core.constants import RECONCILE_WORKERS
 from core.kernel import RESIZED, Reasons
 from core.quantity import parse_bytes
 
@@ -41,7 +42,10 @@ TOTAL_STEP = "total"
 def add_common_flags(parser: argparse.ArgumentParser, metrics_port: int) -> None:
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
     parser.add_argument(
-        "--workers", type=int, default=4, help="parallel reconciles (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=RECONCILE_WORKERS,
+        help="parallel reconciles (default: %(default)s)",
     )
     parser.add_argument(
         "--metrics-port",

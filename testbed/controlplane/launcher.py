@@ -363,6 +363,12 @@ class ControlPlane:
         return self._apiserver is not None and self._apiserver.alive()
 
     @property
+    def processes(self) -> dict[str, Child]:
+        """The processes this control plane started (for benchmarks that read their CPU)."""
+        named = {"etcd": self._etcd, "kube-apiserver": self._apiserver}
+        return {name: child for name, child in named.items() if child is not None}
+
+    @property
     def server_url(self) -> str:
         return f"https://{LOOPBACK}:{self._need_ports().apiserver}"
 
