@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         if not signals.stop_requested:
-            server.serve_forever(poll_interval=0.1)
+            server.serve_forever()
     except BootFailed as exc:
         log.error(
             "cannot boot the VM from the command line", extra=kv(vm=server.vm_name, error=str(exc))

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import random
+import selectors
 import socketserver
 import threading
 import time
@@ -48,6 +49,8 @@ INJECTED_FAULT = "injected fault (chscale-ch-sim --sim-error-rate)"
 LOCK_SUFFIX = ".lock"
 # How often a hanging request checks whether the server is stopping.
 _HANG_POLL_S = 0.1
+# How often serve_forever wakes by itself while a ballast follows the guest's memory.
+SERVICE_INTERVAL_S = 0.1
 # micro_http reads into a 1024-byte buffer: a request or header line must fit in it.
 _LINE_MAX = 1024
 
@@ -298,6 +301,11 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.ballast = ballast
         self._memory_moved = threading.Event()
         self._ballast_thread: threading.Thread | None = None
+        # serve_forever sleeps until a request or stop() (a byte on this pipe) wakes it.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._loop_done = threading.Event()
+        self._loop_done.set()
         self.faults = faults or FaultPlan()
         self.vm_name = vm_name or os.path.basename(socket_path)
         self.stopping = threading.Event()
@@ -361,6 +369,35 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self._hold_guest_memory()
             return response
 
+    def serve_forever(self, poll_interval: float = SERVICE_INTERVAL_S) -> None:
+        """socketserver's loop, woken by :meth:`shutdown` instead of polling for it, and
+        waking on its own only while the ballast follows the guest (``poll_interval``):
+        1,000 idle simulators polling ten times a second used one of this machine's two
+        cores (``bench.burst``'s ``burst_cpu_s_vmm``, ADR 0020)."""
+        self._loop_done.clear()
+        timeout = poll_interval if self.ballast is not None else None
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self.stopping.is_set():
+                    ready = selector.select(timeout)
+                    if self.stopping.is_set():
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._loop_done.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever and wait until it has (from another thread)."""
+        self.stopping.set()
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError):  # full: it is awake already
+                os.write(self._wake_w, b"x")
+        self._loop_done.wait()
+
     def service_actions(self) -> None:
         """Between requests (serve_forever's poll): the guest plugs and unplugs on its own
         clock, and the ballast follows it there too."""
@@ -403,8 +440,12 @@ class ChSimServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         threading.Thread(target=self.shutdown, name="chsim-stop", daemon=True).start()
 
     def server_close(self) -> None:
-        self.stopping.set()
+        self.shutdown()  # a loop still serving ends first; none: returns at once
         super().server_close()
+        if self._wake_r >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
         if self.ballast is not None:
             self._memory_moved.set()
             if self._ballast_thread is not None:
