@@ -8,7 +8,9 @@ A real kube-apiserver and etcd, the admission webhook, the controller, one simul
 kubelet (no artificial actuation delay) and its node daemon, the Cloud Hypervisor
 simulator. One VM is resized ``--resizes`` times, alternately grown (2 -> 4 vCPUs, 2Gi ->
 4Gi) and shrunk back; each latency is the time from sending the spec change to reading
-the VM back Running with allocated == spec (polled every ``--poll`` seconds). Prints
+the VM back Running with allocated == spec, as a watch opened before the change delivers
+it (``--poll S``: read every S seconds instead; polling every 5 ms added its own GETs to a
+2-core API server in the middle of the resize, and up to a poll to each latency). Prints
 ``e2e_p50_ms`` and ``e2e_p99_ms``, split by grow and shrink.
 
 The floor, in the same run (bench/floor.py, ADR 0015): the controller and the node
@@ -36,11 +38,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.k8s.client import Kube
+from adapters.k8s.client import Kube, WatchStream
 from adapters.k8s.vms import vm_path
 from apps.cli.vmops import Follower, apply_vm, converged, resize_vm
 from bench.apistats import quiet_totals, request_totals
@@ -78,18 +81,44 @@ DEFAULT_RESIZES = 20
 MS = 1000.0
 
 
+def _resized(obj: Mapping[str, Any], vcpus: int, memory: int) -> bool:
+    vm = parse_vm(obj)
+    return (
+        vm.spec is not None
+        and (vm.spec.vcpus, vm.spec.memory) == (vcpus, memory)
+        and converged(obj)
+    )
+
+
+def watch_from(kube: Kube, resource_version: str) -> WatchStream:
+    """The bench VM's changes after ``resource_version``, open before the change is sent."""
+    query = {"fieldSelector": f"metadata.name={VM_NAME}", "resourceVersion": resource_version}
+    return kube.open_watch(vm_path(NAMESPACE), query, timeout=CONVERGE_TIMEOUT_S)
+
+
+def watch_resized(stream: WatchStream, vcpus: int, memory: int) -> dict[str, Any]:
+    """The first object the watch delivers Running/Paused with allocated == spec."""
+    try:
+        for event in stream:
+            obj = event.get("object") or {}
+            if (
+                event.get("type") == "MODIFIED"
+                and "metadata" in obj
+                and _resized(obj, vcpus, memory)
+            ):
+                return obj
+    finally:
+        stream.close()
+    raise TimeoutError(f"{VM_NAME} did not reach {vcpus} vCPUs / {memory} bytes (watch ended)")
+
+
 def wait_resized(kube: Kube, vcpus: int, memory: int, poll: float) -> dict[str, Any]:
     """Poll until the VM is Running/Paused with allocated == spec == (vcpus, memory)."""
     deadline = time.monotonic() + CONVERGE_TIMEOUT_S
     url = vm_path(NAMESPACE, VM_NAME)
     while True:
         obj = kube.get(url)
-        vm = parse_vm(obj)
-        if (
-            vm.spec is not None
-            and (vm.spec.vcpus, vm.spec.memory) == (vcpus, memory)
-            and converged(obj)
-        ):
+        if _resized(obj, vcpus, memory):
             return obj
         if time.monotonic() > deadline:
             raise TimeoutError(
@@ -137,7 +166,7 @@ class StatusTrace(threading.Thread):
 def run(
     kube: Kube,
     resizes: int,
-    poll: float,
+    poll: float | None,
     settle: float,
     sent: list[datetime],
     trace: bool = False,
@@ -155,14 +184,19 @@ def run(
         tracer = StatusTrace(kube, kube.get(vm_path(NAMESPACE, VM_NAME)))
         tracer.start()
     latencies: list[float] = []
+    last = kube.get(vm_path(NAMESPACE, VM_NAME))
     for i in range(resizes):
         vcpus, memory = large if i % 2 == 0 else small
         if settle:
             time.sleep(settle)
+        stream = watch_from(kube, last["metadata"]["resourceVersion"]) if poll is None else None
         sent.append(datetime.now(UTC))
         started = time.perf_counter()
         resize_vm(kube, NAMESPACE, VM_NAME, vcpus, memory)
-        wait_resized(kube, vcpus, parse_bytes(memory), poll)
+        if stream is not None:
+            last = watch_resized(stream, vcpus, parse_bytes(memory))
+        else:
+            last = wait_resized(kube, vcpus, parse_bytes(memory), poll)
         latencies.append(time.perf_counter() - started)
     writes = writes_between(before, quiet_totals(kube))
     return latencies, writes, tracer.stop() if tracer is not None else Counter()
@@ -242,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--floor-samples", type=int, default=0, help="floor resizes (default: --resizes)"
     )
-    parser.add_argument("--poll", type=float, default=0.005, help="seconds between reads")
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=None,
+        help="read the VM every this many seconds instead of watching it",
+    )
     parser.add_argument(
         "--settle", type=float, default=0.0, help="seconds to wait before each resize"
     )

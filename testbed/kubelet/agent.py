@@ -402,7 +402,11 @@ class KubeletAgent:
             for uid in exits:
                 self._exits.pop(uid, None)
         retry = False
-        for effect in out.effects:
+        # Events last: a real kubelet hands them to client-go's broadcaster, whose own
+        # goroutine writes them, so they never hold up a pod status write. Written first,
+        # two Events (ResizeStarted, ResizeCompleted) delayed every resize's status by two
+        # round trips (measured in bench.e2e: about 12 ms of a 16 ms kubelet stage).
+        for effect in sorted(out.effects, key=lambda e: isinstance(e, RecordEvent)):
             retry = not self._execute(effect) or retry
         if retry:
             return self.clock() + RETRY_S
