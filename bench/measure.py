@@ -49,15 +49,21 @@ def ratio(value: float, floor: float) -> float:
     return value / floor
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a live process (``/proc/<pid>/stat``), or None."""
+def _stat(path: Path) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) from a ``/proc/<pid>/stat``, or None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = path.read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces: the fields that follow come after ")".
     fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process, or None."""
+    stat = _stat(Path(f"/proc/{pid}/stat"))
+    return stat[1] if stat is not None else None
 
 
 # Processes of these kinds run one per node or replica, named "<kind>-<node or index>".
@@ -78,14 +84,10 @@ def cpu_by_component(pids: Mapping[str, int]) -> dict[str, float]:
         totals[component] = totals.get(component, 0.0) + seconds
         if kind == "kubelet":
             kubelets.add(pid)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) in kubelets:
-            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            totals["vmm"] = totals.get("vmm", 0.0) + seconds
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        stat = _stat(path)
+        if stat is not None and stat[0] in kubelets:
+            totals["vmm"] = totals.get("vmm", 0.0) + stat[1]
     return totals
 
 
