@@ -58,7 +58,8 @@ class VmmCallFailed(Exception):
         self.error = error
 
 
-RESIZED: Final = "resized"
+# What _vmm_calls returns once the VMM accepted a resize (core.RESIZED is a condition type).
+VMM_ACCEPTED: Final = "resized"
 
 
 class Daemon(Reconciler):
@@ -126,7 +127,7 @@ class Daemon(Reconciler):
             self.shared.record_events(vm_obj, vm, actions)
         if isinstance(answered, VmmCallError):
             return self._call_failed(key, vmm, answered)
-        if answered == RESIZED:
+        if answered == VMM_ACCEPTED:
             # A vCPU growth is done when vm.resize answers (Cloud Hypervisor starts the
             # threads first) and memory may be plugged already: look at once, as the echo
             # of a status write would (ADR 0019), not a poll interval later.
@@ -140,7 +141,7 @@ class Daemon(Reconciler):
     ) -> VmmCallError | VmmView | Literal["resized"] | None:
         """Make the daemon's VMM calls in the kernel's order. What the kernel must hear at
         once ends them: a refusal, or a probe's 204 (the view it then decides on); then
-        :data:`RESIZED` if the VMM accepted a resize."""
+        :data:`VMM_ACCEPTED` if the VMM accepted a resize."""
         resized: Literal["resized"] | None = None
         for action in actions:
             try:
@@ -157,7 +158,7 @@ class Daemon(Reconciler):
                         "VMM resize requested",
                         extra=kv(vm=key, vcpus=action.vcpus, memory=action.memory),
                     )
-                    resized = RESIZED
+                    resized = VMM_ACCEPTED
             except VmmCallFailed as failed:
                 return failed.error
         return resized
