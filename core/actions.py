@@ -137,9 +137,15 @@ class DeletePod(ControllerAction):
 
 @frozen
 class ResizePod(ControllerAction):
-    """PATCH ``pods/resize``: requests = limits = these, for the VM container."""
+    """PATCH ``pods/resize``: requests = limits = these, for the VM container.
+
+    ``announce`` is the event to record once the API server has taken the patch (the
+    seed's ``VMResizePodInitiated``, "when the pod resize subresource update succeeds"):
+    only the executor knows that it did, and saying it then needs no status write and
+    no second look at the pod (ADR 0021)."""
 
     resources: Resources
+    announce: RecordEvent | None = field(default=None, kw_only=True)
 
 
 # --- daemon side effects ---

@@ -20,8 +20,9 @@ class KernelConfig:
     # Backoff for failed VMM calls: base * 2**attempts, capped.
     vmm_retry_base_s: float = 0.2
     vmm_retry_cap_s: float = 30.0
-    # A pending vCPU removal (429) clears when the guest ejects: probe it with backoff.
-    vmm_busy_retry_s: float = 0.1
+    # A pending vCPU removal (429) clears when the guest ejects: probe it, first after this
+    # long, then after as long again as waited so far, capped (busy_after).
+    vmm_busy_retry_s: float = 0.02
     # The guest plugs memory asynchronously and vm.info is not watchable: poll, first
     # after this long, then at half the time waited so far (capped): polls grow 1.5x.
     vmm_poll_s: float = 0.05
@@ -45,17 +46,24 @@ class KernelConfig:
     def vmm_backoff(self, attempts: int) -> float:
         return min(self.vmm_retry_base_s * (2 ** min(attempts, 32)), self.vmm_retry_cap_s)
 
-    def busy_backoff(self, attempts: int) -> float:
-        """After ``attempts`` 429s in a row: base * 2**attempts, capped."""
-        return min(self.vmm_busy_retry_s * 2 ** min(attempts, 32), self.wait_poll_cap_s)
+    def busy_after(self, waited: float, deadline: float) -> float:
+        """When to probe a pending vCPU removal again, ``waited`` seconds into its wait.
+        Timed from the wait, not counted in 429s: a count lives in status, and writing it
+        was a status write per probe (ADR 0021). Base plus the time waited: the probes
+        come when base * 2**n after n 429s in a row brought them."""
+        after = min(self.vmm_busy_retry_s + waited, self.wait_poll_cap_s)
+        return self._by_deadline(after, waited, deadline, self.vmm_busy_retry_s)
 
     def poll_after(self, waited: float, deadline: float) -> float:
         """When to look again, ``waited`` seconds into a wait: capped exponential (each
-        poll 1.5x after the previous), and no later than just past the deadline so the
-        verdict comes on time."""
+        poll 1.5x after the previous)."""
         after = min(max(self.vmm_poll_s, waited * 0.5), self.wait_poll_cap_s)
-        left = deadline - waited
-        return max(min(after, left + self.vmm_poll_s), self.vmm_poll_s)
+        return self._by_deadline(after, waited, deadline, self.vmm_poll_s)
+
+    def _by_deadline(self, after: float, waited: float, deadline: float, least: float) -> float:
+        """``after``, but no later than just past the deadline, so that the verdict comes
+        on time, and never sooner than ``least``."""
+        return max(min(after, deadline - waited + self.vmm_poll_s), least)
 
 
 DEFAULT_CONFIG = KernelConfig()

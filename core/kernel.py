@@ -763,7 +763,11 @@ def _new_record(
         return_phase=return_phase,
         pod_generation=pod_generation,
     )
-    return _guest_step_begins(record, now) if step is Step.VMM else record
+    if step is Step.VMM:
+        return _guest_step_begins(record, now)
+    # A pod step's deadline counts from its opening, which is a status write anyway: the
+    # kubelet's answer then needs none to start the clock (ADR 0021).
+    return evolve(record, wait_since=now)
 
 
 def _guest_step_begins(record: ResizeRecord, now: float | None) -> ResizeRecord:
@@ -927,7 +931,7 @@ def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kernel
     if step is not Step.VMM:
         assert isinstance(target, Resources)
         if pod.desired != target:
-            out.effect(ResizePod(target))
+            out.effect(_resize_pod_step(pod, target))
 
 
 def _recover_status(
@@ -1105,7 +1109,7 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
     forbidden = pod.resize_forbidden if record is not None and record.target == desired else None
     if record is None or record.target != desired or record.generation != vm.generation:
         step = record.step if record is not None else Step.POD_GROW
-        fresh_record = _new_record(vm, step, desired, return_phase)
+        fresh_record = _new_record(vm, step, desired, return_phase, now=out.now)
         if record is not None and record.target == desired:
             fresh_record = evolve(record, generation=vm.generation)
         record = fresh_record
@@ -1142,14 +1146,12 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
         and pod.desired is not None
         and pod.desired == _pod_target(record.step, current, desired, config)
     ):
-        # Our patch is visible: remember its generation (older views now count as stale)
-        # and announce it, before anything moves on, however fast the kubelet was. What
-        # comes next is decided on the same view and goes in the same status write (one
-        # write fewer per resize when the kubelet was quick, ADR 0015).
-        _patch_accepted(out, record, pod)
-        accepted = evolve(record, pod_generation=pod.generation, wait_since=out.now)
-        out.vm = vm.evolve(status=evolve(vm.status, resize=accepted))
-        _pod_step(out, out.vm, pod, config)
+        # Our patch is in this view: the kubelet's conditions are judged against its
+        # generation. It is kept in memory, not written (ADR 0021): the controller's view
+        # of the pod never goes back, and a restarted controller finds the patch in the
+        # pod the same way. The guest step, which the daemon judges on its own pod view,
+        # writes the generation when it opens.
+        _pod_step(out, _with_pod_generation(out, vm, record, pod), pod, config)
         return
     step, target = plan(current, pod, desired, config)
     if step is Step.POD_SHRINK and not from_spec:
@@ -1181,16 +1183,19 @@ def _pod_step(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> N
 
     assert isinstance(target, Resources)
     if step is not record.step:
-        record = evolve(record, step=step, pod_generation=None, wait_since=None)
+        record = evolve(record, step=step, pod_generation=None, wait_since=out.now)
         out.record(Owner.CONTROLLER, record)
     if pod.desired != target:
-        out.effect(ResizePod(target))
+        out.effect(_resize_pod_step(pod, target))
         if record.pod_generation is not None:
-            out.record(Owner.CONTROLLER, evolve(record, pod_generation=None, wait_since=None))
+            # Written by a controller before ADR 0021: the generation it names is not the
+            # one this patch makes.
+            out.record(Owner.CONTROLLER, evolve(record, pod_generation=None))
         return
     if record.pod_generation is None or record.pod_generation < pod.generation:
-        _patch_accepted(out, record, pod)
-        return
+        vm = _with_pod_generation(out, vm, record, pod)
+        assert vm.status.resize is not None
+        record = vm.status.resize
     _pod_waiting(out, vm, pod, record, config)
 
 
@@ -1203,15 +1208,23 @@ def _pod_target(
     return pod_resources_for(envelope, config)
 
 
-def _patch_accepted(out: _Out, record: ResizeRecord, pod: PodView) -> None:
-    # The kubelet's part begins: the pod step's deadline counts from here.
-    out.record(Owner.CONTROLLER, evolve(record, pod_generation=pod.generation, wait_since=out.now))
-    out.event(
-        Owner.CONTROLLER,
+def _resize_pod_step(pod: PodView, target: Resources) -> ResizePod:
+    """The ``pods/resize`` patch of a pod step, announced once the API server takes it."""
+    announce = RecordEvent(
         EventType.NORMAL,
         Reasons.EV_POD_INITIATED,
-        f"pod {pod.name} resize to {pod.desired} accepted (generation {pod.generation})",
+        f"pod {pod.name} resize to {target} requested",
+        owner=Owner.CONTROLLER,
     )
+    return ResizePod(target, announce=announce)
+
+
+def _with_pod_generation(out: _Out, vm: Vm, record: ResizeRecord, pod: PodView) -> Vm:
+    """``vm`` as this decision sees it once ``pod`` shows the pod step's patch: the
+    record names the pod's generation, in memory only (nothing is written for it)."""
+    seen = vm.evolve(status=evolve(vm.status, resize=evolve(record, pod_generation=pod.generation)))
+    out.vm = seen
+    return seen
 
 
 def _pod_waiting(
@@ -1257,7 +1270,13 @@ def _pod_waiting(
             f"the kubelet failed to resize the pod and will retry: {progress.message}",
         ):
             out.event(Owner.CONTROLLER, EventType.WARNING, Reasons.EV_POD_ERROR, progress.message)
-    else:
+    elif (said := out.vm.status.condition(RESIZED)) is not None and said.reason in (
+        Reasons.POD_RESIZE_DEFERRED,
+        Reasons.POD_RESIZE_ERROR,
+    ):
+        # The kubelet no longer says Deferred or Error: take that back. Otherwise the
+        # step's opening already said the resize is in progress, and restating it as
+        # the kubelet works would be a status write per look for nothing (ADR 0021).
         out.condition(
             Owner.CONTROLLER,
             RESIZED,
@@ -1402,7 +1421,12 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
     held = _held_while_moving(
         known, truth, evolve(requested, memory=desired.memory) if asking else requested
     )
-    if held != known:
+    # ``allocated`` bounds what the guest may hold from above: a rise is written at once
+    # (nothing may plan the pod below it), a fall rides with the step's next write, which
+    # its end makes anyway. Alone, it was a write (and an echo) per shrink while the guest
+    # still ejected vCPUs, for no reader: the pod shrinks only after the step (ADR 0021).
+    falls = held != known and held.vcpus <= known.vcpus and held.memory <= known.memory
+    if held != known and not falls:
         out.status.append(SetAllocated(held, owner=Owner.DAEMON))
     if asking:
         step, _ = plan(truth, pod, desired, config)
@@ -1410,7 +1434,9 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             # The VMM may have been asked for more than the guest has plugged yet: the
             # guest may still get there, so the pod step plans with that too.
             out.status.append(SetAllocated(_may_reach(truth, requested), owner=Owner.DAEMON))
-            out.record(Owner.DAEMON, _new_record(vm, step, desired, record.return_phase))
+            out.record(
+                Owner.DAEMON, _new_record(vm, step, desired, record.return_phase, now=out.now)
+            )
             out.transition(Cause.NEEDS_POD_GROW, f"the spec grew to {desired}; growing the pod")
             return
         if record.target != desired or record.generation != vm.generation:
@@ -1425,6 +1451,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             record = evolve(record, vmm_requested=True, wait_since=record.wait_since or out.now)
             out.record(Owner.DAEMON, record)
             _announce_guest_step(out, Owner.DAEMON, record)
+        _falls_along(out, falls, held)
         out.effect(
             ResizeVmm(
                 vcpus=desired.vcpus if requested.vcpus != desired.vcpus else None,
@@ -1459,8 +1486,11 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
                 "restart the VM), then change the spec to retry",
             )
             return
+        _falls_along(out, falls, held)
         out.effect(ResizeVmm(vcpus=requested.vcpus, probe=True))
-        out.requeue(Owner.DAEMON, config.busy_backoff(record.attempts))
+        out.requeue(
+            Owner.DAEMON, config.busy_after(_waited(out, record), config.vcpu_removal_deadline_s)
+        )
         return
     if truth != desired:
         if vmm.plugged_memory is None and truth.memory > requested.memory:
@@ -1493,8 +1523,11 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
                 requested,
             )
             return
+        _falls_along(out, falls, held)
         _poll(out, Owner.DAEMON, record, config.guest_memory_deadline_s, config)
         return
+    if falls:
+        out.status.append(SetAllocated(held, owner=Owner.DAEMON))
     step, _ = plan(desired, pod, desired, config)
     if step is None:
         out.record(Owner.DAEMON, None)
@@ -1510,12 +1543,19 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
                 pod_generation=None,
                 attempts=0,
                 vmm_requested=False,
-                wait_since=None,
+                wait_since=out.now,
                 vcpus=desired.vcpus,
                 memory=desired.memory,
             ),
         )
         out.transition(Cause.NEEDS_POD_SHRINK, f"guest now has {desired}; shrinking the pod")
+
+
+def _falls_along(out: _Out, falls: bool, held: Allocation) -> None:
+    """A fall of ``allocated`` the step has not finished: written if the decision writes
+    status anyway."""
+    if falls and out.status:
+        out.status.append(SetAllocated(held, owner=Owner.DAEMON))
 
 
 def _held_while_moving(known: Allocation, truth: Allocation, requested: Allocation) -> Allocation:
@@ -1569,7 +1609,7 @@ def _vmm_step_unrecorded(out: _Out, vm: Vm, vmm: VmmView) -> None:
     desired = _effective_desired(vm, out, Owner.DAEMON) or current
     out.status.append(SetAllocated(current, owner=Owner.DAEMON))
     back_to = Phase.PAUSED if vmm.state is VmmState.PAUSED else Phase.RUNNING
-    out.record(Owner.DAEMON, _new_record(vm, Step.POD_GROW, desired, back_to))
+    out.record(Owner.DAEMON, _new_record(vm, Step.POD_GROW, desired, back_to, now=out.now))
     out.transition(Cause.NEEDS_POD_GROW, "status.resize was lost; checking the pod again")
 
 
@@ -1578,12 +1618,12 @@ def _vmm_call_failed(
 ) -> None:
     error = vmm.call_error
     assert error is not None
-    attempts = record.attempts + 1
-    record = evolve(record, attempts=attempts, wait_since=record.wait_since or out.now)
     truth = _guest_truth(vm.status.allocated, vmm) or vm.status.allocated
     if error.kind is VmmCallErrorKind.BUSY:
-        # A vCPU removal is still pending in the guest: not a failure, just not yet; the
-        # probe backs off (counted), up to the removal's deadline.
+        # A vCPU removal is still pending in the guest: not a failure, just not yet. The
+        # probe backs off with the time waited, up to the removal's deadline; only the
+        # wait's start is written (once), not each 429 (ADR 0021).
+        record = _waiting(out, Owner.DAEMON, record)
         if truth is not None and _past(out, record, config.vcpu_removal_deadline_s):
             _vmm_stalled(
                 out,
@@ -1591,15 +1631,18 @@ def _vmm_call_failed(
                 record,
                 truth,
                 Reasons.GUEST_VCPU_REMOVAL_STUCK,
-                f"the VMM answered 429 for {config.vcpu_removal_deadline_s:g}s "
-                f"({attempts} attempts): the guest has not finished ejecting vCPUs; the pod "
-                f"keeps {truth}. Check the guest's ACPI CPU hot-unplug support (or restart "
-                "the VM), then change the spec to retry",
+                f"the VMM answered 429 for {config.vcpu_removal_deadline_s:g}s: the guest "
+                f"has not finished ejecting vCPUs; the pod keeps {truth}. Check the guest's "
+                "ACPI CPU hot-unplug support (or restart the VM), then change the spec to "
+                "retry",
             )
             return
-        out.record(Owner.DAEMON, record)
-        out.requeue(Owner.DAEMON, config.busy_backoff(attempts - 1))
+        out.requeue(
+            Owner.DAEMON, config.busy_after(_waited(out, record), config.vcpu_removal_deadline_s)
+        )
         return
+    attempts = record.attempts + 1
+    record = evolve(record, attempts=attempts, wait_since=record.wait_since or out.now)
     if truth is not None and (
         error.kind is VmmCallErrorKind.INVALID or _past(out, record, config.vmm_resize_deadline_s)
     ):

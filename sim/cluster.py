@@ -764,6 +764,7 @@ class Cluster:
         rv = yield from self._write_status(s, cache, vm, rv, actions, events=False)
         if rv < 0:
             return 0.0
+        announced = 0
         for action in actions:
             if isinstance(action, AddFinalizer | RemoveFinalizer):
                 yield self._latency()
@@ -781,9 +782,13 @@ class Cluster:
             elif isinstance(action, ResizePod) and pod is not None:
                 yield self._latency()
                 cache.pod = self._resize_pod(s, action.resources)
+                if action.announce is not None:
+                    announced += 1
             elif isinstance(action, DeletePod):
                 raise SimError("the workload deletes no VM, yet the kernel deleted a pod")
         yield from self._events(actions)
+        for _ in range(announced):
+            yield self._latency()  # the event the patch announced (apps/controller)
         return _requeue(actions)
 
     def _create_pod(self, s: _Slot, resources: Resources) -> _PodVersion:

@@ -110,21 +110,28 @@ class Controller(Reconciler):
         if not actions:
             return None
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
+        announced: list[Action] = []
         try:
-            refusal = self._side_effects(key, vm_obj, pod, actions)
+            refusal = self._side_effects(key, vm_obj, pod, actions, announced)
         finally:
             # After the side effects, not before: an Event is an API write that the next
             # step (the kubelet's, the daemon's) need not wait for (issue 19).
-            self.shared.record_events(vm_obj, vm, actions)
+            self.shared.record_events(vm_obj, vm, (*actions, *announced))
         if refusal is not None:
             return self._refused(key, **refusal)
         return self.shared.requeue_after(actions)
 
     def _side_effects(
-        self, key: str, vm_obj: dict[str, Any], pod: PodView | None, actions: tuple[Action, ...]
+        self,
+        key: str,
+        vm_obj: dict[str, Any],
+        pod: PodView | None,
+        actions: tuple[Action, ...],
+        announced: list[Action],
     ) -> dict[str, str] | None:
         """Carry out the controller's side effects, in the kernel's order; a pod resize
-        the API server refuses ends them and is returned for the kernel to judge."""
+        the API server refuses ends them and is returned for the kernel to judge. The
+        events a side effect announces once it succeeded go to ``announced``."""
         namespace, _, name = key.partition("/")
         for action in actions:
             if isinstance(action, AddFinalizer | RemoveFinalizer):
@@ -159,8 +166,15 @@ class Controller(Reconciler):
                 self.pods.observe_write(resized)
                 log.info(
                     "pod resize requested",
-                    extra=kv(vm=key, pod=pod.name, target=str(action.resources)),
+                    extra=kv(
+                        vm=key,
+                        pod=pod.name,
+                        target=str(action.resources),
+                        generation=(resized.get("metadata") or {}).get("generation"),
+                    ),
                 )
+                if action.announce is not None:
+                    announced.append(action.announce)
         return None
 
     def _refused(self, key: str, **refusal: str) -> float | None:

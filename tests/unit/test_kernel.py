@@ -226,6 +226,8 @@ class Rig:
                     return refusal
                 self.pod_patches.append(action.resources)
                 self._patch_pod(action.resources)
+                if action.announce is not None:
+                    self.events.append(action.announce)  # once the API server took it
             elif isinstance(action, ResizeVmm):
                 self.vmm_calls.append(action)
                 if action.vcpus is not None and self.running_vcpus is not None:
@@ -556,10 +558,12 @@ def test_growth_step_by_step() -> None:
     assert rig.pod_patches == [Resources(12000, 4 * GiB + OVERHEAD)]
     assert rig.vm.status.resize == ResizeRecord(12, 4 * GiB, 2, Step.POD_GROW)
     assert rig.resized is not None and rig.resized.reason == Reasons.IN_PROGRESS
-
-    rig.controller()  # the patch is visible: remember its generation
+    # Said once the API server has taken the patch (the executor's part, ADR 0021).
     assert rig.reasons()[-1] == "VMResizePodInitiated"
-    assert rig.vm.status.resize is not None and rig.vm.status.resize.pod_generation == 2
+
+    # Its own patch in view: nothing to write (the generation is kept in memory).
+    assert rig.controller() == ()
+    assert rig.vm.status.resize == ResizeRecord(12, 4 * GiB, 2, Step.POD_GROW)
 
     rig.kubelet_admits()  # admitted, not yet actuated
     for _ in range(2):
@@ -802,7 +806,7 @@ def test_a_403_for_an_older_spec_does_not_condemn_the_newer_one() -> None:
     rig.set_spec(HUGE)
     acts = owned_by(decide(rig.vm, rig.pod), Owner.CONTROLLER)
     rig.vm = rig.vm.evolve(status=apply_status(rig.vm.status, acts))  # PodResizeInProgress
-    assert ResizePod(pod_resources(HUGE)) in acts
+    assert pod_resources(HUGE) in [a.resources for a in acts if isinstance(a, ResizePod)]
     fits = evolve(EIGHT, memory=8 * GiB)
     rig.set_spec(fits)  # ... and then the 403 for HUGE arrives
     assert rig.pod is not None
@@ -810,7 +814,7 @@ def test_a_403_for_an_older_spec_does_not_condemn_the_newer_one() -> None:
     acts = owned_by(decide(rig.vm, refused), Owner.CONTROLLER)
     assert transitions(acts) == []
     assert Reasons.EV_POD_INITIATED not in [a.reason for a in acts if isinstance(a, RecordEvent)]
-    assert ResizePod(pod_resources(fits)) in acts
+    assert pod_resources(fits) in [a.resources for a in acts if isinstance(a, ResizePod)]
     rig.vm = rig.vm.evolve(status=apply_status(rig.vm.status, acts))
     record = rig.vm.status.resize
     assert record is not None and record.step is Step.POD_GROW and record.target == fits.desired
@@ -894,17 +898,24 @@ def _to_vmm_step(rig: Rig, spec: VmSpec) -> None:
 
 
 def test_vmm_busy_429_backs_off_quietly() -> None:
+    """Each probe comes later, by the time waited (1.5x the previous), and a 429 writes
+    nothing once the wait has begun: no count of 429s in status (ADR 0021)."""
     rig = Rig.running(evolve(EIGHT, cores_per_socket=6), boot=EIGHT)
+    rig.now = 1000.0
     _to_vmm_step(rig, EIGHT)
-    conditions = rig.vm.status.conditions
-    rig.vmm_errors.extend([VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal pending")] * 3)
-    for attempt in range(3):
+    status = rig.vm.status
+    rig.vmm_errors.extend([VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal pending")] * 5)
+    delays = []
+    for _ in range(5):
         rig.daemon()
-        delay = DEFAULT_CONFIG.vmm_busy_retry_s * 2**attempt
-        assert rig.requeues[-1] == Requeue(delay, owner=Owner.DAEMON)
+        delays.append(rig.requeues[-1].after)
+        rig.now += delays[-1]
+    assert delays[0] == DEFAULT_CONFIG.vmm_busy_retry_s
+    assert all(later >= earlier for earlier, later in zip(delays, delays[1:], strict=False))
+    assert delays[-1] > 2 * delays[0], delays
     record = rig.vm.status.resize
-    assert record is not None and record.attempts == 3  # counted for the backoff
-    assert rig.vm.status.conditions == conditions
+    assert record is not None and record.attempts == 0
+    assert rig.vm.status == status  # the wait began with the step: nothing to write
     assert Reasons.EV_VMM_FAILED not in rig.reasons()
     # The call is announced once (with the shrink it opens), not once per retry.
     assert rig.reasons() == ["VMResizeInitiated"]
@@ -912,7 +923,7 @@ def test_vmm_busy_429_backs_off_quietly() -> None:
     rig.daemon()
     rig.daemon()
     assert rig.phase is Phase.POD_RESIZE_IN_PROGRESS
-    assert rig.vmm_calls == [ResizeVmm(vcpus=8)] * 4 + [ResizeVmm(vcpus=8, probe=True)]
+    assert rig.vmm_calls == [ResizeVmm(vcpus=8)] * 6 + [ResizeVmm(vcpus=8, probe=True)]
 
 
 def test_vmm_500_warns_counts_and_backs_off_up_to_a_cap() -> None:
@@ -1129,22 +1140,18 @@ def test_every_resize_phase_is_reached_by_the_interrupted_walk() -> None:
 def test_stale_pod_view_causes_no_action_in_the_pod_step() -> None:
     rig = Rig.running(EIGHT)
     rig.set_spec(evolve(EIGHT, memory=8 * GiB))
-    old_pod = rig.pod
     rig.controller()
-    rig.controller()
-    record = rig.vm.status.resize
-    assert record is not None and record.pod_generation == 2
-    # A pod view from before our patch (generation 1), and one whose kubelet has not
-    # observed the patch yet and still reports an Infeasible verdict about an older one.
-    assert old_pod is not None
+    assert rig.pod is not None and rig.pod.generation == 2
+    # A pod view whose kubelet has not observed the patch yet and still reports an
+    # Infeasible verdict about an older one. (A view from before the patch the controller
+    # never has: its informer takes the patch's answer and never goes back.)
     unobserved = evolve(
         rig.pod,
         observed_generation=1,
         resize_pending=PodResizeCondition("Infeasible", "old news", 1),
     )
-    for pod in (old_pod, unobserved):
-        acts = decide(rig.vm, pod)
-        assert [a for a in acts if isinstance(a, ResizePod | SetPhase | RecordEvent)] == []
+    acts = decide(rig.vm, unobserved)
+    assert [a for a in acts if isinstance(a, ResizePod | SetPhase | RecordEvent)] == []
 
 
 def test_stale_pod_view_causes_no_vmm_call() -> None:

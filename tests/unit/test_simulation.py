@@ -202,8 +202,15 @@ def test_the_invariant_checks_catch_a_pod_below_guest_plus_overhead(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(cluster, "decide", _pod_first_decide)
-    report = simulate(attrs.evolve(ROOMY, resizes=30), random.Random(1))
-    assert any("invariant 1" in m for m in report.violation_messages)
+    # Whether a squeeze reaches the kubelet before the kernel's own patch replaces it
+    # depends on the workload the seed draws: a few seeds, so that a change of timing
+    # elsewhere does not make the check vacuous.
+    messages = [
+        m
+        for seed in (1, 2, 3)
+        for m in simulate(attrs.evolve(ROOMY, resizes=30), random.Random(seed)).violation_messages
+    ]
+    assert any("invariant 1" in m for m in messages)
 
 
 def test_owned_actions_only() -> None:
