@@ -16,6 +16,7 @@ own (true) state, so every walk in the unit tests also proves it.
 
 from __future__ import annotations
 
+import itertools
 import attrs
 import pytest
 from attrs import evolve
@@ -911,7 +912,7 @@ def test_vmm_busy_429_backs_off_quietly() -> None:
         delays.append(rig.requeues[-1].after)
         rig.now += delays[-1]
     assert delays[0] == DEFAULT_CONFIG.vmm_busy_retry_s
-    assert all(later >= earlier for earlier, later in zip(delays, delays[1:], strict=False))
+    assert all(later >= earlier for earlier, later in itertools.pairwise(delays))
     assert delays[-1] > 2 * delays[0], delays
     record = rig.vm.status.resize
     assert record is not None and record.attempts == 0
