@@ -17,6 +17,7 @@ own (true) state, so every walk in the unit tests also proves it.
 from __future__ import annotations
 
 import itertools
+
 import attrs
 import pytest
 from attrs import evolve
