@@ -1422,10 +1422,12 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
         known, truth, evolve(requested, memory=desired.memory) if asking else requested
     )
     # ``allocated`` bounds what the guest may hold from above: a rise is written at once
-    # (nothing may plan the pod below it), a fall rides with the step's next write, which
-    # its end makes anyway. Alone, it was a write (and an echo) per shrink while the guest
-    # still ejected vCPUs, for no reader: the pod shrinks only after the step (ADR 0021).
-    falls = held != known and held.vcpus <= known.vcpus and held.memory <= known.memory
+    # (nothing may plan the pod below it). A fall of memory rides with the step's next
+    # write, which its end makes anyway: alone, it was a write (and an echo) per shrink
+    # while the guest still ejected vCPUs, for no reader (the pod shrinks only after the
+    # step), and vm.info shows it again on every look (ADR 0021). vCPUs are written as
+    # they are proven: a removal is proven only by a probe's 204, which no later look sees.
+    falls = held != known and held.vcpus == known.vcpus and held.memory < known.memory
     if held != known and not falls:
         out.status.append(SetAllocated(held, owner=Owner.DAEMON))
     if asking:

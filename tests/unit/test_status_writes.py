@@ -112,3 +112,21 @@ def test_a_shrink_whose_vcpus_leave_late_writes_its_memory_with_the_step_end() -
     assert rig.vm.status.allocated == rig.vm.spec.desired  # type: ignore[union-attr]
     assert any(c.probe for c in rig.vmm_calls), "the probe never answered 429"
     assert writes == 3, writes
+
+
+def test_a_vcpu_removal_proven_by_a_probe_is_written_while_memory_still_leaves() -> None:
+    """Regression (fault schedule 46): with the fall of vCPUs held back like memory's, the
+    probe's 204 was forgotten and every look probed again (a call every poll, and a VMM
+    error rate turned it into a backoff past the deadline). Memory still leaving is seen
+    on every look; a removal only by the probe."""
+    big = evolve(EIGHT, cores_per_socket=EIGHT.cores_per_socket + 2, memory=8 * GiB)
+    rig = Rig.running(big, boot=EIGHT)
+    rig.set_spec(EIGHT)
+    rig.controller()  # the guest step opens
+    for _ in range(6):
+        rig.daemon()  # the guest never gives its memory back here
+    probes = [c for c in rig.vmm_calls if c.probe]
+    assert len(probes) == 1, rig.vmm_calls
+    assert rig.vm.status.allocated is not None
+    assert rig.vm.status.allocated.vcpus == EIGHT.vcpus
+    assert rig.vm.status.allocated.memory == 8 * GiB
