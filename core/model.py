@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 import functools
 import operator
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 from attrs import frozen
@@ -248,25 +250,7 @@ class Vm:
         return f"{self.namespace}/{self.name}"
 
     def evolve(self, **changes: object) -> Vm:
-        """``attrs.evolve(self, **changes)``, in a third of the time: every status write
-        and many decisions make one, and attrs' generic version walks the fields in Python.
-        """
-        values = _vm_values(self)
-        if not changes:
-            return Vm(*values)
-        new = list(values)
-        for name, value in changes.items():
-            index = _VM_FIELD_INDEX.get(name)
-            if index is None:
-                raise TypeError(f"Vm.evolve() got an unexpected keyword argument {name!r}")
-            new[index] = value
-        return Vm(*new)
-
-
-# Every field of Vm is an init argument, in this order (Vm.evolve relies on it).
-_VM_FIELD_INDEX = {a.name: i for i, a in enumerate(attrs.fields(Vm))}
-assert all(a.init and not a.kw_only and a.alias == a.name for a in attrs.fields(Vm))
-_vm_values = operator.attrgetter(*_VM_FIELD_INDEX)
+        return evolve(self, **changes)
 
 
 class PodPhase(enum.StrEnum):
@@ -412,3 +396,41 @@ class VmmView:
 
 
 UNOBSERVED_VMM = VmmView(VmmState.UNOBSERVED)
+
+
+# --- evolve ---------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _evolver(cls: type) -> tuple[Callable[[Any], tuple[Any, ...]], dict[str, int]]:
+    fields = attrs.fields(cls)
+    # Positional construction needs every field to be a plain init argument, in order.
+    assert len(fields) > 1 and all(a.init and not a.kw_only and a.alias == a.name for a in fields)
+    return operator.attrgetter(*(a.name for a in fields)), {a.name: i for i, a in enumerate(fields)}
+
+
+# Built once at import and never changed: for each value class, how to read all its
+# fields at once and where each one goes.
+_EVOLVERS = {
+    cls: _evolver(cls)
+    for cls in (Allocation, Resources, Capacity, ResizeRecord, VmStatus, Vm, PodView, VmmView)
+}
+
+
+def evolve(inst: _T, **changes: Any) -> _T:
+    """``attrs.evolve(inst, **changes)``, several times faster for the model's own value
+    classes (every status write and many decisions make one; attrs' generic version walks
+    the fields in Python). None of them has validators or converters, so building the
+    copy positionally is the same as attrs building it by keyword."""
+    entry = _EVOLVERS.get(type(inst))
+    if entry is None:
+        return attrs.evolve(inst, **changes)
+    values, index = entry
+    new = list(values(inst))
+    for name, value in changes.items():
+        position = index.get(name)
+        if position is None:
+            raise TypeError(f"evolve() got an unexpected keyword argument {name!r}")
+        new[position] = value
+    return type(inst)(*new)

@@ -57,7 +57,6 @@ from collections import deque
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Protocol
 
-import attrs
 from attrs import define, field, frozen
 
 from core import (
@@ -93,7 +92,7 @@ from core import (
 )
 from core.actions import STATUS_ACTIONS
 from core.constants import MILLICORES_PER_VCPU, RECONCILE_WORKERS, VM_CONTAINER, GiB, MiB
-from core.model import STEADY_PHASES
+from core.model import STEADY_PHASES, evolve
 from core.quantity import QuantityError, format_bytes, format_millicores, parse_quantity
 from sim import kubelet as kl
 from sim.cloudhypervisor import Knobs, VmmModel
@@ -956,7 +955,7 @@ class Cluster:
         if last is None or key != s.info_key or self.cfg.exact_vmm_info:
             response = self._vmm_call(s, "GET", "vm.info", None)
             # The daemon reads vmm.ping's version once per VMM; the model's knob is it.
-            view = attrs.evolve(
+            view = evolve(
                 vmm_view(response.status, response.body), version=f"v{vmm.knobs.api_version}.0"
             )
             s.info_key, s.info_view = key, view
@@ -965,7 +964,7 @@ class Cluster:
         vmm.advance(self.now)
         actual = vmm.memory_actual_size if vmm.knobs.report_memory_actual_size else None
         if actual != last.actual_memory:
-            last = attrs.evolve(last, actual_memory=actual)
+            last = evolve(last, actual_memory=actual)
             s.info_view = last
         return last
 
@@ -1014,7 +1013,7 @@ class Cluster:
             if error is None and isinstance(action, ResizeVmm) and action.probe:
                 # The probe answered 204: no removal pending; the kernel hears it at once.
                 yield from self._events(actions)
-                done = attrs.evolve(vmm, probe_ok=True)
+                done = evolve(vmm, probe_ok=True)
                 vm, rv = cache.vm, cache.vm_rv
                 actions = owned_by(decide(vm, pod, done, self.kcfg, self.now), Owner.DAEMON)
                 rv = yield from self._write_status(s, cache, vm, rv, actions)
@@ -1025,7 +1024,7 @@ class Cluster:
                 # A refused call goes straight back to the kernel, decided on the newest
                 # cached VM (our own status write included), as apps/daemon does.
                 yield from self._events(actions)
-                failed = attrs.evolve(vmm, call_error=error)
+                failed = evolve(vmm, call_error=error)
                 vm, rv = cache.vm, cache.vm_rv
                 actions = owned_by(decide(vm, pod, failed, self.kcfg, self.now), Owner.DAEMON)
                 rv = yield from self._write_status(s, cache, vm, rv, actions)
