@@ -524,6 +524,8 @@ class Cluster:
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self._rv = 0
+        # A call on the VMM socket waits only for a sampled latency; with none (the
+        # default) the daemon goes on at once, without even a generator to step through.
         self._vmm_latency_zero = config.vmm_latency == Dist("const", 0.0)
         self._api_latency = config.api_latency.sampler(rng)
         self._watch_delay = config.watch_delay.sampler(rng)
@@ -923,11 +925,6 @@ class Cluster:
             return None
         return s.vmm.handle(self.now, method, VMM_API + endpoint, body)
 
-    def _vmm_wait(self) -> Generator[float, None, None]:
-        if self._vmm_latency_zero:
-            return
-        yield self._vmm_latency()
-
     def _view(self, s: _Slot) -> VmmView:
         """``vm.info``, as the daemon reads it on every reconcile.
 
@@ -975,7 +972,8 @@ class Cluster:
         if version is None or version.obj["spec"].get("nodeName") != node.name:
             return None
         vm, rv, pod = cache.vm, cache.vm_rv, version.view
-        yield from self._vmm_wait()
+        if not self._vmm_latency_zero:
+            yield self._vmm_latency()
         vmm = self._view(s)
         actions = owned_by(decide(vm, pod, vmm, self.kcfg, self.now), Owner.DAEMON)
         if not actions:
@@ -990,15 +988,18 @@ class Cluster:
         for action in actions:
             error: VmmCallError | None = None
             if isinstance(action, BootVmm):
-                yield from self._vmm_wait()
+                if not self._vmm_latency_zero:
+                    yield self._vmm_latency()
                 r = self._vmm_call(s, "PUT", "vm.create", _boot_body(action))
                 if r is not None and r.status < 300:
-                    yield from self._vmm_wait()
+                    if not self._vmm_latency_zero:
+                        yield self._vmm_latency()
                     r = self._vmm_call(s, "PUT", "vm.boot", None)
                 if r is None or r.status >= 300:
                     error = VmmCallError(VmmCallErrorKind.FAILED, _error_text(r))
             elif isinstance(action, ResizeVmm):
-                yield from self._vmm_wait()
+                if not self._vmm_latency_zero:
+                    yield self._vmm_latency()
                 self._check_resize(s, action)
                 body: dict[str, int] = {}
                 if action.vcpus is not None:
@@ -1037,7 +1038,8 @@ class Cluster:
         yield from self._events(actions)
         if any(isinstance(a, ResizeVmm) and not a.probe for a in actions):
             # Accepted: look again at once, as apps/daemon does (status and events only).
-            yield from self._vmm_wait()
+            if not self._vmm_latency_zero:
+                yield self._vmm_latency()
             vm, rv = cache.vm, cache.vm_rv
             again = owned_by(decide(vm, pod, self._view(s), self.kcfg, self.now), Owner.DAEMON)
             rv = yield from self._write_status(s, cache, vm, rv, again)
