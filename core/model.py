@@ -90,7 +90,8 @@ class BootSource:
     cmdline: str | None = None
 
 
-@frozen
+# The hash is cached: a spec is a key of core.resources' memo of its errors.
+@frozen(cache_hash=True)
 class VmSpec:
     sockets: int
     cores_per_socket: int
@@ -410,12 +411,17 @@ def _evolver(cls: type) -> tuple[Callable[[Any], tuple[Any, ...]], dict[str, int
     return operator.attrgetter(*(a.name for a in fields)), {a.name: i for i, a in enumerate(fields)}
 
 
+_VALUE_CLASSES = (Allocation, Resources, Capacity, ResizeRecord, VmStatus, Vm, PodView, VmmView)
 # Built once at import and never changed: for each value class, how to read all its
 # fields at once and where each one goes.
-_EVOLVERS = {
-    cls: _evolver(cls)
-    for cls in (Allocation, Resources, Capacity, ResizeRecord, VmStatus, Vm, PodView, VmmView)
-}
+_EVOLVERS = {cls: _evolver(cls) for cls in _VALUE_CLASSES}
+
+for _cls in (*_VALUE_CLASSES, Condition, PodResizeCondition, VmmCallError, BootSource, VmSpec):
+    # attrs adds a __ne__ written in Python that inverts __eq__; object's own does the
+    # same in C (NotImplemented passed through), and the kernel compares allocations
+    # and records with != on every decision.
+    if "__ne__" in _cls.__dict__:
+        del _cls.__ne__
 
 
 def evolve(inst: _T, **changes: Any) -> _T:

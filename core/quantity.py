@@ -8,6 +8,7 @@ exactly. The grammar follows ``k8s.io/apimachinery/pkg/api/resource``.
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 
@@ -133,6 +134,9 @@ def _millicores(quantity: Fraction) -> int:
     return whole if whole == amount else whole + 1
 
 
+# Memoized (a pure function of an int): condition messages and pod specs format the
+# same few sizes over and over. Bounded, and typed: 2.0 and True print otherwise than 2.
+@functools.lru_cache(maxsize=4096, typed=True)
 def format_bytes(n: int) -> str:
     """The canonical binary-suffix form Kubernetes would print for ``n`` bytes."""
     if n == 0:
