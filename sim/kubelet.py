@@ -875,7 +875,9 @@ class Kubelet:
         still holds. A pod without a resourceVersion is read afresh every time.
         """
         meta = pod.get("metadata")
-        if not isinstance(meta, Mapping):
+        # type() first: a Mapping check of a dict runs through the ABC machinery, for
+        # every pod of the node at every step.
+        if type(meta) is not dict and not isinstance(meta, Mapping):
             return _observe(pod)
         rv, uid = meta.get("resourceVersion"), meta.get("uid")
         if type(rv) is not str or not rv or type(uid) is not str:
