@@ -54,7 +54,7 @@ import heapq
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
@@ -458,6 +458,27 @@ class _Node:
     slots: dict[str, _Slot] = field(factory=dict)  # by pod uid
     requested: tuple[int, int] = (0, 0)  # the scheduler's tally (cpu, memory)
     step_at: float | None = None
+
+
+class _Usage(Mapping[str, int]):
+    """Each guest's memory, by pod uid, as the usage a kubelet step is fed: read from the
+    VMM model when the step asks for it. A step reads the usage of a pod only to check
+    a memory-limit decrease, and no VMM changes during a step, so this is what a dict
+    filled before the step would say, without reading every VMM of the node each time."""
+
+    __slots__ = ("_vmms",)
+
+    def __init__(self, vmms: dict[str, VmmModel]) -> None:
+        self._vmms = vmms
+
+    def __getitem__(self, uid: str) -> int:
+        return self._vmms[uid].memory_actual_size
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vmms)
+
+    def __len__(self) -> int:
+        return len(self._vmms)
 
 
 def _resource_list(r: Resources) -> dict[str, str]:
@@ -885,12 +906,12 @@ class Cluster:
             return  # superseded by an earlier step
         node.step_at = None
         self.kubelet_steps += 1
-        usage = {}
+        vmms = {}
         for uid, s in node.slots.items():
             if s.vmm is not None:
                 s.vmm.advance(self.now)
-                usage[uid] = s.vmm.memory_actual_size
-        out = node.kubelet.step(self.now, [v.obj for v in node.pods.values()], usage)
+                vmms[uid] = s.vmm
+        out = node.kubelet.step(self.now, [v.obj for v in node.pods.values()], _Usage(vmms))
         for effect in out.effects:
             if isinstance(effect, kl.WritePodStatus):
                 s = node.slots[effect.uid]
