@@ -98,6 +98,10 @@ def parse_bytes(value: object) -> int:
     return _whole_bytes(value, parse_quantity(value))
 
 
+# The text paths are memoized: pure functions of an immutable string, and every pod
+# version's quantities are parsed by each reader of it (the kernel's pod view, the
+# kubelet) though pods carry only a few distinct ones. Bounded; an error is not cached.
+@functools.lru_cache(maxsize=4096)
 def _bytes_text(value: str) -> int:
     match = _WHOLE.fullmatch(value)
     if match is not None and match[2] != "m":
@@ -120,6 +124,7 @@ def parse_millicores(value: object) -> int:
     return _millicores(parse_quantity(value))
 
 
+@functools.lru_cache(maxsize=4096)
 def _millicores_text(value: str) -> int:
     match = _WHOLE.fullmatch(value)
     if match is not None:
