@@ -282,13 +282,24 @@ def _requests(resources: Mapping[str, Resources]) -> _Totals:
 
 
 def _held(pods: Iterable[_Pod]) -> _Totals:
-    """What ``pods`` hold of the node together (summed as plain ints: this runs over
-    every pod of the node at each admission)."""
+    """What ``pods`` hold of the node together: the sum of their :meth:`_Pod.holds`,
+    worked out here in plain ints (this runs over every pod of the node at each
+    admission and resize, and the _Totals of each term were most of its cost)."""
     cpu = memory = 0
+    running = _Stage.RUNNING
     for p in pods:
-        holds = p.holds()
-        cpu += holds.cpu
-        memory += holds.memory
+        if p.stage is not running:
+            continue
+        allocated_cpu = allocated_memory = actuated_cpu = actuated_memory = 0
+        for r in p.allocated.values():
+            allocated_cpu += r.cpu_request or 0
+            allocated_memory += r.memory_request or 0
+        for r in p.actuated.values():
+            actuated_cpu += r.cpu_request or 0
+            actuated_memory += r.memory_request or 0
+        overhead = p.overhead
+        cpu += max(allocated_cpu, actuated_cpu) + overhead.cpu
+        memory += max(allocated_memory, actuated_memory) + overhead.memory
     return _Totals(cpu, memory)
 
 
@@ -1308,10 +1319,13 @@ class _Run:
             p.in_progress,
             p.actuate_at is not None,
             p.containers,
-            tuple(p.images.items()),
-            tuple(p.allocated.items()),
-            tuple(p.actuated.items()),
-            tuple(p.foreign_conditions),
+            # The dicts themselves, compared by value: the model replaces them whenever
+            # they change and never changes one in place (nor hands one out), and _render
+            # reads them by container name, so their order does not matter.
+            p.images,
+            p.allocated,
+            p.actuated,
+            tuple(p.foreign_conditions),  # a rejected pod's status holds the list itself
             "" if p.started_at else self.ts,
         )
         cached = p.rendered
