@@ -195,7 +195,7 @@ class Resources:
         defaults them), other resources are ignored."""
         if obj is None:
             return cls()
-        if not isinstance(obj, Mapping):
+        if type(obj) is not dict and not isinstance(obj, Mapping):  # dict: skip the ABC
             raise KubeletInputError(f"{where}: expected an object, got {type(obj).__name__}")
         requests = _resource_list(obj.get("requests"), f"{where}.requests")
         limits = _resource_list(obj.get("limits"), f"{where}.limits")
@@ -239,7 +239,7 @@ class _Totals:
 def _resource_list(obj: object, where: str) -> Mapping[str, Any]:
     if obj is None:
         return {}
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):  # dict: skip the ABC
         raise KubeletInputError(f"{where}: expected an object, got {type(obj).__name__}")
     return obj
 
@@ -745,7 +745,8 @@ def _observe(pod: Mapping[str, Any]) -> _Observed:
         foreign=tuple(
             c
             for c in status.get("conditions") or ()
-            if isinstance(c, Mapping) and c.get("type") not in _OWNED_CONDITIONS
+            if (type(c) is dict or isinstance(c, Mapping))  # dict: skip the ABC
+            and c.get("type") not in _OWNED_CONDITIONS
         ),
         restart_policy=str(restart_policy),
     )
