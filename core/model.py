@@ -327,6 +327,9 @@ class VmmCallError:
 PLUGGED_SIZE_SINCE = 52
 
 
+# Memoized (a pure function of the version string, of which a cluster has a few): the
+# kernel asks it of every new VMM view. Bounded.
+@functools.lru_cache(maxsize=256)
 def vmm_major(version: str | None) -> int | None:
     """The major number of a ``vmm.ping`` version such as ``"v50.0"``; None if unreadable."""
     if not version:
