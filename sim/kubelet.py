@@ -1447,6 +1447,11 @@ def _legacy_resize(p: _Pod) -> str | None:
     return None
 
 
+# json.dumps(body, separators=(",", ":")) builds a new encoder on every call (its
+# arguments are not the defaults); an encoder keeps no state between calls, so one does.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _resize_message(
     what: str, resources: Mapping[str, Resources], generation: int, error: str | None = None
 ) -> str:
@@ -1456,7 +1461,7 @@ def _resize_message(
     }
     if error is not None:
         body["error"] = error
-    return f"Pod resize {what}: " + json.dumps(body, separators=(",", ":"))
+    return f"Pod resize {what}: " + _COMPACT_JSON.encode(body)
 
 
 def _foreign_conditions(obs: _Observed) -> list[dict[str, Any]]:
