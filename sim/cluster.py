@@ -724,7 +724,11 @@ class Cluster:
         except StopIteration as stop:
             self._finish(actor, s, cache, stop.value)
             return
-        self.at(self.now + delay, self._resume, actor, s, cache, op)
+        # self.at(...), written out: every API call and wait of a reconcile comes here.
+        self._seq += 1
+        heapq.heappush(
+            self._heap, (self.now + delay, self._seq, self._resume, (actor, s, cache, op))
+        )
 
     def _finish(self, actor: _Actor, s: _Slot, cache: _Cache, after: float | None) -> None:
         cache.running = False
