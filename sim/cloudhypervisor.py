@@ -538,16 +538,25 @@ class VmmModel:
 
     def advance(self, now: float) -> None:
         """Let the guest progress up to ``now`` (ejections, virtio-mem plugging)."""
+        # _guest_runs and Knobs.plugs written out: every VMM of a node is advanced at
+        # each kubelet step, and again on every daemon look.
+        knobs = self.knobs
         if now > self._last_now:
-            if self._guest_runs:
+            state = self.state
+            if state is VmState.RUNNING or (
+                state is VmState.PAUSED and knobs.progress_while_paused
+            ):
                 self._guest_clock += now - self._last_now
             self._last_now = now
         if self._eject_at is not None and self._guest_clock + _CLOCK_SLACK >= self._eject_at:
             assert self._removal_target is not None
             self._present_vcpus = self._removal_target
             self._removal_target = self._eject_at = None
-        knobs = self.knobs
-        if self._plugged == self._hotplug_requested and knobs.unplug_limit is None and knobs.plugs:
+        if (
+            self._plugged == self._hotplug_requested
+            and knobs.unplug_limit is None
+            and knobs.plug_rate != PLUG_NEVER
+        ):
             return  # at rest, where _plug_end() is: _plug_position() would leave it there
         plugged = self._plug_position(self._guest_clock)
         if plugged < self._plugged:
