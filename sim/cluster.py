@@ -757,7 +757,7 @@ class Cluster:
         """The merged status write, conditional on ``rv`` (the version ``vm`` was decided
         from), then (``events``) the events. Returns the version now held, or -1 on a
         conflict."""
-        status_actions = tuple(a for a in actions if isinstance(a, STATUS_ACTIONS))
+        status_actions = tuple([a for a in actions if isinstance(a, STATUS_ACTIONS)])
         if status_actions:
             new = apply_status(vm.status, status_actions)
             if new != vm.status:
