@@ -220,7 +220,11 @@ def _same(last: tuple[Any, ...] | None, args: tuple[Any, ...]) -> bool:
     field."""
     if last is None or len(last) != len(args):
         return False
-    return all(a is b or a == b for a, b in zip(reversed(last), reversed(args), strict=True))
+    for i in range(len(args) - 1, -1, -1):
+        a, b = last[i], args[i]
+        if a is not b and not a == b:  # noqa: SIM201 (what tuple equality asks: ==)
+            return False
+    return True
 
 
 # --- where a resize's time goes, from the components' logs ----------------------------------
