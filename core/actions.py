@@ -184,4 +184,5 @@ STATUS_ACTIONS = (
 
 
 def owned_by(actions: tuple[Action, ...], owner: Owner) -> tuple[Action, ...]:
-    return tuple(a for a in actions if a.owner is owner)
+    # A list comprehension, not a generator: this runs after every decision.
+    return tuple([a for a in actions if a.owner is owner])

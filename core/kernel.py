@@ -64,8 +64,6 @@ repeat an old decision's unguarded side effects).
 
 from __future__ import annotations
 
-from attrs import evolve
-
 from core.actions import (
     Action,
     AddFinalizer,
@@ -112,6 +110,7 @@ from core.model import (
     VmmState,
     VmmView,
     VmSpec,
+    evolve,
 )
 from core.quantity import format_bytes
 from core.resources import (

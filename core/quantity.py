@@ -8,6 +8,7 @@ exactly. The grammar follows ``k8s.io/apimachinery/pkg/api/resource``.
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 
@@ -97,6 +98,11 @@ def parse_bytes(value: object) -> int:
     return _whole_bytes(value, parse_quantity(value))
 
 
+# The text paths are memoized: pure functions of an immutable string, and every pod
+# version's quantities are parsed by each reader of it (the kernel's pod view, the
+# kubelet) though pods carry few distinct ones (the simulation's sizes lie on a 2Mi
+# grid: a few thousand). Bounded; an error is not cached.
+@functools.lru_cache(maxsize=16384)
 def _bytes_text(value: str) -> int:
     match = _WHOLE.fullmatch(value)
     if match is not None and match[2] != "m":
@@ -119,6 +125,7 @@ def parse_millicores(value: object) -> int:
     return _millicores(parse_quantity(value))
 
 
+@functools.lru_cache(maxsize=16384)
 def _millicores_text(value: str) -> int:
     match = _WHOLE.fullmatch(value)
     if match is not None:
@@ -133,6 +140,9 @@ def _millicores(quantity: Fraction) -> int:
     return whole if whole == amount else whole + 1
 
 
+# Memoized (a pure function of an int): condition messages and pod specs format the
+# same few sizes over and over. Bounded, and typed: 2.0 and True print otherwise than 2.
+@functools.lru_cache(maxsize=16384, typed=True)
 def format_bytes(n: int) -> str:
     """The canonical binary-suffix form Kubernetes would print for ``n`` bytes."""
     if n == 0:

@@ -5,6 +5,7 @@ ones it refuses; ADR 0013)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -103,6 +104,10 @@ def capacity_for(spec: VmSpec) -> Capacity:
     return Capacity(boot.max_vcpus, boot.memory + boot.hotplug_size, boot.memory)
 
 
+# Memoized: every decision checks the spec, and a spec (immutable, its hash cached) is
+# the same object for all the decisions of a resize. Bounded, so a long-running process
+# holds no more than this many specs through it.
+@functools.lru_cache(maxsize=16384)
 def spec_errors(spec: VmSpec) -> tuple[FieldError, ...]:
     """Rules that hold for any VM spec, running or not."""
     errors: list[FieldError] = []

@@ -316,16 +316,33 @@ def _resources(obj: object) -> Resources | None:
     return None
 
 
-def _resize_condition(conditions: list[Any], type_: str) -> PodResizeCondition | None:
+def _resize_condition(cond: dict[str, Any]) -> PodResizeCondition:
+    generation = cond.get("observedGeneration")
+    return PodResizeCondition(
+        reason=cond.get("reason") or None,
+        message=str(cond.get("message") or ""),
+        observed_generation=generation if isinstance(generation, int) else None,
+    )
+
+
+def _resize_conditions(
+    conditions: list[Any],
+) -> tuple[PodResizeCondition | None, PodResizeCondition | None]:
+    """The first true ``PodResizePending`` and ``PodResizeInProgress`` conditions, found
+    in one pass over the pod's conditions (a kubelet writes seven)."""
+    pending = in_progress = None
     for cond in conditions:
-        if isinstance(cond, dict) and cond.get("type") == type_ and cond.get("status") == "True":
-            generation = cond.get("observedGeneration")
-            return PodResizeCondition(
-                reason=cond.get("reason") or None,
-                message=str(cond.get("message") or ""),
-                observed_generation=generation if isinstance(generation, int) else None,
-            )
-    return None
+        if not isinstance(cond, dict) or cond.get("status") != "True":
+            continue
+        type_ = cond.get("type")
+        if type_ == "PodResizePending" and pending is None:
+            pending = _resize_condition(cond)
+        elif type_ == "PodResizeInProgress" and in_progress is None:
+            in_progress = _resize_condition(cond)
+    return pending, in_progress
+
+
+_POD_PHASES = {phase.value: phase for phase in PodPhase}
 
 
 def parse_pod(obj: dict[str, Any], container: str = VM_CONTAINER) -> PodView:
@@ -340,11 +357,15 @@ def parse_pod(obj: dict[str, Any], container: str = VM_CONTAINER) -> PodView:
     for cs in status.get("containerStatuses") or ():
         if cs.get("name") == container:
             actual = _resources(cs.get("resources"))
-    try:
-        phase = PodPhase(status.get("phase") or "Pending")
-    except ValueError:
-        phase = PodPhase.UNKNOWN
-    conditions = status.get("conditions") or []
+    raw_phase = status.get("phase") or "Pending"
+    # A dict look-up first: calling the enum runs Python code for every pod version.
+    phase = _POD_PHASES.get(raw_phase) if type(raw_phase) is str else None
+    if phase is None:
+        try:
+            phase = PodPhase(raw_phase)
+        except ValueError:
+            phase = PodPhase.UNKNOWN
+    resize_pending, resize_in_progress = _resize_conditions(status.get("conditions") or [])
     observed = status.get("observedGeneration")
     return PodView(
         name=str(meta.get("name") or ""),
@@ -356,8 +377,8 @@ def parse_pod(obj: dict[str, Any], container: str = VM_CONTAINER) -> PodView:
         deleting=bool(meta.get("deletionTimestamp")),
         desired=desired,
         actual=actual,
-        resize_pending=_resize_condition(conditions, "PodResizePending"),
-        resize_in_progress=_resize_condition(conditions, "PodResizeInProgress"),
+        resize_pending=resize_pending,
+        resize_in_progress=resize_in_progress,
         legacy_resize_status=status.get("resize") or None,
     )
 

@@ -462,7 +462,10 @@ class VmmModel:
 
     @property
     def booted(self) -> bool:
-        return self.state in _BOOTED
+        # A tuple, not _BOOTED: hashing an Enum member runs Python code, and the
+        # simulation asks this of every VMM on a node at each kubelet step.
+        state = self.state
+        return state is VmState.RUNNING or state is VmState.PAUSED
 
     @property
     def requested_vcpus(self) -> int:
@@ -500,15 +503,21 @@ class VmmModel:
         """Cloud Hypervisor's figure. From v52: boot size minus the balloon plus what
         virtio-mem has plugged, the boot size while no VM runs. Before: boot size plus
         the *requested* hotplug amount, minus the balloon while a VM runs."""
-        if self.config is None:
+        config = self.config
+        if config is None:
             return 0
-        boot = self._boot_memory
+        # _boot_memory, _balloon and booted written out: the simulation reads this for
+        # every VMM of a node at each kubelet step and on every daemon look.
+        boot = int(config["memory"]["size"]) if config else 0
         if not self.knobs.plugged_memory_actual_size:
-            hotplugged = self.config["memory"].get("hotplugged_size") or 0
+            hotplugged = config["memory"].get("hotplugged_size") or 0
             return boot + hotplugged - (self._balloon if self.booted else 0)
-        if not self.booted:
+        state = self.state
+        if state is not VmState.RUNNING and state is not VmState.PAUSED:
             return boot
-        return max(0, boot - self._balloon) + self._plugged
+        balloon = config.get("balloon") if config else None
+        size = int(balloon.get("size") or 0) if isinstance(balloon, dict) else 0
+        return max(0, boot - size) + self._plugged
 
     @property
     def _balloon(self) -> int:
@@ -529,14 +538,26 @@ class VmmModel:
 
     def advance(self, now: float) -> None:
         """Let the guest progress up to ``now`` (ejections, virtio-mem plugging)."""
+        # _guest_runs and Knobs.plugs written out: every VMM of a node is advanced at
+        # each kubelet step, and again on every daemon look.
+        knobs = self.knobs
         if now > self._last_now:
-            if self._guest_runs:
+            state = self.state
+            if state is VmState.RUNNING or (
+                state is VmState.PAUSED and knobs.progress_while_paused
+            ):
                 self._guest_clock += now - self._last_now
             self._last_now = now
         if self._eject_at is not None and self._guest_clock + _CLOCK_SLACK >= self._eject_at:
             assert self._removal_target is not None
             self._present_vcpus = self._removal_target
             self._removal_target = self._eject_at = None
+        if (
+            self._plugged == self._hotplug_requested
+            and knobs.unplug_limit is None
+            and knobs.plug_rate != PLUG_NEVER
+        ):
+            return  # at rest, where _plug_end() is: _plug_position() would leave it there
         plugged = self._plug_position(self._guest_clock)
         if plugged < self._plugged:
             self._unplugged += self._plugged - plugged

@@ -54,10 +54,9 @@ import heapq
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any, Protocol
 
-import attrs
 from attrs import define, field, frozen
 
 from core import (
@@ -93,7 +92,7 @@ from core import (
 )
 from core.actions import STATUS_ACTIONS
 from core.constants import MILLICORES_PER_VCPU, RECONCILE_WORKERS, VM_CONTAINER, GiB, MiB
-from core.model import STEADY_PHASES
+from core.model import STEADY_PHASES, evolve
 from core.quantity import QuantityError, format_bytes, format_millicores, parse_quantity
 from sim import kubelet as kl
 from sim.cloudhypervisor import Knobs, VmmModel
@@ -461,6 +460,27 @@ class _Node:
     step_at: float | None = None
 
 
+class _Usage(Mapping[str, int]):
+    """Each guest's memory, by pod uid, as the usage a kubelet step is fed: read from the
+    VMM model when the step asks for it. A step reads the usage of a pod only to check
+    a memory-limit decrease, and no VMM changes during a step, so this is what a dict
+    filled before the step would say, without reading every VMM of the node each time."""
+
+    __slots__ = ("_vmms",)
+
+    def __init__(self, vmms: dict[str, VmmModel]) -> None:
+        self._vmms = vmms
+
+    def __getitem__(self, uid: str) -> int:
+        return self._vmms[uid].memory_actual_size
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vmms)
+
+    def __len__(self) -> int:
+        return len(self._vmms)
+
+
 def _resource_list(r: Resources) -> dict[str, str]:
     return {"cpu": format_millicores(r.cpu_millis), "memory": format_bytes(r.memory)}
 
@@ -525,6 +545,8 @@ class Cluster:
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self._rv = 0
+        # A call on the VMM socket waits only for a sampled latency; with none (the
+        # default) the daemon goes on at once, without even a generator to step through.
         self._vmm_latency_zero = config.vmm_latency == Dist("const", 0.0)
         self._api_latency = config.api_latency.sampler(rng)
         self._watch_delay = config.watch_delay.sampler(rng)
@@ -702,7 +724,11 @@ class Cluster:
         except StopIteration as stop:
             self._finish(actor, s, cache, stop.value)
             return
-        self.at(self.now + delay, self._resume, actor, s, cache, op)
+        # self.at(...), written out: every API call and wait of a reconcile comes here.
+        self._seq += 1
+        heapq.heappush(
+            self._heap, (self.now + delay, self._seq, self._resume, (actor, s, cache, op))
+        )
 
     def _finish(self, actor: _Actor, s: _Slot, cache: _Cache, after: float | None) -> None:
         cache.running = False
@@ -731,7 +757,7 @@ class Cluster:
         """The merged status write, conditional on ``rv`` (the version ``vm`` was decided
         from), then (``events``) the events. Returns the version now held, or -1 on a
         conflict."""
-        status_actions = tuple(a for a in actions if isinstance(a, STATUS_ACTIONS))
+        status_actions = tuple([a for a in actions if isinstance(a, STATUS_ACTIONS)])
         if status_actions:
             new = apply_status(vm.status, status_actions)
             if new != vm.status:
@@ -884,12 +910,12 @@ class Cluster:
             return  # superseded by an earlier step
         node.step_at = None
         self.kubelet_steps += 1
-        usage = {}
+        vmms = {}
         for uid, s in node.slots.items():
             if s.vmm is not None:
                 s.vmm.advance(self.now)
-                usage[uid] = s.vmm.memory_actual_size
-        out = node.kubelet.step(self.now, [v.obj for v in node.pods.values()], usage)
+                vmms[uid] = s.vmm
+        out = node.kubelet.step(self.now, [v.obj for v in node.pods.values()], _Usage(vmms))
         for effect in out.effects:
             if isinstance(effect, kl.WritePodStatus):
                 s = node.slots[effect.uid]
@@ -924,11 +950,6 @@ class Cluster:
             return None
         return s.vmm.handle(self.now, method, VMM_API + endpoint, body)
 
-    def _vmm_wait(self) -> Generator[float, None, None]:
-        if self._vmm_latency_zero:
-            return
-        yield self._vmm_latency()
-
     def _view(self, s: _Slot) -> VmmView:
         """``vm.info``, as the daemon reads it on every reconcile.
 
@@ -956,7 +977,7 @@ class Cluster:
         if last is None or key != s.info_key or self.cfg.exact_vmm_info:
             response = self._vmm_call(s, "GET", "vm.info", None)
             # The daemon reads vmm.ping's version once per VMM; the model's knob is it.
-            view = attrs.evolve(
+            view = evolve(
                 vmm_view(response.status, response.body), version=f"v{vmm.knobs.api_version}.0"
             )
             s.info_key, s.info_view = key, view
@@ -965,7 +986,7 @@ class Cluster:
         vmm.advance(self.now)
         actual = vmm.memory_actual_size if vmm.knobs.report_memory_actual_size else None
         if actual != last.actual_memory:
-            last = attrs.evolve(last, actual_memory=actual)
+            last = evolve(last, actual_memory=actual)
             s.info_view = last
         return last
 
@@ -976,7 +997,8 @@ class Cluster:
         if version is None or version.obj["spec"].get("nodeName") != node.name:
             return None
         vm, rv, pod = cache.vm, cache.vm_rv, version.view
-        yield from self._vmm_wait()
+        if not self._vmm_latency_zero:
+            yield self._vmm_latency()
         vmm = self._view(s)
         actions = owned_by(decide(vm, pod, vmm, self.kcfg, self.now), Owner.DAEMON)
         if not actions:
@@ -991,15 +1013,18 @@ class Cluster:
         for action in actions:
             error: VmmCallError | None = None
             if isinstance(action, BootVmm):
-                yield from self._vmm_wait()
+                if not self._vmm_latency_zero:
+                    yield self._vmm_latency()
                 r = self._vmm_call(s, "PUT", "vm.create", _boot_body(action))
                 if r is not None and r.status < 300:
-                    yield from self._vmm_wait()
+                    if not self._vmm_latency_zero:
+                        yield self._vmm_latency()
                     r = self._vmm_call(s, "PUT", "vm.boot", None)
                 if r is None or r.status >= 300:
                     error = VmmCallError(VmmCallErrorKind.FAILED, _error_text(r))
             elif isinstance(action, ResizeVmm):
-                yield from self._vmm_wait()
+                if not self._vmm_latency_zero:
+                    yield self._vmm_latency()
                 self._check_resize(s, action)
                 body: dict[str, int] = {}
                 if action.vcpus is not None:
@@ -1014,7 +1039,7 @@ class Cluster:
             if error is None and isinstance(action, ResizeVmm) and action.probe:
                 # The probe answered 204: no removal pending; the kernel hears it at once.
                 yield from self._events(actions)
-                done = attrs.evolve(vmm, probe_ok=True)
+                done = evolve(vmm, probe_ok=True)
                 vm, rv = cache.vm, cache.vm_rv
                 actions = owned_by(decide(vm, pod, done, self.kcfg, self.now), Owner.DAEMON)
                 rv = yield from self._write_status(s, cache, vm, rv, actions)
@@ -1025,7 +1050,7 @@ class Cluster:
                 # A refused call goes straight back to the kernel, decided on the newest
                 # cached VM (our own status write included), as apps/daemon does.
                 yield from self._events(actions)
-                failed = attrs.evolve(vmm, call_error=error)
+                failed = evolve(vmm, call_error=error)
                 vm, rv = cache.vm, cache.vm_rv
                 actions = owned_by(decide(vm, pod, failed, self.kcfg, self.now), Owner.DAEMON)
                 rv = yield from self._write_status(s, cache, vm, rv, actions)
@@ -1038,7 +1063,8 @@ class Cluster:
         yield from self._events(actions)
         if any(isinstance(a, ResizeVmm) and not a.probe for a in actions):
             # Accepted: look again at once, as apps/daemon does (status and events only).
-            yield from self._vmm_wait()
+            if not self._vmm_latency_zero:
+                yield self._vmm_latency()
             vm, rv = cache.vm, cache.vm_rv
             again = owned_by(decide(vm, pod, self._view(s), self.kcfg, self.now), Owner.DAEMON)
             rv = yield from self._write_status(s, cache, vm, rv, again)

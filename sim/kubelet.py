@@ -195,7 +195,7 @@ class Resources:
         defaults them), other resources are ignored."""
         if obj is None:
             return cls()
-        if not isinstance(obj, Mapping):
+        if type(obj) is not dict and not isinstance(obj, Mapping):  # dict: skip the ABC
             raise KubeletInputError(f"{where}: expected an object, got {type(obj).__name__}")
         requests = _resource_list(obj.get("requests"), f"{where}.requests")
         limits = _resource_list(obj.get("limits"), f"{where}.limits")
@@ -239,7 +239,7 @@ class _Totals:
 def _resource_list(obj: object, where: str) -> Mapping[str, Any]:
     if obj is None:
         return {}
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):  # dict: skip the ABC
         raise KubeletInputError(f"{where}: expected an object, got {type(obj).__name__}")
     return obj
 
@@ -282,13 +282,24 @@ def _requests(resources: Mapping[str, Resources]) -> _Totals:
 
 
 def _held(pods: Iterable[_Pod]) -> _Totals:
-    """What ``pods`` hold of the node together (summed as plain ints: this runs over
-    every pod of the node at each admission)."""
+    """What ``pods`` hold of the node together: the sum of their :meth:`_Pod.holds`,
+    worked out here in plain ints (this runs over every pod of the node at each
+    admission and resize, and the _Totals of each term were most of its cost)."""
     cpu = memory = 0
+    running = _Stage.RUNNING
     for p in pods:
-        holds = p.holds()
-        cpu += holds.cpu
-        memory += holds.memory
+        if p.stage is not running:
+            continue
+        allocated_cpu = allocated_memory = actuated_cpu = actuated_memory = 0
+        for r in p.allocated.values():
+            allocated_cpu += r.cpu_request or 0
+            allocated_memory += r.memory_request or 0
+        for r in p.actuated.values():
+            actuated_cpu += r.cpu_request or 0
+            actuated_memory += r.memory_request or 0
+        overhead = p.overhead
+        cpu += max(allocated_cpu, actuated_cpu) + overhead.cpu
+        memory += max(allocated_memory, actuated_memory) + overhead.memory
     return _Totals(cpu, memory)
 
 
@@ -734,7 +745,8 @@ def _observe(pod: Mapping[str, Any]) -> _Observed:
         foreign=tuple(
             c
             for c in status.get("conditions") or ()
-            if isinstance(c, Mapping) and c.get("type") not in _OWNED_CONDITIONS
+            if (type(c) is dict or isinstance(c, Mapping))  # dict: skip the ABC
+            and c.get("type") not in _OWNED_CONDITIONS
         ),
         restart_policy=str(restart_policy),
     )
@@ -875,7 +887,9 @@ class Kubelet:
         still holds. A pod without a resourceVersion is read afresh every time.
         """
         meta = pod.get("metadata")
-        if not isinstance(meta, Mapping):
+        # type() first: a Mapping check of a dict runs through the ABC machinery, for
+        # every pod of the node at every step.
+        if type(meta) is not dict and not isinstance(meta, Mapping):
             return _observe(pod)
         rv, uid = meta.get("resourceVersion"), meta.get("uid")
         if type(rv) is not str or not rv or type(uid) is not str:
@@ -1306,10 +1320,13 @@ class _Run:
             p.in_progress,
             p.actuate_at is not None,
             p.containers,
-            tuple(p.images.items()),
-            tuple(p.allocated.items()),
-            tuple(p.actuated.items()),
-            tuple(p.foreign_conditions),
+            # The dicts themselves, compared by value: the model replaces them whenever
+            # they change and never changes one in place (nor hands one out), and _render
+            # reads them by container name, so their order does not matter.
+            p.images,
+            p.allocated,
+            p.actuated,
+            tuple(p.foreign_conditions),  # a rejected pod's status holds the list itself
             "" if p.started_at else self.ts,
         )
         cached = p.rendered
@@ -1430,6 +1447,11 @@ def _legacy_resize(p: _Pod) -> str | None:
     return None
 
 
+# json.dumps(body, separators=(",", ":")) builds a new encoder on every call (its
+# arguments are not the defaults); an encoder keeps no state between calls, so one does.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _resize_message(
     what: str, resources: Mapping[str, Resources], generation: int, error: str | None = None
 ) -> str:
@@ -1439,7 +1461,7 @@ def _resize_message(
     }
     if error is not None:
         body["error"] = error
-    return f"Pod resize {what}: " + json.dumps(body, separators=(",", ":"))
+    return f"Pod resize {what}: " + _COMPACT_JSON.encode(body)
 
 
 def _foreign_conditions(obs: _Observed) -> list[dict[str, Any]]:
