@@ -1066,11 +1066,37 @@ class Cluster:
             if not self._vmm_latency_zero:
                 yield self._vmm_latency()
             vm, rv = cache.vm, cache.vm_rv
-            again = owned_by(decide(vm, pod, self._view(s), self.kcfg, self.now), Owner.DAEMON)
+            view = self._view(s)
+            again = owned_by(decide(vm, pod, view, self.kcfg, self.now), Owner.DAEMON)
             rv = yield from self._write_status(s, cache, vm, rv, again)
             if rv < 0:
                 return 0.0
-            return _requeue(again)
+            probe = next((a for a in again if isinstance(a, ResizeVmm) and a.probe), None)
+            if probe is None:
+                return _requeue(again)
+            # The probe of a vCPU removal that look asks for is made at once too, and its
+            # answer fed back once more, as apps/daemon does.
+            if not self._vmm_latency_zero:
+                yield self._vmm_latency()
+            self._check_resize(s, probe)
+            body = json.dumps({"desired_vcpus": probe.vcpus}).encode()
+            r = self._vmm_call(s, "PUT", "vm.resize", body)
+            refused = r is None or r.status >= 300
+            if refused:
+                busy = r is not None and r.status == 429
+                kind = VmmCallErrorKind.BUSY if busy else VmmCallErrorKind.FAILED
+                answered = evolve(view, call_error=VmmCallError(kind, _error_text(r)))
+            else:
+                answered = evolve(view, probe_ok=True)
+            vm, rv = cache.vm, cache.vm_rv
+            actions = owned_by(decide(vm, pod, answered, self.kcfg, self.now), Owner.DAEMON)
+            rv = yield from self._write_status(s, cache, vm, rv, actions)
+            if rv < 0:
+                return 0.0
+            after = _requeue(actions)
+            if refused and after is not None:
+                cache.hold_until = self.now + after
+            return after
         return _requeue(actions)
 
     # --- invariants (RESIZE.md section 8, 1 and 2) ----------------------------------------

@@ -131,7 +131,8 @@ class Daemon(Reconciler):
             # A vCPU growth is done when vm.resize answers (Cloud Hypervisor starts the
             # threads first) and memory may be plugged already: look at once, as the echo
             # of a status write would (ADR 0019), not a poll interval later.
-            return self._feed_back(key, self._unreachable_since(key, client.view()), hold=False)
+            view = self._unreachable_since(key, client.view())
+            return self._feed_back(key, view, hold=False, probe=(client, pod.name))
         if answered is not None:
             return self._feed_back(key, answered)
         return self.shared.requeue_after(actions)
@@ -179,13 +180,23 @@ class Daemon(Reconciler):
         log.log(level, "VMM call refused", extra=kv(vm=key, kind=error.kind, error=error.message))
         return self._feed_back(key, evolve(vmm, call_error=error))
 
-    def _feed_back(self, key: str, vmm: VmmView, hold: bool = True) -> float | None:
+    def _feed_back(
+        self,
+        key: str,
+        vmm: VmmView,
+        hold: bool = True,
+        probe: tuple[VmmClient, str] | None = None,
+    ) -> float | None:
         """Re-decide at once on what a VMM call just answered (its error, a probe's 204,
         or the VMM seen again after it accepted a resize), on the newest cached VM (our
         own status write included). Only status and events are carried out: a VMM call
         this decision asks for waits for the next reconcile (after its requeue, and held
         there after a refusal), so a VMM that accepts and does nothing costs a look per
-        poll, never a loop."""
+        poll, never a loop. The one exception is ``probe``, given to the look right after
+        an accepted resize: the probe of a vCPU removal it asks for is made at once, and
+        its answer fed back once more (without ``probe``). A guest that ejected at once
+        is then seen to have, not a backoff later (issue 19); one that has not costs one
+        429."""
         namespace, _, name = key.partition("/")
         vm_obj = self.vms.get(namespace, name)
         pod_obj = self.pods.get(namespace, pod_name(name))
@@ -199,6 +210,14 @@ class Daemon(Reconciler):
         )
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
         self.shared.record_events(vm_obj, vm, actions)
+        probes = tuple(a for a in actions if isinstance(a, ResizeVmm) and a.probe)
+        if probe is not None and probes:
+            client, pod = probe
+            answered = self._vmm_calls(key, client, pod, vmm, probes)
+            if isinstance(answered, VmmCallError):
+                return self._call_failed(key, vmm, answered)
+            if answered is not None and answered != VMM_ACCEPTED:
+                return self._feed_back(key, answered)
         after = self.shared.requeue_after(actions)
         if after is not None and hold:
             with self._lock:
