@@ -1023,81 +1023,77 @@ class Cluster:
                 if r is None or r.status >= 300:
                     error = VmmCallError(VmmCallErrorKind.FAILED, _error_text(r))
             elif isinstance(action, ResizeVmm):
-                if not self._vmm_latency_zero:
-                    yield self._vmm_latency()
-                self._check_resize(s, action)
-                body: dict[str, int] = {}
-                if action.vcpus is not None:
-                    body["desired_vcpus"] = action.vcpus
-                if action.memory is not None:
-                    body["desired_ram"] = action.memory
-                r = self._vmm_call(s, "PUT", "vm.resize", json.dumps(body).encode())
-                if r is None or r.status >= 300:
-                    busy = r is not None and r.status == 429
-                    kind = VmmCallErrorKind.BUSY if busy else VmmCallErrorKind.FAILED
-                    error = VmmCallError(kind, _error_text(r))
+                error = yield from self._resize_vmm(s, action)
             if error is None and isinstance(action, ResizeVmm) and action.probe:
                 # The probe answered 204: no removal pending; the kernel hears it at once.
                 yield from self._events(actions)
-                done = evolve(vmm, probe_ok=True)
-                vm, rv = cache.vm, cache.vm_rv
-                actions = owned_by(decide(vm, pod, done, self.kcfg, self.now), Owner.DAEMON)
-                rv = yield from self._write_status(s, cache, vm, rv, actions)
-                if rv < 0:
-                    return 0.0
-                return _requeue(actions)
+                after, _ = yield from self._feed_back(s, pod, evolve(vmm, probe_ok=True))
+                return after
             if error is not None:
-                # A refused call goes straight back to the kernel, decided on the newest
-                # cached VM (our own status write included), as apps/daemon does.
+                # A refused call goes straight back to the kernel, as apps/daemon does.
                 yield from self._events(actions)
                 failed = evolve(vmm, call_error=error)
-                vm, rv = cache.vm, cache.vm_rv
-                actions = owned_by(decide(vm, pod, failed, self.kcfg, self.now), Owner.DAEMON)
-                rv = yield from self._write_status(s, cache, vm, rv, actions)
-                if rv < 0:
-                    return 0.0
-                after = _requeue(actions)
-                if after is not None:
-                    cache.hold_until = self.now + after
+                after, _ = yield from self._feed_back(s, pod, failed, hold=True)
                 return after
         yield from self._events(actions)
         if any(isinstance(a, ResizeVmm) and not a.probe for a in actions):
             # Accepted: look again at once, as apps/daemon does (status and events only).
             if not self._vmm_latency_zero:
                 yield self._vmm_latency()
-            vm, rv = cache.vm, cache.vm_rv
             view = self._view(s)
-            again = owned_by(decide(vm, pod, view, self.kcfg, self.now), Owner.DAEMON)
-            rv = yield from self._write_status(s, cache, vm, rv, again)
-            if rv < 0:
-                return 0.0
+            after, again = yield from self._feed_back(s, pod, view)
             probe = next((a for a in again if isinstance(a, ResizeVmm) and a.probe), None)
             if probe is None:
-                return _requeue(again)
+                return after
             # The probe of a vCPU removal that look asks for is made at once too, and its
             # answer fed back once more, as apps/daemon does.
-            if not self._vmm_latency_zero:
-                yield self._vmm_latency()
-            self._check_resize(s, probe)
-            body = json.dumps({"desired_vcpus": probe.vcpus}).encode()
-            r = self._vmm_call(s, "PUT", "vm.resize", body)
-            refused = r is None or r.status >= 300
-            if refused:
-                busy = r is not None and r.status == 429
-                kind = VmmCallErrorKind.BUSY if busy else VmmCallErrorKind.FAILED
-                answered = evolve(view, call_error=VmmCallError(kind, _error_text(r)))
+            error = yield from self._resize_vmm(s, probe)
+            if error is None:
+                after, _ = yield from self._feed_back(s, pod, evolve(view, probe_ok=True))
             else:
-                answered = evolve(view, probe_ok=True)
-            vm, rv = cache.vm, cache.vm_rv
-            actions = owned_by(decide(vm, pod, answered, self.kcfg, self.now), Owner.DAEMON)
-            rv = yield from self._write_status(s, cache, vm, rv, actions)
-            if rv < 0:
-                return 0.0
-            after = _requeue(actions)
-            if refused and after is not None:
-                cache.hold_until = self.now + after
+                failed = evolve(view, call_error=error)
+                after, _ = yield from self._feed_back(s, pod, failed, hold=True)
             return after
         return _requeue(actions)
+
+    def _resize_vmm(
+        self, s: _Slot, action: ResizeVmm
+    ) -> Generator[float, None, VmmCallError | None]:
+        """``vm.resize`` as apps/daemon sends it (a field only for what changes), checked
+        against the pod's limits as it lands; a refusal as the daemon's client reports it."""
+        if not self._vmm_latency_zero:
+            yield self._vmm_latency()
+        self._check_resize(s, action)
+        body: dict[str, int] = {}
+        if action.vcpus is not None:
+            body["desired_vcpus"] = action.vcpus
+        if action.memory is not None:
+            body["desired_ram"] = action.memory
+        r = self._vmm_call(s, "PUT", "vm.resize", json.dumps(body).encode())
+        if r is not None and r.status < 300:
+            return None
+        busy = r is not None and r.status == 429
+        kind = VmmCallErrorKind.BUSY if busy else VmmCallErrorKind.FAILED
+        return VmmCallError(kind, _error_text(r))
+
+    def _feed_back(
+        self, s: _Slot, pod: PodView, vmm: VmmView, *, hold: bool = False
+    ) -> Generator[float, None, tuple[float | None, tuple[Action, ...]]]:
+        """Decide again at once on what a VMM call answered, on the newest cached VM (our
+        own status write included), and carry out status and events only, as apps/daemon's
+        ``_feed_back``: the requeue (0.0 after a conflict) and the decision. With ``hold``
+        (a refusal), the next VMM call waits for that requeue."""
+        cache = s.dmn
+        assert cache is not None
+        vm, rv = cache.vm, cache.vm_rv
+        actions = owned_by(decide(vm, pod, vmm, self.kcfg, self.now), Owner.DAEMON)
+        rv = yield from self._write_status(s, cache, vm, rv, actions)
+        if rv < 0:
+            return 0.0, ()
+        after = _requeue(actions)
+        if hold and after is not None:
+            cache.hold_until = self.now + after
+        return after, actions
 
     # --- invariants (RESIZE.md section 8, 1 and 2) ----------------------------------------
 
