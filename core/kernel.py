@@ -848,6 +848,12 @@ def _poll(
     out.requeue(owner, config.poll_after(_waited(out, record), deadline))
 
 
+def _probe_again(out: _Out, record: ResizeRecord, config: KernelConfig) -> None:
+    """When the daemon asks again whether a pending vCPU removal is done."""
+    waited = _waited(out, record)
+    out.requeue(Owner.DAEMON, config.busy_after(waited, config.vcpu_removal_deadline_s))
+
+
 # --- steady state: Running / Paused ---------------------------------------------------
 
 
@@ -1426,7 +1432,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
     # while the guest still ejected vCPUs, for no reader (the pod shrinks only after the
     # step), and vm.info shows it again on every look (ADR 0021). vCPUs are written as
     # they are proven: a removal is proven only by a probe's 204, which no later look sees.
-    falls = held != known and held.vcpus == known.vcpus and held.memory < known.memory
+    falls = held.vcpus == known.vcpus and held.memory < known.memory
     if held != known and not falls:
         out.status.append(SetAllocated(held, owner=Owner.DAEMON))
     if asking:
@@ -1489,9 +1495,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             return
         _falls_along(out, falls, held)
         out.effect(ResizeVmm(vcpus=requested.vcpus, probe=True))
-        out.requeue(
-            Owner.DAEMON, config.busy_after(_waited(out, record), config.vcpu_removal_deadline_s)
-        )
+        _probe_again(out, record, config)
         return
     if truth != desired:
         if vmm.plugged_memory is None and truth.memory > requested.memory:
@@ -1638,9 +1642,7 @@ def _vmm_call_failed(
                 "retry",
             )
             return
-        out.requeue(
-            Owner.DAEMON, config.busy_after(_waited(out, record), config.vcpu_removal_deadline_s)
-        )
+        _probe_again(out, record, config)
         return
     attempts = record.attempts + 1
     record = evolve(record, attempts=attempts, wait_since=record.wait_since or out.now)

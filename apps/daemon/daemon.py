@@ -210,10 +210,10 @@ class Daemon(Reconciler):
         )
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
         self.shared.record_events(vm_obj, vm, actions)
-        probes = tuple(a for a in actions if isinstance(a, ResizeVmm) and a.probe)
-        if probe is not None and probes:
+        if probe is not None:
+            probes = tuple(a for a in actions if isinstance(a, ResizeVmm) and a.probe)
             client, pod = probe
-            answered = self._vmm_calls(key, client, pod, vmm, probes)
+            answered = self._vmm_calls(key, client, pod, vmm, probes) if probes else None
             if isinstance(answered, VmmCallError):
                 return self._call_failed(key, vmm, answered)
             if answered is not None and answered != VMM_ACCEPTED:
