@@ -97,12 +97,17 @@ def test_resource_quota_usage_is_computed(stack: Stack, kube: Kube, namespace: s
         "spec": {"hard": {"pods": "5", "configmaps": "10"}},
     }
     kube.create(f"/api/v1/namespaces/{namespace}/resourcequotas", quota)
-    kube.create(f"/api/v1/namespaces/{namespace}/pods", _pod("counted"))
+
     def used() -> str | None:
         status = kube.get(f"/api/v1/namespaces/{namespace}/resourcequotas/q").get("status")
         return ((status or {}).get("used") or {}).get("pods")
 
-    # The quota controller first records "0", then counts the pod.
+    # Until the quota controller has first computed the usage, admission charges nothing,
+    # and the controller counts a pod only from its informer's cache: a pod created in that
+    # window can stay uncounted until the controller's resync, five minutes on. Once the
+    # usage is known, quota admission charges each pod as it is created.
+    _wait("quota usage computed", lambda: used() == "0")
+    kube.create(f"/api/v1/namespaces/{namespace}/pods", _pod("counted"))
     _wait("quota usage counts the pod", lambda: used() == "1")
 
 
