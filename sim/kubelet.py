@@ -52,9 +52,12 @@ A VMM that exits terminates the VMM container; with ``restartPolicy: Never`` (or
 ``OnFailure`` and exit 0) the pod ends ``Failed`` or ``Succeeded``, otherwise the VMM is
 started again with the allocated resources.
 
-Known simplifications (each stated where it lives): no init containers, no probes, no
-restart back-off, the VMM container gets all of the pod's memory usage and its exit ends
-the other containers too, a deleted pod's VMM is taken to exit cleanly.
+A VMM that exits again is started after the kubelet's crash-loop back-off (10 s, doubling
+to 5 min); meanwhile its container waits in ``CrashLoopBackOff`` and the pod is not Ready.
+
+Known simplifications (each stated where it lives): no init containers, no probes, the
+VMM container gets all of the pod's memory usage and its exit ends the other containers
+too, a deleted pod's VMM is taken to exit cleanly.
 """
 
 from __future__ import annotations
@@ -113,6 +116,13 @@ DEFAULT_DEFERRED_RETRY_S = 60.0
 DEFAULT_ERROR_RETRY_S = 2.0
 # How often a DeletePod is repeated while the pod is still observed (a lost delete).
 DELETE_RETRY_S = 10.0
+# The kubelet's crash-loop back-off: a container that exits is started again at once the
+# first time, then after 10 s, doubling up to 5 min; a back-off untouched for twice that
+# long starts over (kubelet's flowcontrol.Backoff).
+CRASH_BACKOFF_INITIAL_S = 10.0
+CRASH_BACKOFF_MAX_S = 300.0
+REASON_CRASH_LOOP = "CrashLoopBackOff"
+EV_BACK_OFF = "BackOff"
 
 PENDING = "PodResizePending"
 IN_PROGRESS = "PodResizeInProgress"
@@ -621,6 +631,11 @@ class _Pod:
     restarts: int = 0
     last_terminated: dict[str, Any] | None = None
     vmm_started_at: str = ""
+    # The crash-loop back-off: when the exited VMM container starts again (None: it runs),
+    # the wait after its next exit, and when the back-off last moved.
+    restart_at: float | None = None
+    backoff_s: float = 0.0
+    backoff_moved: float | None = None
     # A pod found already Succeeded/Failed (a restarted kubelet): its status is final.
     status_frozen: bool = False
     delete_sent_at: float | None = None
@@ -865,6 +880,7 @@ class Kubelet:
         run.forget_vanished(observed)
         run.terminate_deleting(observed)
         run.handle_exits(exits or {})
+        run.restart_due()
         run.admit_new(observed)
         run.handle_updates(observed)
         run.actuate_due()
@@ -909,6 +925,8 @@ class Kubelet:
                     times.append(p.error_retry_at)
                 elif p.actuate_at is not None:
                     times.append(p.actuate_at)
+            if p.restart_at is not None and p.stage is _Stage.RUNNING:
+                times.append(p.restart_at)
             if p.delete_sent_at is not None:
                 times.append(p.delete_sent_at + DELETE_RETRY_S)
         if self._retry_at is not None and self._deferred():
@@ -994,16 +1012,23 @@ class _Run:
                 "containerID": f"sim://{p.uid}/{name}",
             }
             if p.restart_policy == "Always" or (p.restart_policy == "OnFailure" and code != 0):
-                # The new container is created with what is allocated: a refused memory
-                # decrease is in force from now on (the real kubelet's OOM loop).
-                p.restarts += 1
                 p.last_terminated = terminated
-                p.vmm_started_at = self.ts
-                p.actuated = {**p.actuated, name: p.allocated[name]}
-                if p.actuated == p.allocated:
-                    p.actuate_at = p.error_retry_at = None
-                    p.in_progress = None
-                self.effects.append(StartVmm(p.namespace, p.name, p.uid))
+                moved = p.backoff_moved
+                if moved is None or self.now - moved > 2 * CRASH_BACKOFF_MAX_S:
+                    p.backoff_s = 0.0  # never backed off, or long enough ago: start over
+                wait, p.backoff_moved = p.backoff_s, self.now
+                p.backoff_s = min(max(2 * wait, CRASH_BACKOFF_INITIAL_S), CRASH_BACKOFF_MAX_S)
+                if wait <= 0:
+                    self._restart(p, name)
+                    continue
+                # A crash loop: the container waits, the pod runs on without it.
+                p.restart_at = self.now + wait
+                self._event(
+                    p,
+                    "Warning",
+                    EV_BACK_OFF,
+                    f"Back-off restarting failed container {name} in pod {p.name}",
+                )
                 continue
             p.stage = _Stage.EXITED
             p.exit_code = code
@@ -1011,6 +1036,24 @@ class _Run:
             p.actuate_at = p.error_retry_at = None
             p.pending = p.in_progress = None
             self.retry_trigger = True  # what the pod held is free
+
+    def restart_due(self) -> None:
+        """Start the exited VMM containers whose back-off has passed."""
+        for p in self.pods.values():
+            if p.restart_at is not None and p.stage is _Stage.RUNNING and self.now >= p.restart_at:
+                self._restart(p, self._vmm_container(p))
+
+    def _restart(self, p: _Pod, name: str) -> None:
+        # The new container is created with what is allocated: a refused memory decrease
+        # is in force from now on (the real kubelet's OOM loop).
+        p.restart_at = None
+        p.restarts += 1
+        p.vmm_started_at = self.ts
+        p.actuated = {**p.actuated, name: p.allocated[name]}
+        if p.actuated == p.allocated:
+            p.actuate_at = p.error_retry_at = None
+            p.in_progress = None
+        self.effects.append(StartVmm(p.namespace, p.name, p.uid))
 
     def admit_new(self, observed: Mapping[str, _Observed]) -> None:
         # Admission in creation order, as the kubelet sorts pod additions.
@@ -1316,6 +1359,7 @@ class _Run:
             p.exit_code,
             p.restarts,
             p.vmm_started_at,
+            p.restart_at,
             p.pending,
             p.in_progress,
             p.actuate_at is not None,
@@ -1363,16 +1407,25 @@ class _Run:
         else:
             phase = "Succeeded" if p.started_at else "Failed"
         conditions = list(p.foreign_conditions)
+        backing_off = running and p.restart_at is not None
         for type_ in _KUBELET_CONDITIONS:
             ok = type_ in (_SCHEDULED, _INITIALIZED) or running
+            if backing_off and type_ in (_READY, _CONTAINERS_READY):
+                ok = False
             cond: dict[str, Any] = {"type": type_, "status": "True" if ok else "False"}
             if gen:
                 cond["observedGeneration"] = p.generation
             cond["lastProbeTime"] = None
             since = p.scheduled_at if type_ == _SCHEDULED else p.started_at or self.ts
-            cond["lastTransitionTime"] = p.terminated_at if not ok else since
-            if not ok:
-                cond["reason"] = "PodCompleted" if phase == "Succeeded" else "PodFailed"
+            if backing_off:
+                exited = (p.last_terminated or {}).get("finishedAt")
+                cond["lastTransitionTime"] = since if ok else exited or since
+                if not ok:
+                    cond["reason"] = "ContainersNotReady"
+            else:
+                cond["lastTransitionTime"] = p.terminated_at if not ok else since
+                if not ok:
+                    cond["reason"] = "PodCompleted" if phase == "Succeeded" else "PodFailed"
             conditions.append(cond)
         resize: str | None = None
         if running and self.cfg.legacy_resize_status:
@@ -1407,7 +1460,16 @@ class _Run:
         if vmm and p.restarts:
             out["restartCount"] = p.restarts
             out["lastState"] = {"terminated": p.last_terminated}
-        if running:
+        if running and vmm and p.restart_at is not None:
+            out["ready"] = out["started"] = False
+            out["state"] = {
+                "waiting": {
+                    "reason": REASON_CRASH_LOOP,
+                    "message": f"back-off {p.restart_at - (p.backoff_moved or 0):g}s "
+                    f"restarting failed container={name} pod={p.name}_{p.namespace}({p.uid})",
+                }
+            }
+        elif running:
             started = p.vmm_started_at if vmm and p.vmm_started_at else p.started_at
             out["state"] = {"running": {"startedAt": started}}
         else:

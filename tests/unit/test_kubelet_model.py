@@ -1011,6 +1011,58 @@ def test_a_vmm_that_exits_under_restart_always_is_started_again_with_the_allocat
     assert w.cond("vm1", "PodResizeInProgress") is None
 
 
+def test_a_vmm_that_keeps_exiting_is_restarted_after_the_crash_loop_back_off():
+    """As the kubelet does: once at once, then after 10 s, 20 s, ... up to 5 min, the
+    container waiting in CrashLoopBackOff meanwhile, and at once again after a long run."""
+    w = World()
+    uid = w.add_vm("vm1", "1", "1Gi")
+    w.step()
+    _exit(w, "vm1", 1)
+    assert w.effects(StartVmm) == [StartVmm("ns", "vm1", uid)]
+    assert w.cstatus("vm1")["restartCount"] == 1
+    for backoff in (10.0, 20.0, 40.0):
+        _exit(w, "vm1", 1)
+        assert not w.effects(StartVmm)
+        cs = w.cstatus("vm1")
+        assert cs["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+        assert f"back-off {backoff:g}s" in cs["state"]["waiting"]["message"]
+        assert cs["ready"] is False and cs["lastState"]["terminated"]["exitCode"] == 1
+        assert w.status("vm1")["phase"] == "Running"
+        assert w.cond("vm1", "Ready")["status"] == "False"
+        assert w.cond("vm1", "ContainersReady")["reason"] == "ContainersNotReady"
+        assert w.last.wake_at == w.now + backoff  # the kubelet comes back for it
+        restarts = cs["restartCount"]
+        w.step(backoff - 0.5)
+        assert not w.effects(StartVmm)
+        w.step(0.5)
+        assert w.effects(StartVmm) == [StartVmm("ns", "vm1", uid)]
+        assert w.cstatus("vm1")["restartCount"] == restarts + 1
+        assert "running" in w.cstatus("vm1")["state"]
+        assert w.cond("vm1", "Ready")["status"] == "True"
+    assert len(w.events("BackOff")) == 3
+    # Running for longer than twice the longest back-off: the next exit restarts at once.
+    w.step(2 * 300.0 + 1)
+    _exit(w, "vm1", 1)
+    assert w.effects(StartVmm) == [StartVmm("ns", "vm1", uid)]
+
+
+def test_the_crash_loop_back_off_is_capped_at_five_minutes():
+    w = World()
+    w.add_vm("vm1", "1", "1Gi")
+    w.step()
+    waits = []
+    for _ in range(9):
+        _exit(w, "vm1", 1)
+        if w.effects(StartVmm):
+            waits.append(0.0)
+            continue
+        wait = w.last.wake_at - w.now
+        waits.append(wait)
+        w.step(wait)
+        assert w.effects(StartVmm)
+    assert waits == [0.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0, 300.0]
+
+
 def test_an_exited_pod_frees_its_room_for_a_deferred_resize():
     w = World()
     w.add_vm("vm1", "1", "1Gi")
