@@ -60,6 +60,11 @@ class KernelConfig:
         after = min(max(self.vmm_poll_s, waited * 0.5), self.wait_poll_cap_s)
         return self._by_deadline(after, waited, deadline, self.vmm_poll_s)
 
+    def at_deadline(self, waited: float, deadline: float) -> float:
+        """When to look again, ``waited`` seconds into a wait in which everything but the
+        deadline arrives as a watch event: just past the deadline, for its verdict."""
+        return self._by_deadline(deadline, waited, deadline, self.vmm_poll_s)
+
     def _by_deadline(self, after: float, waited: float, deadline: float, least: float) -> float:
         """``after``, but no later than just past the deadline, so that the verdict comes
         on time, and never sooner than ``least``."""

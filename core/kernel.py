@@ -84,6 +84,7 @@ from core.actions import (
     SetPhase,
     SetResizeTarget,
     SetVmmVersion,
+    owned_by,
 )
 from core.config import DEFAULT_CONFIG, KernelConfig
 from core.constants import GUEST_MEMORY_ALIGNMENT, HOTPLUG_REGION_ALIGNMENT, MILLICORES_PER_VCPU
@@ -352,37 +353,69 @@ def decide(
     vmm: VmmView = UNOBSERVED_VMM,
     config: KernelConfig = DEFAULT_CONFIG,
     now: float | None = None,
+    *,
+    owner: Owner | None = None,
 ) -> tuple[Action, ...]:
     """Everything that should happen next for ``vm``, given what was just observed.
 
     ``now`` (seconds since the epoch, from the adapter's clock) is what deadlines are
-    measured with; without it no wait ever times out (the kernel reads no clock)."""
+    measured with; without it no wait ever times out (the kernel reads no clock).
+
+    ``owner`` asks for one process's actions only: the same as ``owned_by(decide(...),
+    owner)`` (a property test holds the two equal), without working out the parts of the
+    decision whose every action is the other process's. Each process is woken by every
+    change of the VM and its pod, and most of those changes are the other's business."""
     out = _Out(vm, now)
+    controller, daemon = owner is not Owner.DAEMON, owner is not Owner.CONTROLLER
+    _decide(out, vm, pod, vmm, config, controller, daemon)
+    actions = out.done()
+    return actions if owner is None else owned_by(actions, owner)
+
+
+def _decide(
+    out: _Out,
+    vm: Vm,
+    pod: PodView | None,
+    vmm: VmmView,
+    config: KernelConfig,
+    controller: bool,
+    daemon: bool,
+) -> None:
+    """The body of :func:`decide`; ``controller`` and ``daemon`` say whose actions are
+    wanted (a part that only emits the other's is skipped)."""
     if vm.deleting:
         _deletion(out, pod)
-        return out.done()
+        return
     if not vm.has_finalizer:
         out.effect(AddFinalizer())
-        return out.done()
+        return
 
-    _observe(out, vm, pod)
+    if controller:
+        _observe(out, vm, pod)
     phase = vm.status.phase
     if phase is None:
         out.transition(Cause.ACCEPTED)
-        return out.done()
+        return
     if phase in TERMINAL_PHASES or phase is Phase.UNKNOWN:
-        return out.done()
+        return
     if not out.spec_ok:
-        _invalid_spec(out, vm)
+        if controller:
+            _invalid_spec(out, vm)
         if phase in (Phase.PENDING, Phase.SCHEDULING):
-            return out.done()
-    elif (cond := vm.status.condition(SPEC_VALID)) and cond.status is ConditionStatus.FALSE:
+            return
+    elif (
+        controller
+        and (cond := vm.status.condition(SPEC_VALID))
+        and cond.status is ConditionStatus.FALSE
+    ):
         out.condition(Owner.CONTROLLER, SPEC_VALID, ConditionStatus.TRUE, Reasons.VALID, "")
 
     if phase is Phase.PENDING:
-        _pending(out, vm, pod, config)
+        if controller:
+            _pending(out, vm, pod, config)
     elif phase is Phase.SCHEDULING:
-        _scheduling(out, vm, pod, config)
+        if controller:
+            _scheduling(out, vm, pod, config)
     elif _pod_ended(out, pod) or _vmm_untrusted(out, vm, vmm, config):
         pass
     elif phase is Phase.SCHEDULED:
@@ -393,18 +426,21 @@ def decide(
         _vmm_health(out, vm, vmm, config)
         _vmm_version(out, vm, vmm)
         if _vmm_ended(out, vm, vmm):
-            return out.done()
+            return
         if phase in RESIZE_PHASES and vmm.observed:
             _recover_status(out, vm, vmm, pod, config)
             vm = out.vm  # the steps plan with what was recovered
             _track_return_phase(out, vm, vmm)
         if phase in STEADY_PHASES:
-            _steady(out, vm, pod, vmm, config)
+            if daemon and vmm.observed:
+                _daemon_steady(out, vm, vmm, pod, config)
+            if controller:
+                _steady(out, vm, pod, config)
         elif phase is Phase.POD_RESIZE_IN_PROGRESS:
-            _pod_step(out, vm, pod, config)
-        elif phase is Phase.RESIZE_IN_PROGRESS:
+            if controller:
+                _pod_step(out, vm, pod, config)
+        elif phase is Phase.RESIZE_IN_PROGRESS and daemon:
             _vmm_step(out, vm, pod, vmm, config)
-    return out.done()
 
 
 def _observe(out: _Out, vm: Vm, pod: PodView | None) -> None:
@@ -857,10 +893,10 @@ def _probe_again(out: _Out, record: ResizeRecord, config: KernelConfig) -> None:
 # --- steady state: Running / Paused ---------------------------------------------------
 
 
-def _steady(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: KernelConfig) -> None:
+def _steady(out: _Out, vm: Vm, pod: PodView | None, config: KernelConfig) -> None:
+    """The controller's part of Running and Paused: start a resize the spec asks for, or
+    keep a settled one's pod where it belongs (:func:`_daemon_steady` is the daemon's)."""
     assert vm.status.phase is not None
-    if vmm.observed:
-        _daemon_steady(out, vm, vmm, pod, config)
     if pod is None or pod.deleting:
         return
     record = vm.status.resize
@@ -1240,9 +1276,12 @@ def _pod_waiting(
     if current is not None and _past(out, record, config.pod_resize_deadline_s):
         _pod_stalled(out, vm, pod, record, current, config)
         return
-    # Pod conditions wake us by themselves; this poll only makes the deadline come.
+    # The pod's conditions and our own writes come as watch events: the one thing no event
+    # brings is the deadline, so that is the only time to look again. A poll here was a
+    # decision per poll that found nothing new.
     if out.now is not None:
-        _poll(out, Owner.CONTROLLER, record, config.pod_resize_deadline_s, config)
+        waited = _waited(out, record)
+        out.requeue(Owner.CONTROLLER, config.at_deadline(waited, config.pod_resize_deadline_s))
     pending, progress = pod.resize_pending, pod.resize_in_progress
     if pending is None and pod.legacy_resize_status == "Deferred":
         # A kubelet before 1.33 says only this, in status.resize, with no generation.

@@ -19,12 +19,11 @@ events, without threads, sockets or a wall clock (the clock is a float in the he
   calls :func:`core.decide` with the simulated clock as ``now`` (so deadlines and the
   poll backoff run as in the deployed processes; without it no wait would ever end, and
   every look would come at the shortest poll) and carries out only its own actions
-  (:func:`core.owned_by`),
-  in the kernel's order: the merged status write, then the side effects, then the events
-  (no step waits for them), each an API call that takes a sampled latency. A conflict
-  requeues at once; a ``Requeue`` hint becomes an ``AddAfter``. This is what
-  ``apps/controller`` and ``apps/daemon`` do;
-  the periodic resync is left out (every change here is delivered);
+  (``decide(..., owner=...)``), in the kernel's order: the merged status write, then
+  the side effects, then the events (no step waits for them), each an API call that
+  takes a sampled latency. A conflict requeues at once; a ``Requeue`` hint becomes an
+  ``AddAfter``. This is what ``apps/controller`` and ``apps/daemon`` do; the periodic
+  resync is left out (every change here is delivered);
 - a *scheduler* (first fit from a rotating start, with :func:`sim.kubelet.fits_node`);
 - one :class:`sim.kubelet.Kubelet` per node, stepped when a pod's spec changes, at the
   time it asks to be woken, and fed each guest's memory as the pod's usage; its status
@@ -87,7 +86,6 @@ from core import (
     VmSpec,
     apply_status,
     decide,
-    owned_by,
     parse_pod,
 )
 from core.actions import STATUS_ACTIONS
@@ -783,7 +781,7 @@ class Cluster:
         cache = s.ctl
         vm, rv = cache.vm, cache.vm_rv
         pod = cache.pod.view if cache.pod is not None else None
-        actions = owned_by(decide(vm, pod, UNOBSERVED_VMM, self.kcfg, self.now), Owner.CONTROLLER)
+        actions = decide(vm, pod, UNOBSERVED_VMM, self.kcfg, self.now, owner=Owner.CONTROLLER)
         if not actions:
             return None
         # The events come after the side effects, as in apps/controller.
@@ -1000,7 +998,7 @@ class Cluster:
         if not self._vmm_latency_zero:
             yield self._vmm_latency()
         vmm = self._view(s)
-        actions = owned_by(decide(vm, pod, vmm, self.kcfg, self.now), Owner.DAEMON)
+        actions = decide(vm, pod, vmm, self.kcfg, self.now, owner=Owner.DAEMON)
         if not actions:
             return None
         held = cache.hold_until - self.now
@@ -1086,7 +1084,7 @@ class Cluster:
         cache = s.dmn
         assert cache is not None
         vm, rv = cache.vm, cache.vm_rv
-        actions = owned_by(decide(vm, pod, vmm, self.kcfg, self.now), Owner.DAEMON)
+        actions = decide(vm, pod, vmm, self.kcfg, self.now, owner=Owner.DAEMON)
         rv = yield from self._write_status(s, cache, vm, rv, actions)
         if rv < 0:
             return 0.0, ()

@@ -31,7 +31,6 @@ from core import (
     RemoveFinalizer,
     ResizePod,
     decide,
-    owned_by,
     parse_pod,
     parse_vm,
 )
@@ -104,9 +103,7 @@ class Controller(Reconciler):
             return None
         pod_obj = owned_pod(vm_obj, self.pods.get(namespace, pod_name(name)))
         pod = parse_pod(pod_obj) if pod_obj is not None else None
-        actions = owned_by(
-            decide(vm, pod, UNOBSERVED_VMM, self.config, time.time()), Owner.CONTROLLER
-        )
+        actions = decide(vm, pod, UNOBSERVED_VMM, self.config, time.time(), owner=Owner.CONTROLLER)
         if not actions:
             return None
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
@@ -187,8 +184,8 @@ class Controller(Reconciler):
         vm = parse_vm(vm_obj)
         pod = parse_pod(pod_obj)
         refused = evolve(pod, **refusal)
-        actions = owned_by(
-            decide(vm, refused, UNOBSERVED_VMM, self.config, time.time()), Owner.CONTROLLER
+        actions = decide(
+            vm, refused, UNOBSERVED_VMM, self.config, time.time(), owner=Owner.CONTROLLER
         )
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
         self.shared.record_events(vm_obj, vm, actions)

@@ -32,7 +32,6 @@ from core import (
     VmmState,
     VmmView,
     decide,
-    owned_by,
     parse_pod,
     parse_vm,
 )
@@ -110,7 +109,7 @@ class Daemon(Reconciler):
         pod = parse_pod(pod_obj)
         client = self.vmm_for_pod(pod_obj, vm_obj)
         vmm = self._unreachable_since(key, client.view())
-        actions = owned_by(decide(vm, pod, vmm, self.config, time.time()), Owner.DAEMON)
+        actions = decide(vm, pod, vmm, self.config, time.time(), owner=Owner.DAEMON)
         if not actions:
             return None
         held = self._held(key)
@@ -205,9 +204,7 @@ class Daemon(Reconciler):
         vm = parse_vm(vm_obj)
         if vmm.state is VmmState.UNOBSERVED:
             return None
-        actions = owned_by(
-            decide(vm, parse_pod(pod_obj), vmm, self.config, time.time()), Owner.DAEMON
-        )
+        actions = decide(vm, parse_pod(pod_obj), vmm, self.config, time.time(), owner=Owner.DAEMON)
         vm_obj = self.shared.write_status(vm_obj, vm, actions)
         self.shared.record_events(vm_obj, vm, actions)
         if probe is not None:

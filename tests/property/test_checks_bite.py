@@ -22,6 +22,7 @@ from core import (
     Action,
     Allocation,
     KernelConfig,
+    Owner,
     Phase,
     PodView,
     RecordEvent,
@@ -271,8 +272,10 @@ def without_events(
     vmm: VmmView,
     config: KernelConfig = DEFAULT_CONFIG,
     now: float | None = None,
+    *,
+    owner: Owner | None = None,
 ) -> tuple[Action, ...]:
-    actions = real_decide(vm, pod, vmm, config, now)
+    actions = real_decide(vm, pod, vmm, config, now, owner=owner)
     return tuple(a for a in actions if not isinstance(a, RecordEvent))
 
 
@@ -282,9 +285,11 @@ def trusting_unseen_patches(
     vmm: VmmView,
     config: KernelConfig = DEFAULT_CONFIG,
     now: float | None = None,
+    *,
+    owner: Owner | None = None,
 ) -> tuple[Action, ...]:
     """Takes a pod patch it cannot see yet as sent: true, unless the process died."""
-    actions = real_decide(vm, pod, vmm, config, now)
+    actions = real_decide(vm, pod, vmm, config, now, owner=owner)
     record = vm.status.resize
     if (
         vm.status.phase is Phase.POD_RESIZE_IN_PROGRESS

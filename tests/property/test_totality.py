@@ -52,7 +52,7 @@ from core import (
     decide,
     pod_resources,
 )
-from core.actions import STATUS_ACTIONS
+from core.actions import STATUS_ACTIONS, owned_by
 from core.constants import GiB
 from core.resources import capacity_for
 from core.table import RETURN, TRANSITIONS, Cause, IllegalTransition, move
@@ -63,6 +63,8 @@ BIGGER = VmSpec(2, 6, 8 * GiB)
 CAPACITY = capacity_for(SPEC)
 NOW = pod_resources(SPEC)
 GROWN = pod_resources(BIGGER)
+# When the waits below began, and a clock past every deadline from then.
+WAITED, LATE = 1_000.0, 1_000_000.0
 
 
 # --- the product ---------------------------------------------------------------------------
@@ -80,6 +82,11 @@ def _records() -> dict[str, ResizeRecord | None]:
         "infeasible": evolve(base, step=Step.INFEASIBLE),
         "from paused": evolve(base, return_phase=Phase.PAUSED, pod_generation=3),
         "old generation": evolve(base, generation=1, attempts=7),
+        # Waiting since WAITED: with the clock at LATE, past every deadline.
+        "pod grow, waiting": evolve(base, pod_generation=3, wait_since=WAITED),
+        "vmm, asked, waiting": evolve(
+            base, step=Step.VMM, pod_generation=3, vmm_requested=True, wait_since=WAITED
+        ),
     }
 
 
@@ -171,6 +178,9 @@ def _vmms() -> dict[str, VmmView]:
     return {
         "unobserved": UNOBSERVED_VMM,
         "unreachable": VmmView(VmmState.UNREACHABLE, detail="connection refused"),
+        "unreachable, long": VmmView(
+            VmmState.UNREACHABLE, detail="connection refused", unreachable_since=WAITED
+        ),
         "not created": VmmView(VmmState.NOT_CREATED),
         "created": VmmView(VmmState.CREATED),
         "running, at target": running,
@@ -224,6 +234,17 @@ def check_decision(vm: Vm, actions: tuple[Action, ...]) -> None:
             _check_move(vm, phases[0], actions)
 
 
+def check_owners(
+    vm: Vm, pod: PodView | None, vmm: VmmView, now: float | None = None
+) -> tuple[Action, ...]:
+    """Asked for one process's part, ``decide`` gives exactly that part of the whole
+    decision: skipping the other's parts changes nothing it owns. Returns the whole."""
+    actions = decide(vm, pod, vmm, now=now)
+    for owner in Owner:
+        assert decide(vm, pod, vmm, now=now, owner=owner) == owned_by(actions, owner), owner
+    return actions
+
+
 STEADY = (Phase.RUNNING, Phase.PAUSED)
 
 
@@ -255,9 +276,11 @@ def test_every_phase_against_every_observation(phase: Phase | None) -> None:
     moves = 0
     for vm, pod, vmm in itertools.product(VMS.values(), PODS.values(), VMMS.values()):
         vm = vm.evolve(status=evolve(vm.status, phase=phase))
-        actions = decide(vm, pod, vmm)
+        actions = check_owners(vm, pod, vmm)
         check_decision(vm, actions)
         moves += any(isinstance(a, SetPhase) for a in actions)
+        # Past every deadline: the verdicts, too, are each process's own.
+        check_decision(vm, check_owners(vm, pod, vmm, now=LATE))
     assert moves or phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.UNKNOWN)
 
 
@@ -292,14 +315,14 @@ def test_a_pair_outside_the_table_is_refused(cause: Cause) -> None:
 
 @given(arbitrary_vms, arbitrary_pods, arbitrary_vmms | st.sampled_from(list(VMMS.values())))
 def test_any_observation_is_handled_cleanly(vm: Vm, pod: PodView | None, vmm: VmmView) -> None:
-    check_decision(vm, decide(vm, pod, vmm))
+    check_decision(vm, check_owners(vm, pod, vmm))
 
 
 @given(plausible())
 def test_any_plausible_state_is_handled_cleanly(state: tuple[Vm, PodView, VmmView]) -> None:
     vm, pod, vmm = state
-    check_decision(vm, decide(vm, pod, vmm))
-    check_decision(vm, decide(vm, pod, UNOBSERVED_VMM))
+    check_decision(vm, check_owners(vm, pod, vmm))
+    check_decision(vm, check_owners(vm, pod, UNOBSERVED_VMM))
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,6 @@ from core import (
     VmSpec,
     apply_status,
     decide,
-    owned_by,
     pod_resources,
 )
 from core.actions import STATUS_ACTIONS
@@ -649,7 +648,7 @@ class World:
         self.stats.decisions += 1
         if index != len(slot.vms) - 1 or pod is not slot.pod:
             self.stats.stale_decisions += 1
-        actions = owned_by(decide(vm, pod, vmm, self.config, self.now), actor.owner)
+        actions = decide(vm, pod, vmm, self.config, self.now, owner=actor.owner)
         steps = [Task(actions, None, name, index, vmm)]
         steps += [
             Task(actions, a, name, index, vmm)
@@ -785,7 +784,7 @@ class World:
             pod = slot.pod
             vmm = slot.vmm.view() if slot.vmm is not None else VmmView(VmmState.UNREACHABLE)
             for owner, view in ((Owner.CONTROLLER, UNOBSERVED_VMM), (Owner.DAEMON, vmm)):
-                acts = owned_by(decide(slot.vm, pod, view, self.config, self.now), owner)
+                acts = decide(slot.vm, pod, view, self.config, self.now, owner=owner)
                 if any(not isinstance(a, Requeue) and not _idle_probe(slot, a) for a in acts):
                     return False
         return True

@@ -874,6 +874,35 @@ def test_pod_resize_error_warns_once_and_keeps_waiting() -> None:
     assert rig.converged_to(evolve(EIGHT, memory=8 * GiB))
 
 
+@pytest.mark.parametrize("kubelet", ["silent", "deferred"])
+def test_a_pod_step_looks_again_only_for_its_deadline(kubelet: str) -> None:
+    """Everything the pod step waits on but the deadline comes as a watch event (the pod's
+    conditions, our own writes): its one timer is the deadline, not a poll that finds
+    nothing new on every look."""
+    rig = Rig.running(EIGHT)
+    rig.now = 1_000.0
+    start = rig.now
+    rig.set_spec(evolve(EIGHT, memory=8 * GiB))
+    rig.controller()
+    rig.controller()  # the patch is in this view
+    if kubelet == "deferred":
+        rig.kubelet_pending("Deferred", "Node didn't have enough resource: memory")
+    looks = 0
+    while rig.phase is Phase.POD_RESIZE_IN_PROGRESS and looks < 100:
+        before = len(rig.requeues)
+        rig.controller()
+        looks += 1
+        hints = [r.after for r in rig.requeues[before:] if r.owner is Owner.CONTROLLER]
+        if hints:
+            rig.now += min(hints)
+    assert rig.phase is Phase.RUNNING
+    assert rig.resized is not None and rig.resized.reason == "KubeletResizeStuck"
+    # One look that waits, one that gives the verdict just past the deadline.
+    assert looks == 2, looks
+    deadline = start + DEFAULT_CONFIG.pod_resize_deadline_s
+    assert deadline <= rig.now <= deadline + DEFAULT_CONFIG.vmm_poll_s
+
+
 def test_a_pod_that_covers_but_whose_kubelet_is_busy_is_not_done() -> None:
     """A shrink is done only when the kubelet says so, not when the numbers happen to fit."""
     rig = _memory_shrink_at_its_pod_step()

@@ -23,6 +23,7 @@ from core import (
     Vm,
     VmmView,
     decide,
+    owned_by,
     pod_resources,
 )
 from core.constants import MILLICORES_PER_VCPU, VM_CONTAINER, GiB, MiB
@@ -152,6 +153,8 @@ def _broken_decide(
     vmm: VmmView = cluster.UNOBSERVED_VMM,
     config: Any = None,
     now: float | None = None,
+    *,
+    owner: Owner | None = None,
 ) -> tuple[Action, ...]:
     """A kernel that asks the VMM for the new size as soon as a pod resize begins."""
     actions = decide(vm, pod, vmm, config or DEFAULT_CONFIG, now)
@@ -162,8 +165,8 @@ def _broken_decide(
         and vmm.requested is not None
         and vmm.requested.memory < vm.spec.memory
     ):
-        return (*actions, ResizeVmm(memory=vm.spec.memory))
-    return actions
+        actions = (*actions, ResizeVmm(memory=vm.spec.memory))
+    return actions if owner is None else owned_by(actions, owner)
 
 
 def test_the_invariant_checks_catch_a_kernel_that_grows_the_guest_first(
@@ -181,6 +184,8 @@ def _pod_first_decide(
     vmm: VmmView = cluster.UNOBSERVED_VMM,
     config: Any = None,
     now: float | None = None,
+    *,
+    owner: Owner | None = None,
 ) -> tuple[Action, ...]:
     """A kernel that squeezes the pod to the guest's size, forgetting the VMM overhead."""
     actions = decide(vm, pod, vmm, config or DEFAULT_CONFIG, now)
@@ -194,8 +199,8 @@ def _pod_first_decide(
         and pod.actual is not None
         and vm.spec.memory < allocated.memory
     ):
-        return (*actions, ResizePod(Resources(pod.actual.cpu_millis, allocated.memory)))
-    return actions
+        actions = (*actions, ResizePod(Resources(pod.actual.cpu_millis, allocated.memory)))
+    return actions if owner is None else owned_by(actions, owner)
 
 
 def test_the_invariant_checks_catch_a_pod_below_guest_plus_overhead(
@@ -216,15 +221,16 @@ def test_the_invariant_checks_catch_a_pod_below_guest_plus_overhead(
 def test_owned_actions_only() -> None:
     """The daemon never resizes a pod and the controller never calls the VMM."""
     seen: list[tuple[Owner, type]] = []
-    original = cluster.owned_by
+    original = cluster.decide
 
-    def spy(actions: tuple[Action, ...], owner: Owner) -> tuple[Action, ...]:
-        mine = original(actions, owner)
+    def spy(*args: Any, owner: Owner | None = None) -> tuple[Action, ...]:
+        assert owner is not None, "each process asks for its own part"
+        mine = original(*args, owner=owner)
         seen.extend((owner, type(a)) for a in mine)
         return mine
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cluster, "owned_by", spy)
+        mp.setattr(cluster, "decide", spy)
         simulate(attrs.evolve(ROOMY, resizes=20), random.Random(9))
     kinds = {(owner, kind.__name__) for owner, kind in seen}
     assert (Owner.DAEMON, "ResizeVmm") in kinds and (Owner.CONTROLLER, "ResizePod") in kinds
