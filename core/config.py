@@ -46,12 +46,13 @@ class KernelConfig:
     def vmm_backoff(self, attempts: int) -> float:
         return min(self.vmm_retry_base_s * (2 ** min(attempts, 32)), self.vmm_retry_cap_s)
 
-    def busy_after(self, waited: float, deadline: float) -> float:
-        """When to probe a pending vCPU removal again, ``waited`` seconds into its wait.
-        Timed from the wait, not counted in 429s: a count lives in status, and writing it
-        was a status write per probe (ADR 0021). Base plus the time waited: the probes
-        come when base * 2**n after n 429s in a row brought them."""
-        after = min(self.vmm_busy_retry_s + waited, self.wait_poll_cap_s)
+    def busy_after(self, busy_for: float, waited: float, deadline: float) -> float:
+        """When to probe a pending vCPU removal again: ``busy_for`` seconds after the first
+        429 of the wait, ``waited`` seconds into the wait. Timed, not counted in 429s: a
+        count lives in status, and writing it was a status write per probe (ADR 0021).
+        Base plus the time since the first 429: the probes come when base * 2**n after n
+        429s in a row brought them."""
+        after = min(self.vmm_busy_retry_s + busy_for, self.wait_poll_cap_s)
         return self._by_deadline(after, waited, deadline, self.vmm_busy_retry_s)
 
     def poll_after(self, waited: float, deadline: float) -> float:

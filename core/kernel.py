@@ -884,10 +884,16 @@ def _poll(
     out.requeue(owner, config.poll_after(_waited(out, record), deadline))
 
 
-def _probe_again(out: _Out, record: ResizeRecord, config: KernelConfig) -> None:
-    """When the daemon asks again whether a pending vCPU removal is done."""
+def _probe_again(out: _Out, record: ResizeRecord, vmm: VmmView, config: KernelConfig) -> None:
+    """When the daemon asks again whether a pending vCPU removal is done: backed off from
+    the first 429 the daemon remembers, else from the start of the wait. A first probe
+    that came late (a hung VMM's call timeout) must not start the backoff at its cap."""
     waited = _waited(out, record)
-    out.requeue(Owner.DAEMON, config.busy_after(waited, config.vcpu_removal_deadline_s))
+    busy_for = waited
+    if vmm.busy_since is not None and out.now is not None:
+        busy_for = min(max(out.now - vmm.busy_since, 0.0), waited)
+    deadline = config.vcpu_removal_deadline_s
+    out.requeue(Owner.DAEMON, config.busy_after(busy_for, waited, deadline))
 
 
 # --- steady state: Running / Paused ---------------------------------------------------
@@ -1534,7 +1540,7 @@ def _vmm_step(out: _Out, vm: Vm, pod: PodView | None, vmm: VmmView, config: Kern
             return
         _falls_along(out, falls, held)
         out.effect(ResizeVmm(vcpus=requested.vcpus, probe=True))
-        _probe_again(out, record, config)
+        _probe_again(out, record, vmm, config)
         return
     if truth != desired:
         if vmm.plugged_memory is None and truth.memory > requested.memory:
@@ -1681,7 +1687,7 @@ def _vmm_call_failed(
                 "retry",
             )
             return
-        _probe_again(out, record, config)
+        _probe_again(out, record, vmm, config)
         return
     attempts = record.attempts + 1
     record = evolve(record, attempts=attempts, wait_since=record.wait_since or out.now)

@@ -365,6 +365,9 @@ class VmmView:
     # When this process first saw the socket unreachable, in a row (the adapter's memory:
     # a daemon restart starts the wait again); None while reachable or unknown.
     unreachable_since: float | None = None
+    # When this process's vCPU requests first answered 429, in a row (the adapter's memory,
+    # like unreachable_since); None when none has, or after a restart.
+    busy_since: float | None = None
 
     # This and the next are cached per view (immutable): one decision asks several times,
     # and the controller decides on the one UNOBSERVED_VMM for ever.

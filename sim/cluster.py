@@ -405,6 +405,7 @@ class _Cache:
     dirty: bool = False
     timer_at: float | None = None
     hold_until: float = 0.0  # daemon: a refused vm.resize is retried on the backoff
+    busy_since: float | None = None  # daemon: when its vCPU requests first got 429
     watch_at: float = 0.0  # when the last write delivered to this cache arrives
 
 
@@ -988,6 +989,14 @@ class Cluster:
             s.info_view = last
         return last
 
+    def _remembered(self, s: _Slot, cache: _Cache) -> VmmView:
+        """``_view(s)`` with when the daemon's vCPU requests first answered 429, as
+        apps/daemon adds it from its memory."""
+        view = self._view(s)
+        if cache.busy_since is None:
+            return view
+        return evolve(view, busy_since=cache.busy_since)
+
     def _daemon_reconcile(self, s: _Slot) -> _Op:
         cache, node = s.dmn, s.node
         assert cache is not None and node is not None
@@ -997,7 +1006,7 @@ class Cluster:
         vm, rv, pod = cache.vm, cache.vm_rv, version.view
         if not self._vmm_latency_zero:
             yield self._vmm_latency()
-        vmm = self._view(s)
+        vmm = self._remembered(s, cache)
         actions = decide(vm, pod, vmm, self.kcfg, self.now, owner=Owner.DAEMON)
         if not actions:
             return None
@@ -1030,7 +1039,7 @@ class Cluster:
             if error is not None:
                 # A refused call goes straight back to the kernel, as apps/daemon does.
                 yield from self._events(actions)
-                failed = evolve(vmm, call_error=error)
+                failed = evolve(vmm, call_error=error, busy_since=cache.busy_since)
                 after, _ = yield from self._feed_back(s, pod, failed, hold=True)
                 return after
         yield from self._events(actions)
@@ -1038,7 +1047,7 @@ class Cluster:
             # Accepted: look again at once, as apps/daemon does (status and events only).
             if not self._vmm_latency_zero:
                 yield self._vmm_latency()
-            view = self._view(s)
+            view = self._remembered(s, cache)
             after, again = yield from self._feed_back(s, pod, view)
             probe = next((a for a in again if isinstance(a, ResizeVmm) and a.probe), None)
             if probe is None:
@@ -1049,7 +1058,7 @@ class Cluster:
             if error is None:
                 after, _ = yield from self._feed_back(s, pod, evolve(view, probe_ok=True))
             else:
-                failed = evolve(view, call_error=error)
+                failed = evolve(view, call_error=error, busy_since=cache.busy_since)
                 after, _ = yield from self._feed_back(s, pod, failed, hold=True)
             return after
         return _requeue(actions)
@@ -1068,9 +1077,15 @@ class Cluster:
         if action.memory is not None:
             body["desired_ram"] = action.memory
         r = self._vmm_call(s, "PUT", "vm.resize", json.dumps(body).encode())
+        cache = s.dmn
+        assert cache is not None
         if r is not None and r.status < 300:
+            if action.vcpus is not None:
+                cache.busy_since = None  # vCPU requests are taken again, as apps/daemon
             return None
         busy = r is not None and r.status == 429
+        if busy and cache.busy_since is None:
+            cache.busy_since = self.now
         kind = VmmCallErrorKind.BUSY if busy else VmmCallErrorKind.FAILED
         return VmmCallError(kind, _error_text(r))
 

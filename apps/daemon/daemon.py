@@ -85,6 +85,7 @@ class Daemon(Reconciler):
         self.shared = SharedExecutor(api, vms.observe_write, metrics.resize_done)
         self._hold: dict[str, float] = {}
         self._unreachable: dict[str, float] = {}
+        self._busy: dict[str, float] = {}  # key -> when its vCPU requests first got 429
         self._lock = threading.Lock()
 
     def on_vm(self, _event: str, obj: dict[str, Any]) -> None:
@@ -108,7 +109,7 @@ class Daemon(Reconciler):
             return None
         pod = parse_pod(pod_obj)
         client = self.vmm_for_pod(pod_obj, vm_obj)
-        vmm = self._unreachable_since(key, client.view())
+        vmm = self._remembered(key, client.view())
         actions = decide(vm, pod, vmm, self.config, time.time(), owner=Owner.DAEMON)
         if not actions:
             return None
@@ -130,7 +131,7 @@ class Daemon(Reconciler):
             # A vCPU growth is done when vm.resize answers (Cloud Hypervisor starts the
             # threads first) and memory may be plugged already: look at once, as the echo
             # of a status write would (ADR 0019), not a poll interval later.
-            view = self._unreachable_since(key, client.view())
+            view = self._remembered(key, client.view())
             return self._feed_back(key, view, hold=False, probe=(client, pod.name))
         if answered is not None:
             return self._feed_back(key, answered)
@@ -150,6 +151,9 @@ class Daemon(Reconciler):
                     log.info("VMM booted", extra=kv(vm=key, pod=pod))
                 elif isinstance(action, ResizeVmm):
                     client.resize(action.vcpus, action.memory)
+                    if action.vcpus is not None:
+                        with self._lock:
+                            self._busy.pop(key, None)  # vCPU requests are taken again
                     if action.probe:
                         # 204 to the count already configured: the removal is done.
                         log.info("vCPU removal done", extra=kv(vm=key, vcpus=action.vcpus))
@@ -163,20 +167,26 @@ class Daemon(Reconciler):
                 return failed.error
         return resized
 
-    def _unreachable_since(self, key: str, vmm: VmmView) -> VmmView:
-        """``vmm`` with when its socket first failed in a row (the kernel's deadline
-        counts from there); kept in memory only, so a restart starts the wait again."""
+    def _remembered(self, key: str, vmm: VmmView) -> VmmView:
+        """``vmm`` with what this daemon remembers of it: when its socket first failed in
+        a row (the kernel's deadline counts from there), and when its vCPU requests first
+        answered 429 (a pending removal's probes back off from there). Kept in memory
+        only: a restart starts the wait again, and backs off from the wait's start."""
         with self._lock:
+            busy = self._busy.get(key)
             if vmm.state is not VmmState.UNREACHABLE:
                 self._unreachable.pop(key, None)
-                return vmm
+                return vmm if busy is None else evolve(vmm, busy_since=busy)
             since = self._unreachable.setdefault(key, time.time())
-        return evolve(vmm, unreachable_since=since)
+        return evolve(vmm, unreachable_since=since, busy_since=busy)
 
     def _call_failed(self, key: str, vmm: VmmView, error: VmmCallError) -> float | None:
         """Let the kernel decide what a VMM refusal means (retry, backoff, event)."""
         level = logging.INFO if error.kind is VmmCallErrorKind.BUSY else logging.WARNING
         log.log(level, "VMM call refused", extra=kv(vm=key, kind=error.kind, error=error.message))
+        if error.kind is VmmCallErrorKind.BUSY:
+            with self._lock:
+                vmm = evolve(vmm, busy_since=self._busy.setdefault(key, time.time()))
         return self._feed_back(key, evolve(vmm, call_error=error))
 
     def _feed_back(

@@ -110,6 +110,8 @@ arbitrary_vmms = st.just(UNOBSERVED_VMM) | st.builds(
     requested_memory=st.none() | memory,
     actual_memory=st.none() | memory,
     call_error=st.none() | call_errors,
+    unreachable_since=st.none() | st.floats(0, 2e6),
+    busy_since=st.none() | st.floats(0, 2e6),
 )
 
 

@@ -196,6 +196,12 @@ def _vmms() -> dict[str, VmmView]:
         "429": evolve(
             running, vcpus=8, call_error=VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal")
         ),
+        "429, busy for a while": evolve(
+            running,
+            vcpus=8,
+            call_error=VmmCallError(VmmCallErrorKind.BUSY, "vCPU removal"),
+            busy_since=WAITED,
+        ),
         "500": evolve(
             running,
             requested_memory=4 * GiB,
@@ -313,9 +319,17 @@ def test_a_pair_outside_the_table_is_refused(cause: Cause) -> None:
 # --- random observations ---------------------------------------------------------------------
 
 
-@given(arbitrary_vms, arbitrary_pods, arbitrary_vmms | st.sampled_from(list(VMMS.values())))
-def test_any_observation_is_handled_cleanly(vm: Vm, pod: PodView | None, vmm: VmmView) -> None:
-    check_decision(vm, check_owners(vm, pod, vmm))
+@given(
+    arbitrary_vms,
+    arbitrary_pods,
+    arbitrary_vmms | st.sampled_from(list(VMMS.values())),
+    st.none() | st.floats(0, 2 * LATE),
+)
+def test_any_observation_is_handled_cleanly(
+    vm: Vm, pod: PodView | None, vmm: VmmView, now: float | None
+) -> None:
+    actions = check_owners(vm, pod, vmm, now)
+    check_decision(vm, actions)
 
 
 @given(plausible())

@@ -126,13 +126,13 @@ class FakeVmm:
         raise AssertionError("the VM runs already")
 
 
-def _objects() -> tuple[dict[str, Any], dict[str, Any]]:
-    """A VM whose guest step toward 2 vCPUs has opened (the controller's hand-off wrote
-    it), and its pod, which covers 4."""
+def _objects(opened_ago: float = 0.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A VM whose guest step toward 2 vCPUs opened ``opened_ago`` seconds ago (the
+    controller's hand-off wrote it), and its pod, which covers 4."""
     record = evolve(
         ResizeRecord(TARGET.vcpus, TARGET.memory, 2, Step.VMM, pod_generation=1),
         vmm_requested=True,
-        wait_since=time.time(),  # the daemon's clock: the step has just opened
+        wait_since=time.time() - opened_ago,  # by the daemon's clock
     )
     status = VmStatus(
         phase=Phase.RESIZE_IN_PROGRESS,
@@ -185,8 +185,8 @@ def _objects() -> tuple[dict[str, Any], dict[str, Any]]:
     return vm, pod
 
 
-def _daemon(vmm: FakeVmm) -> tuple[Daemon, FakeApi, FakeCache]:
-    vm, pod = _objects()
+def _daemon(vmm: FakeVmm, opened_ago: float = 0.0) -> tuple[Daemon, FakeApi, FakeCache]:
+    vm, pod = _objects(opened_ago)
     vms = FakeCache(vm)
     api = FakeApi()
     daemon = Daemon(
@@ -244,3 +244,20 @@ def test_a_second_reconcile_after_the_probe_sends_no_resize_again(ejects: bool) 
     daemon.reconcile("default/vm-0")
     # Only probes follow, never a new vm.resize with another count.
     assert all(call == (2, None) for call in vmm.calls[calls:])
+
+
+def test_a_late_first_probe_backs_off_from_its_429_not_from_the_steps_opening() -> None:
+    """The daemon's first look came 5 s after the step opened (say, a hung VMM's call
+    timeout): the probes still start at the shortest backoff, from the first 429."""
+    vmm = FakeVmm(ejects=False)
+    daemon, _, _ = _daemon(vmm, opened_ago=5.0)
+    after = daemon.reconcile("default/vm-0")
+    assert vmm.calls == [(2, None), (2, None)]
+    assert after is not None
+    assert after < 0.1, after  # not the 5 s cap the time since the opening would give
+    # The next probe, once that backoff has passed, backs off from the same first 429.
+    time.sleep(after)
+    daemon._hold.clear()
+    again = daemon.reconcile("default/vm-0")
+    assert vmm.calls[2:] == [(2, None)]
+    assert again is not None and again < 0.5, again
