@@ -1039,9 +1039,7 @@ class Cluster:
             if error is not None:
                 # A refused call goes straight back to the kernel, as apps/daemon does.
                 yield from self._events(actions)
-                failed = evolve(vmm, call_error=error, busy_since=cache.busy_since)
-                after, _ = yield from self._feed_back(s, pod, failed, hold=True)
-                return after
+                return (yield from self._call_failed(s, pod, vmm, error))
         yield from self._events(actions)
         if any(isinstance(a, ResizeVmm) and not a.probe for a in actions):
             # Accepted: look again at once, as apps/daemon does (status and events only).
@@ -1058,8 +1056,7 @@ class Cluster:
             if error is None:
                 after, _ = yield from self._feed_back(s, pod, evolve(view, probe_ok=True))
             else:
-                failed = evolve(view, call_error=error, busy_since=cache.busy_since)
-                after, _ = yield from self._feed_back(s, pod, failed, hold=True)
+                after = yield from self._call_failed(s, pod, view, error)
             return after
         return _requeue(actions)
 
@@ -1088,6 +1085,17 @@ class Cluster:
             cache.busy_since = self.now
         kind = VmmCallErrorKind.BUSY if busy else VmmCallErrorKind.FAILED
         return VmmCallError(kind, _error_text(r))
+
+    def _call_failed(
+        self, s: _Slot, pod: PodView, vmm: VmmView, error: VmmCallError
+    ) -> Generator[float, None, float | None]:
+        """A refused VMM call goes straight back to the kernel, with when the vCPU
+        requests first got 429, and the next call waits for its requeue (apps/daemon's
+        ``_call_failed``)."""
+        assert s.dmn is not None
+        failed = evolve(vmm, call_error=error, busy_since=s.dmn.busy_since)
+        after, _ = yield from self._feed_back(s, pod, failed, hold=True)
+        return after
 
     def _feed_back(
         self, s: _Slot, pod: PodView, vmm: VmmView, *, hold: bool = False
