@@ -86,6 +86,9 @@ class Daemon(Reconciler):
         self._hold: dict[str, float] = {}
         self._unreachable: dict[str, float] = {}
         self._busy: dict[str, float] = {}  # key -> when its vCPU requests first got 429
+        # key -> the pod whose VMM has answered: only a VMM that answered before can stop
+        # answering (one that is still starting has no socket yet, which is no news).
+        self._answered: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
     def on_vm(self, _event: str, obj: dict[str, Any]) -> None:
@@ -99,9 +102,11 @@ class Daemon(Reconciler):
         namespace, _, name = key.partition("/")
         vm_obj = self.vms.get(namespace, name)
         if vm_obj is None:
+            self._forget(key)
             return None
         pod_obj = owned_pod(vm_obj, self.pods.get(namespace, pod_name(name)))
         if pod_obj is None or (pod_obj.get("spec") or {}).get("nodeName") != self.node_name:
+            self._forget(key)
             return None
         try:
             vm = parse_vm(vm_obj)
@@ -109,7 +114,7 @@ class Daemon(Reconciler):
             return None
         pod = parse_pod(pod_obj)
         client = self.vmm_for_pod(pod_obj, vm_obj)
-        vmm = self._remembered(key, client.view())
+        vmm = self._remembered(key, pod.uid, client.view())
         actions = decide(vm, pod, vmm, self.config, time.time(), owner=Owner.DAEMON)
         if not actions:
             return None
@@ -131,7 +136,7 @@ class Daemon(Reconciler):
             # A vCPU growth is done when vm.resize answers (Cloud Hypervisor starts the
             # threads first) and memory may be plugged already: look at once, as the echo
             # of a status write would (ADR 0019), not a poll interval later.
-            view = self._remembered(key, client.view())
+            view = self._remembered(key, pod.uid, client.view())
             return self._feed_back(key, view, hold=False, probe=(client, pod.name))
         if answered is not None:
             return self._feed_back(key, answered)
@@ -167,18 +172,40 @@ class Daemon(Reconciler):
                 return failed.error
         return resized
 
-    def _remembered(self, key: str, vmm: VmmView) -> VmmView:
+    def _remembered(self, key: str, pod_uid: str | None, vmm: VmmView) -> VmmView:
         """``vmm`` with what this daemon remembers of it: when its socket first failed in
         a row (the kernel's deadline counts from there), and when its vCPU requests first
         answered 429 (a pending removal's probes back off from there). Kept in memory
-        only: a restart starts the wait again, and backs off from the wait's start."""
+        only: a restart starts the wait again, and backs off from the wait's start.
+
+        A VMM that stops answering, and one that answers again, is logged once each: the
+        kernel says nothing until its deadline, and a call that timed out has already
+        cost seconds."""
+        now = time.time()
+        reachable = vmm.state is not VmmState.UNREACHABLE
         with self._lock:
             busy = self._busy.get(key)
-            if vmm.state is not VmmState.UNREACHABLE:
-                self._unreachable.pop(key, None)
-                return vmm if busy is None else evolve(vmm, busy_since=busy)
-            since = self._unreachable.setdefault(key, time.time())
+            answered_before = key in self._answered and self._answered[key] == pod_uid
+            if reachable:
+                lost = self._unreachable.pop(key, None)
+                self._answered[key] = pod_uid
+            else:
+                lost = self._unreachable.get(key)
+                since = self._unreachable.setdefault(key, now)
+        if answered_before and reachable and lost is not None:
+            log.info("VMM answering again", extra=kv(vm=key, since_failed_s=round(now - lost, 3)))
+        elif answered_before and not reachable and lost is None:
+            log.warning("VMM stopped answering", extra=kv(vm=key, error=vmm.detail))
+        if reachable:
+            return vmm if busy is None else evolve(vmm, busy_since=busy)
         return evolve(vmm, unreachable_since=since, busy_since=busy)
+
+    def _forget(self, key: str) -> None:
+        """A VM, or its pod on this node, is gone: so is what this daemon remembers of
+        its VMM (a new pod's VMM starts afresh)."""
+        with self._lock:
+            for memory in (self._hold, self._unreachable, self._busy, self._answered):
+                memory.pop(key, None)
 
     def _call_failed(self, key: str, vmm: VmmView, error: VmmCallError) -> float | None:
         """Let the kernel decide what a VMM refusal means (retry, backoff, event)."""

@@ -261,3 +261,89 @@ def test_a_late_first_probe_backs_off_from_its_429_not_from_the_steps_opening() 
     again = daemon.reconcile("default/vm-0")
     assert vmm.calls[2:] == [(2, None)]
     assert again is not None and again < 0.5, again
+
+
+# --- a VMM that stops answering ------------------------------------------------------------
+
+
+class HangingVmm(FakeVmm):
+    """A VMM whose API can stop answering (``hung``): ``vm.info`` then fails as the
+    daemon's client reports a timed-out call."""
+
+    def __init__(self) -> None:
+        super().__init__(ejects=True)
+        self.hung = False
+
+    def view(self) -> VmmView:
+        if self.hung:
+            return VmmView(VmmState.UNREACHABLE, detail="vm.info: timed out after 5.0 s")
+        return super().view()
+
+
+def _messages(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "apps.daemon.daemon" and "answering" in r.getMessage()
+    ]
+
+
+def test_a_vmm_that_stops_answering_and_answers_again_is_logged_once_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    vmm = HangingVmm()
+    daemon, _, _ = _daemon(vmm)
+    caplog.set_level("INFO", logger="apps.daemon.daemon")
+    daemon.reconcile("default/vm-0")  # answers: the step's resize and probe
+    vmm.hung = True
+    for _ in range(3):
+        daemon._hold.clear()
+        daemon.reconcile("default/vm-0")
+    vmm.hung = False
+    daemon.reconcile("default/vm-0")
+    daemon.reconcile("default/vm-0")
+    assert _messages(caplog) == [
+        ("WARNING", "VMM stopped answering"),
+        ("INFO", "VMM answering again"),
+    ]
+    lost = next(r for r in caplog.records if r.getMessage() == "VMM stopped answering")
+    assert lost.__dict__.get("vm") == "default/vm-0"
+    assert "timed out" in str(lost.__dict__.get("error"))
+
+
+def test_a_vmm_still_starting_is_no_news(caplog: pytest.LogCaptureFixture) -> None:
+    """Before a VMM first answers (its socket not there yet) nothing is logged; nor when
+    the VMM of a replaced pod has not answered yet."""
+    vmm = HangingVmm()
+    vmm.hung = True
+    daemon, _, _ = _daemon(vmm)
+    caplog.set_level("INFO", logger="apps.daemon.daemon")
+    daemon.reconcile("default/vm-0")
+    vmm.hung = False
+    daemon.reconcile("default/vm-0")
+    assert _messages(caplog) == []
+    # The pod is replaced (a new uid): its VMM has not answered yet.
+    pod = daemon.pods.get("default", pod_name("vm-0"))
+    assert pod is not None
+    daemon.pods.objs[("default", pod_name("vm-0"))] = {  # type: ignore[attr-defined]
+        **pod,
+        "metadata": {**pod["metadata"], "uid": "pod-uid-2"},
+    }
+    vmm.hung = True
+    daemon._hold.clear()
+    daemon.reconcile("default/vm-0")
+    assert _messages(caplog) == []
+
+
+def test_a_deleted_vm_is_forgotten() -> None:
+    vmm = HangingVmm()
+    daemon, _, vms = _daemon(vmm)
+    daemon.reconcile("default/vm-0")
+    vmm.hung = True
+    daemon._hold.clear()
+    daemon.reconcile("default/vm-0")
+    assert "default/vm-0" in daemon._unreachable
+    del vms.objs[("default", "vm-0")]
+    assert daemon.reconcile("default/vm-0") is None
+    memories = (daemon._hold, daemon._unreachable, daemon._busy, daemon._answered)
+    assert all("default/vm-0" not in memory for memory in memories)

@@ -116,15 +116,15 @@ def test_without_a_clock_or_a_start_no_deadline_passes() -> None:
 
 def test_the_daemon_counts_the_wait_from_the_first_failure_in_a_row() -> None:
     daemon = Daemon.__new__(Daemon)  # only the bookkeeping, no API or queue
-    daemon._unreachable, daemon._busy = {}, {}
+    daemon._unreachable, daemon._busy, daemon._answered = {}, {}, {}
     daemon._lock = threading.Lock()
-    first = daemon._remembered("default/vm-0", VmmView(VmmState.UNREACHABLE))
-    second = daemon._remembered("default/vm-0", VmmView(VmmState.UNREACHABLE))
+    first = daemon._remembered("default/vm-0", "pod-uid", VmmView(VmmState.UNREACHABLE))
+    second = daemon._remembered("default/vm-0", "pod-uid", VmmView(VmmState.UNREACHABLE))
     assert first.unreachable_since is not None
     assert second.unreachable_since == first.unreachable_since
-    back = daemon._remembered("default/vm-0", VmmView(VmmState.RUNNING))
+    back = daemon._remembered("default/vm-0", "pod-uid", VmmView(VmmState.RUNNING))
     assert back.unreachable_since is None
-    again = daemon._remembered("default/vm-0", VmmView(VmmState.UNREACHABLE))
+    again = daemon._remembered("default/vm-0", "pod-uid", VmmView(VmmState.UNREACHABLE))
     assert again.unreachable_since is not None
     assert "default/vm-0" in daemon._unreachable
 
